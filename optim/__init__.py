@@ -1,0 +1,29 @@
+"""optim: fused Cython optimizers (SGD, Adam, RAdam) for Thinc and spaCy pipelines."""
+from .optimizer import ADAM_DEFAULTS, RADAM_DEFAULTS, SGD_DEFAULTS, SGD, Adam, Optimizer, RAdam
+from .registry import Config, registry
+from .schedules import (
+    Schedule,
+    compounding,
+    constant,
+    constant_then,
+    cyclic_triangular,
+    decaying,
+    plateau,
+    sequence,
+    slanted_triangular,
+    warmup_linear,
+)
+
+__version__ = "0.1.0"
+
+
+def load(path) -> Optimizer:
+    """Build an optimizer from a file written by `Optimizer.to_disk`."""
+    return Optimizer.load(path)
+
+
+__all__ = [
+    "Optimizer", "SGD", "Adam", "RAdam", "ADAM_DEFAULTS", "SGD_DEFAULTS", "RADAM_DEFAULTS",
+    "registry", "Config", "Schedule", "constant", "constant_then", "decaying", "compounding",
+    "warmup_linear", "slanted_triangular", "cyclic_triangular", "plateau", "sequence", "load",
+]

@@ -1,0 +1,95 @@
+"""Array backends: which kernels update an array, and where its state lives.
+
+The optimizer picks the backend from the arrays it is given. NumPy arrays go to the
+Cython kernels (a fast path in `Optimizer.__call__`); arrays of any other registered
+backend (CuPy by default) go through the `Backend` protocol below.
+"""
+from typing import Any, List, Optional, Protocol
+
+import numpy
+
+
+class Backend(Protocol):
+    name: str
+
+    def is_array(self, x: Any) -> bool: ...
+    def zeros_like(self, x: Any) -> Any: ...
+    def copy(self, x: Any) -> Any: ...
+    def to_host(self, x: Any) -> numpy.ndarray: ...
+    def from_host(self, x: numpy.ndarray) -> Any: ...
+    def sum_squares(self, gradient: Any, weights: Any, l2: float) -> float: ...
+    def update(self, kind: str, coefs: dict, weights: Any, gradient: Any, mom1: Any,
+               mom2: Any, average: Any, slow: Any) -> None: ...
+
+
+class NumpyBackend:
+    """Host arrays. Updates run in `optim._kernels`; this object only allocates and moves."""
+
+    name = "numpy"
+
+    def is_array(self, x: Any) -> bool:
+        return isinstance(x, numpy.ndarray)
+
+    def zeros_like(self, x: numpy.ndarray) -> numpy.ndarray:
+        return numpy.zeros_like(x)
+
+    def copy(self, x: numpy.ndarray) -> numpy.ndarray:
+        return numpy.array(x, copy=True)
+
+    def to_host(self, x: numpy.ndarray) -> numpy.ndarray:
+        return x
+
+    def from_host(self, x: numpy.ndarray) -> numpy.ndarray:
+        return numpy.ascontiguousarray(x)
+
+
+NUMPY = NumpyBackend()
+_backends: List[Any] = []
+_gpu_backend: Optional[Any] = None
+
+
+def get_gpu_backend() -> Any:
+    """The backend `Optimizer.to_gpu()` moves state to (CuPy unless replaced)."""
+    global _gpu_backend
+    if _gpu_backend is None:
+        from ._kernels_cuda import CupyBackend
+
+        _gpu_backend = CupyBackend()
+    return _gpu_backend
+
+
+def set_gpu_backend(backend: Any) -> Any:
+    """Replace the GPU backend (tests inject a CPU-executed one); returns the previous."""
+    global _gpu_backend
+    previous, _gpu_backend = _gpu_backend, backend
+    return previous
+
+
+def register_backend(backend: Any) -> None:
+    """Make arrays that `backend.is_array` accepts updatable by the optimizer."""
+    if backend not in _backends:
+        _backends.insert(0, backend)
+
+
+def unregister_backend(backend: Any) -> None:
+    if backend in _backends:
+        _backends.remove(backend)
+
+
+def backend_for(x: Any) -> Any:
+    """The backend that owns array `x`; TypeError if none does."""
+    if isinstance(x, numpy.ndarray) and type(x) is numpy.ndarray:
+        return NUMPY
+    for backend in _backends:
+        if backend.is_array(x):
+            return backend
+    if _gpu_backend is not None and _gpu_backend.is_array(x):
+        return _gpu_backend
+    module = type(x).__module__.split(".")[0]
+    if module == "cupy":
+        return get_gpu_backend()
+    if isinstance(x, numpy.ndarray):
+        return NUMPY
+    raise TypeError(
+        f"optim updates numpy or cupy arrays, got {type(x).__module__}.{type(x).__name__}"
+    )

@@ -1,0 +1,237 @@
+"""Hyperparameter schedules: step-indexed, iterable, and serializable.
+
+A `Schedule` is a value of a step: `schedule(step)`. It is also an iterator
+(`next(schedule)` gives steps 0, 1, 2, ...) so it works wherever Thinc 8.3 expects a
+generator, and its name and arguments are enough to rebuild it, so an optimizer that
+holds one can be saved and resumed exactly. Values follow Thinc 8.3's generators;
+`plateau` follows Thinc 9.
+"""
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import numpy
+
+from .registry import registry
+
+ScoreT = Optional[Tuple[int, float]]
+
+
+class Schedule:
+    """A hyperparameter as a function of the training step."""
+
+    __slots__ = ("name", "func", "attrs", "state", "_cursor")
+
+    def __init__(self, name: str, func: Callable, attrs: Dict[str, Any],
+                 state: Optional[Dict[str, Any]] = None) -> None:
+        self.name = name  # the registry name that rebuilds it from attrs, e.g. "decaying.v1"
+        self.func = func
+        self.attrs = attrs
+        self.state = state  # mutable state (plateau); saved with the optimizer
+        self._cursor = 0
+
+    def __call__(self, step: int, *, last_score: ScoreT = None, **extra: Any) -> float:
+        if step < 0:
+            raise ValueError(f"schedule {self.name}: step must be >= 0, got {step}")
+        return self.func(self, step, last_score=last_score)
+
+    def __iter__(self) -> "Schedule":
+        return self
+
+    def __next__(self) -> float:
+        value = self(self._cursor)
+        self._cursor += 1
+        return value
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.attrs.items())
+        return f"<Schedule {self.name}({args})>"
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Name, arguments (nested schedules included), state and iterator position."""
+        attrs = {k: v.to_dict() if isinstance(v, Schedule) else v for k, v in self.attrs.items()}
+        return {"name": self.name, "attrs": attrs, "state": self.state, "cursor": self._cursor}
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "Schedule":
+        """Rebuild a schedule saved by `to_dict` through the registry."""
+        try:
+            name, attrs = data["name"], data["attrs"]
+            factory = registry.schedules.get(name)
+        except (KeyError, TypeError, LookupError) as err:
+            raise ValueError(f"cannot rebuild schedule from {data!r}: {err}") from None
+        attrs = {k: cls.from_dict(v) if isinstance(v, dict) and "name" in v else v
+                 for k, v in attrs.items()}
+        try:
+            schedule = factory(**attrs)
+        except TypeError as err:
+            raise ValueError(f"cannot rebuild schedule {name}: {err}") from None
+        if data.get("state") is not None:
+            schedule.state = dict(data["state"])
+        schedule._cursor = int(data.get("cursor", 0))
+        return schedule
+
+
+def _inner(schedule: Schedule, step: int, last_score: ScoreT) -> float:
+    return schedule.attrs["schedule"](step, last_score=last_score)
+
+
+def _clip(value: float, start: float, stop: float) -> float:
+    return max(value, stop) if start > stop else min(value, stop)
+
+
+@registry.schedules("constant.v1")
+def constant(rate: float) -> Schedule:
+    """The same value at every step."""
+    return Schedule("constant.v1", lambda s, step, last_score: s.attrs["rate"],
+                    {"rate": rate})
+
+
+@registry.schedules("constant_then.v1")
+def constant_then(rate: float, steps: int, schedule: Schedule) -> Schedule:
+    """`rate` for `steps` steps, then `schedule` from its own step 0 (Thinc 8.3)."""
+    return Schedule("constant_then.v1", _constant_then,
+                    {"rate": rate, "steps": steps, "schedule": _as_schedule(schedule)})
+
+
+def _constant_then(s: Schedule, step: int, last_score: ScoreT) -> float:
+    steps = s.attrs["steps"]
+    return s.attrs["rate"] if step < steps else _inner(s, step - steps, last_score)
+
+
+@registry.schedules("decaying.v1")
+def decaying(base_rate: float, decay: float, *, t: float = 0.0) -> Schedule:
+    """base_rate * 1 / (1 + decay * (t + step))."""
+    return Schedule("decaying.v1", _decaying, {"base_rate": base_rate, "decay": decay, "t": t})
+
+
+def _decaying(s: Schedule, step: int, last_score: ScoreT) -> float:
+    a = s.attrs
+    return a["base_rate"] * (1.0 / (1.0 + a["decay"] * (a["t"] + step)))
+
+
+@registry.schedules("compounding.v1")
+def compounding(start: float, stop: float, compound: float, *, t: float = 0.0) -> Schedule:
+    """start * compound**(t + step), clipped at stop."""
+    return Schedule("compounding.v1", _compounding,
+                    {"start": start, "stop": stop, "compound": compound, "t": t})
+
+
+def _compounding(s: Schedule, step: int, last_score: ScoreT) -> float:
+    a = s.attrs
+    return _clip(float(a["start"]) * a["compound"] ** (a["t"] + step), a["start"], a["stop"])
+
+
+@registry.schedules("warmup_linear.v1")
+def warmup_linear(initial_rate: float, warmup_steps: int, total_steps: int) -> Schedule:
+    """Linear warm-up from 0 over warmup_steps, then linear decay to 0 at total_steps."""
+    return Schedule("warmup_linear.v1", _warmup_linear,
+                    {"initial_rate": initial_rate, "warmup_steps": warmup_steps,
+                     "total_steps": total_steps})
+
+
+def _warmup_linear(s: Schedule, step: int, last_score: ScoreT) -> float:
+    a = s.attrs
+    warmup, total = a["warmup_steps"], a["total_steps"]
+    if step < warmup:
+        factor = step / max(1, warmup)
+    else:
+        factor = max(0.0, (total - step) / max(1.0, total - warmup))
+    return factor * a["initial_rate"]
+
+
+@registry.schedules("slanted_triangular.v1")
+def slanted_triangular(max_rate: float, num_steps: int, *, cut_frac: float = 0.1,
+                       ratio: int = 32, decay: float = 1.0, t: float = 0.0) -> Schedule:
+    """Howard and Ruder's slanted triangular rate (`decay` is accepted and unused, as in Thinc)."""
+    return Schedule("slanted_triangular.v1", _slanted_triangular,
+                    {"max_rate": max_rate, "num_steps": num_steps, "cut_frac": cut_frac,
+                     "ratio": ratio, "decay": decay, "t": t})
+
+
+def _slanted_triangular(s: Schedule, step: int, last_score: ScoreT) -> float:
+    a = s.attrs
+    cut_frac, ratio = a["cut_frac"], a["ratio"]
+    cut = int(a["num_steps"] * cut_frac)
+    t = a["t"] + step + 1
+    if t < cut:
+        p = t / cut
+    else:
+        p = 1 - ((t - cut) / (cut * (1 / cut_frac - 1)))
+    return a["max_rate"] * (1 + p * (ratio - 1)) * (1 / ratio)
+
+
+@registry.schedules("cyclic_triangular.v1")
+def cyclic_triangular(min_lr: float, max_lr: float, period: int) -> Schedule:
+    """A triangle wave between min_lr and max_lr with the given half period."""
+    return Schedule("cyclic_triangular.v1", _cyclic_triangular,
+                    {"min_lr": min_lr, "max_lr": max_lr, "period": period})
+
+
+def _cyclic_triangular(s: Schedule, step: int, last_score: ScoreT) -> float:
+    a = s.attrs
+    it, period = step + 1, a["period"]
+    cycle = numpy.floor(1 + it / (2 * period))
+    x = numpy.abs(it / period - 2 * cycle + 1)
+    relative = max(0, 1 - x)
+    return float(a["min_lr"] + (a["max_lr"] - a["min_lr"]) * relative)
+
+
+@registry.schedules("plateau.v1")
+def plateau(max_patience: int, scale: float, schedule: Schedule) -> Schedule:
+    """`schedule` scaled by scale**n_plateaus; a plateau is max_patience scores without a new best.
+
+    Scores arrive through the optimizer's `last_score` as (step, score), as in Thinc 9.
+    """
+    state = {"best_score": None, "last_score_step": None, "patience": 0, "n_plateaus": 0}
+    return Schedule("plateau.v1", _plateau,
+                    {"max_patience": max_patience, "scale": scale,
+                     "schedule": _as_schedule(schedule)}, state)
+
+
+def _plateau(s: Schedule, step: int, last_score: ScoreT) -> float:
+    state = s.state
+    if last_score is not None:
+        score_step, score = last_score
+        if state["best_score"] is None or state["last_score_step"] is None or score > state["best_score"]:
+            state["best_score"] = score
+            state["patience"] = 0
+        elif score_step < state["last_score_step"]:
+            raise ValueError(
+                f"plateau: expected a score with step >= {state['last_score_step']}, got {score_step}"
+            )
+        elif score_step > state["last_score_step"]:
+            state["patience"] += 1
+            if state["patience"] == s.attrs["max_patience"]:
+                state["n_plateaus"] += 1
+                state["patience"] = 0
+        state["last_score_step"] = score_step
+    return s.attrs["scale"] ** state["n_plateaus"] * _inner(s, step, last_score)
+
+
+@registry.schedules("sequence.v1")
+def sequence(values: Sequence[float]) -> Schedule:
+    """The given values in order; the last one holds once they run out."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("sequence: at least one value is needed")
+    return Schedule("sequence.v1", _sequence, {"values": values})
+
+
+def _sequence(s: Schedule, step: int, last_score: ScoreT) -> float:
+    values = s.attrs["values"]
+    return values[min(step, len(values) - 1)]
+
+
+def _as_schedule(value: Any) -> Schedule:
+    """Schedules pass through; lists and tuples become `sequence` schedules."""
+    if isinstance(value, (list, tuple)):
+        return sequence(value)
+    if isinstance(value, Schedule):
+        return value
+    raise TypeError(
+        f"expected an optim schedule or a list of numbers, got {type(value).__name__}: "
+        "a generator cannot be indexed by step or saved"
+    )
+
+
+__all__ = ["Schedule", "constant", "constant_then", "decaying", "compounding",
+           "warmup_linear", "slanted_triangular", "cyclic_triangular", "plateau", "sequence"]
