@@ -162,10 +162,18 @@ def _params(model):
 
 
 @pytest.mark.parametrize("make", [optim.Adam, optim.SGD, optim.RAdam])
+def test_optim_optimizer_is_a_thinc_optimizer(make):
+    # spaCy's ConfigSchemaTraining types [training.optimizer] as thinc.api.Optimizer and
+    # pydantic checks it with isinstance: anything else fails `spacy train` validation.
+    opt = make(learn_rate=0.01) if make is not optim.SGD else make(0.01)
+    assert isinstance(opt, thinc_api.Optimizer)
+    assert isinstance(opt, optim.Optimizer)
+
+
+@pytest.mark.parametrize("make", [optim.Adam, optim.SGD, optim.RAdam])
 def test_model_finish_update_and_use_params(make):
     model, X, Y = _tiny_model()
     opt = make(learn_rate=0.01) if make is not optim.SGD else make(0.01)
-    assert isinstance(opt, thinc_api.Optimizer)
     before = _params(model)
     for _ in range(3):
         Yh, backprop = model.begin_update(X)
@@ -253,13 +261,15 @@ def test_step_schedules_learn_rate_and_last_score():
         rates.append(opt.learn_rate)
     assert rates == pytest.approx([0.02, 0.01, 0.02 / 3, 0.005])
 
-    opt.last_score = (0.75, 100)
-    assert opt.last_score == (0.75, 100)
+    # spaCy/Thinc 9 style: the loop assigns the score; the optimizer pairs it with its step
+    opt.step_schedules()
+    opt.last_score = 0.75
+    assert opt.last_score == (4, 0.75)
 
 
 # -------------------------------------------------------------- (c) a real training run
 
-EPOCHS = 4
+EPOCHS = 10
 BATCH = 32
 
 
@@ -306,7 +316,7 @@ def _train(opt, data):
 
 
 HYPER = dict(
-    learn_rate=0.001, beta1=0.9, beta2=0.999, eps=1e-8, L2=1e-6, grad_clip=1.0,
+    learn_rate=0.003, beta1=0.9, beta2=0.999, eps=1e-8, L2=1e-6, grad_clip=1.0,
     L2_is_weight_decay=True, use_averages=True,
 )
 
@@ -323,13 +333,14 @@ def test_digits_losses_match_thinc_step_for_step(digits_runs):
     data, (l_ours, *_), (l_theirs, *_) = digits_runs
     n_steps = EPOCHS * len(data[4][0])
     assert len(l_ours) == len(l_theirs) == n_steps
-    # Same init, same batches, same update formula; the arrays are float32 and the two
-    # libraries round differently in the last bits (Thinc evaluates the Adam direction in
-    # double and makes several passes; optim fuses one pass in float32), so per-step
-    # weight differences are O(1e-7) relative and grow slowly over a few hundred steps.
-    # 1e-4 relative on the loss is ~1000 float32 ulps: far tighter than any real
-    # difference in the update (a wrong bias correction, clip or L2 shows up at >1e-2).
-    numpy.testing.assert_allclose(l_ours, l_theirs, rtol=1e-4, atol=1e-6)
+    # Same init, same batches, same update formula. The arrays are float32 and the two
+    # libraries round differently in the last bits (Thinc computes the Adam direction in
+    # double over several passes; optim fuses one float32 pass), so each step's weights
+    # differ by an ulp or so and that drifts slowly: over these 440 steps the losses
+    # agree to ~6e-7 relative (measured), ~5 float32 ulps. rtol=1e-5 (~80 ulps) leaves
+    # a 15x margin and still catches any real difference in the update: a wrong bias
+    # correction, clip, L2 or averaging changes the loss by >1e-3 within a few steps.
+    numpy.testing.assert_allclose(l_ours, l_theirs, rtol=1e-5, atol=1e-7)
     assert l_ours[-1] < 0.5 * l_ours[0]  # and it did learn
 
 
@@ -338,11 +349,11 @@ def test_digits_weights_match_thinc(digits_runs):
     assert len(p_ours) == len(p_theirs) == 4
     for (k1, a), (k2, b) in zip(sorted(p_ours.items()), sorted(p_theirs.items())):
         assert k1[1] == k2[1]
-        numpy.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+        numpy.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6)  # measured: 2.4e-7
 
 
 def test_digits_averaged_accuracy_at_least_as_good(digits_runs):
     _, (_, acc, acc_avg, *_), (_, t_acc, t_acc_avg, *_) = digits_runs
-    assert acc > 0.9 and acc_avg > 0.9
-    assert acc_avg >= t_acc_avg
+    assert acc > 0.95 and acc_avg > 0.95
+    assert acc_avg >= t_acc_avg  # optim's averaged parameters vs thinc's
     assert acc >= t_acc
