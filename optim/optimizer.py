@@ -38,8 +38,8 @@ RADAM_DEFAULTS: Dict[str, Any] = {**ADAM_DEFAULTS, "weight_decay": 0.0}
 # Schedulable hyperparameters and the range each value must lie in.
 HYPERPARAMETERS: Dict[str, Tuple[float, float, str]] = {
     "learn_rate": (0.0, math.inf, ">= 0"),
-    "beta1": (0.0, 1.0 - 1e-300, "in [0, 1)"),
-    "beta2": (0.0, 1.0 - 1e-300, "in [0, 1)"),
+    "beta1": (0.0, math.nextafter(1.0, 0.0), "in [0, 1)"),
+    "beta2": (0.0, math.nextafter(1.0, 0.0), "in [0, 1)"),
     "eps": (0.0, math.inf, ">= 0"),
     "L2": (0.0, math.inf, ">= 0"),
     "grad_clip": (0.0, math.inf, ">= 0 (0 turns clipping off)"),
@@ -334,8 +334,11 @@ class Optimizer:
 
     def _check_pair(self, key: KeyT, weights: Any, gradient: Any) -> Any:
         """Validate an update's arrays before anything is touched; return their backend."""
-        backend = backend_for(weights)
-        grad_backend = backend_for(gradient)
+        try:
+            backend = backend_for(weights)
+            grad_backend = backend_for(gradient)
+        except TypeError as err:
+            raise TypeError(f"key {key!r}: {err}") from None
         if grad_backend is not backend:
             raise TypeError(
                 f"key {key!r}: weights are {backend.name} arrays but the gradient is a "
@@ -403,6 +406,9 @@ class Optimizer:
     def to_gpu(self) -> "Optimizer":
         """Move all held state (moments, averages, lookahead weights) to the GPU."""
         backend = get_gpu_backend()
+        ensure_available = getattr(backend, "ensure_available", None)
+        if ensure_available is not None:  # fail here, not at the first update
+            ensure_available()
         for store in self._state_dicts():
             for key, array in store.items():
                 store[key] = backend.from_host(backend_for(array).to_host(array))
@@ -435,6 +441,11 @@ class Optimizer:
         from .serialize import optimizer_from_bytes
 
         loaded = optimizer_from_bytes(data, device_like=self)
+        if loaded._hyper.kind != self._hyper.kind:
+            raise ValueError(
+                f"this state is for a {loaded._hyper.kind} optimizer, not {self._hyper.kind}; "
+                "use optim.load(path) or Optimizer.from_bytes on a matching optimizer"
+            )
         for name in Optimizer.__slots__:
             if name != "__weakref__":
                 setattr(self, name, getattr(loaded, name))
