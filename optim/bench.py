@@ -124,20 +124,18 @@ class Config:
     quick: bool = False
     progress: bool = True
     overhead: bool = True
-    min_block_s: float = 1e-3
+    min_block_s: float = 1e-4
 
     def repeats_for(self, n: int) -> int:
         if self.repeats is not None:
             return self.repeats
         if self.quick:
             return 3
-        if n <= 10**4:
-            return 15
         if n <= 10**5:
-            return 11
+            return 31
         if n <= 10**6:
-            return 7
-        return 5
+            return 15
+        return 7
 
     def n_tensors(self, n: int, layout: str) -> int:
         return 1 if layout == "one" else n // self.tensor_size
@@ -219,8 +217,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="parameters per tensor in the 'many' layout (default: 1000)")
     parser.add_argument(
         "--repeats", type=_positive_int, default=None, metavar="N",
-        help="timed samples per implementation and configuration (default: 15 up to "
-             "1e4 parameters, 11 to 1e5, 7 to 1e6, 5 above; --quick: 3)")
+        help="timed samples per implementation and configuration (default: 31 up to "
+             "1e5 parameters, 15 to 1e6, 7 above; --quick: 3)")
     parser.add_argument(
         "--threads", type=_positive_int, default=1, metavar="N",
         help="threads for the peers (torch.set_num_threads, BLAS through threadpoolctl "
@@ -268,7 +266,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         tensor_size=args.tensor_size, repeats=args.repeats, threads=args.threads,
         device=args.device, compare=args.compare, json_path=args.json_path,
         quick=args.quick, progress=args.progress, overhead=args.overhead,
-        min_block_s=2e-4 if args.quick else 1e-3)
+        min_block_s=5e-5 if args.quick else 1e-4)
 
 
 # ---------------------------------------------------------------------------------------
@@ -839,6 +837,12 @@ def _fmt_si(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _fmt_ratio(x: float) -> str:
+    if x >= 9.95:
+        return f"{x:.0f}"
+    return f"{x:.2f}" if x >= 0.095 else f"{x:.2g}"
+
+
 def _impl_name(row: Dict[str, Any]) -> str:
     return row["impl"] + (f" ({row['variant']})" if row.get("variant") else "")
 
@@ -855,13 +859,13 @@ def table_rows(rows: List[Dict[str, Any]]) -> List[Tuple[str, ...]]:
         out.append((
             r["label"], r["dtype"], _fmt_count(r["n_params"]), layout, _impl_name(r),
             _fmt_time(r["time_s"]), _fmt_si(r["params_per_s"]), f"{r['gb_per_s']:.3g}",
-            str(r["bytes_per_param"]), _fmt_time(r["roofline_s"]), f"{r['ratio']:.2f}",
-            "" if r["impl"] == "optim" or speedup is None else f"{speedup:.2g}x",
+            str(r["bytes_per_param"]), _fmt_time(r["roofline_s"]), _fmt_ratio(r["ratio"]),
+            "" if r["impl"] == "optim" or speedup is None else _fmt_ratio(speedup) + "x",
         ))
     return out
 
 
-def format_table(rows: List[Dict[str, Any]]) -> str:
+def format_table(rows: List[Dict[str, Any]], group_by: Sequence[str] = ("optimizer", "dtype")) -> str:
     body = table_rows(rows)
     widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c)
               for i, c in enumerate(COLUMNS)]
@@ -874,7 +878,7 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     lines = [line(COLUMNS), line(["-" * w for w in widths])]
     previous = None
     for r, b in zip(rows, body):
-        group = (r["optimizer"], r["dtype"])
+        group = tuple(r[k] for k in group_by)
         if previous is not None and group != previous:
             lines.append("")
         previous = group
@@ -894,7 +898,7 @@ def format_report(result: Dict[str, Any]) -> str:
     main = [r for r in result["results"] if r["section"] != "overhead"]
     if over:
         parts += [f"Per-call overhead: one update of {OVERHEAD_PARAMS} parameters", "",
-                  format_table(over), ""]
+                  format_table(over, group_by=()), ""]
     if main:
         parts += ["Updates", "", format_table(main), ""]
     if result["skipped"]:
