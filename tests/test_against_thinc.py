@@ -35,7 +35,7 @@ def _close(ours, theirs, rel, what):
 
 
 def _drive(ours, theirs, *, lr_scales=(1.0,), gscale=0.5, seed=0, steps=STEPS,
-           moments=True, mom2_rel=5e-5):
+           moments=True, mom2_rel=5e-5, t_offset=0):
     rng = numpy.random.default_rng(seed)
     w_ours = {k: rng.standard_normal(sh).astype("float32") for k, sh in SHAPES.items()}
     w_theirs = {k: v.copy() for k, v in w_ours.items()}
@@ -53,7 +53,7 @@ def _drive(ours, theirs, *, lr_scales=(1.0,), gscale=0.5, seed=0, steps=STEPS,
             assert w_ours[key].dtype == numpy.float32
             assert not numpy.any(g_ours) and not numpy.any(g1), f"gradient not zeroed {what}"
             _close(w_ours[key], numpy.asarray(w2).reshape(shape), 1e-5, f"weights {what}")
-            assert ours.nr_update[key] == theirs.nr_update[key] == step + 1
+            assert ours.nr_update[key] - t_offset == theirs.nr_update[key] == step + 1
             if theirs.averages is not None:
                 assert ours.averages is not None
                 _close(ours.averages[key], theirs.averages[key], 1e-5, f"averages {what}")
@@ -111,12 +111,12 @@ def test_sgd_matches_thinc(name, opts, lr_scales):
 # 1. With beta1 = 0 and beta2 < 2/3 every update is un-rectified (rho_inf < 5) and
 #    the step size is 1 / (1 - 0**t) = 1 for any t, so the count shift cancels: ours
 #    and Thinc's must agree directly, averages included.
-# 2. In general, ours with the count shifted by one must agree with Thinc's. optim has
-#    no public way to start a key at t = 1 without also shifting the averages' decay,
-#    so this is checked through the reference: the reference with radam_t_offset=1
-#    matches Thinc (shown here), and the reference with no offset matches optim's RAdam
-#    (tests/test_reference.py), which together pin optim's RAdam to Thinc's up to the
-#    documented shift.
+# 2. In general, ours with the count shifted by one must agree with Thinc's. Shifting
+#    optim's count (seeding `nr_update[key] = 1`, a public dict as in Thinc) also shifts
+#    the averages' decay, which Thinc computes from the unshifted t, so the direct
+#    comparison runs with use_averages=False. With averages on it is checked through
+#    the reference: the reference with radam_t_offset=1 matches Thinc (shown here), and
+#    the reference with no offset matches optim's RAdam (tests/test_reference.py).
 # 3. And directly: our RAdam's weights differ from Thinc's at the first update exactly
 #    by the t vs t + 1 step size (a deliberate difference, asserted so that it can't
 #    silently revert).
@@ -133,11 +133,27 @@ def test_radam_matches_thinc_where_the_count_shift_cancels(opts):
     _drive(optim.RAdam(0.01, **kw), thinc_api.RAdam(0.01, **kw))
 
 
-@pytest.mark.parametrize("opts", [
+RADAM_OPTS = [
     dict(),
     dict(beta2=0.9, L2=1e-2, L2_is_weight_decay=False),
     dict(beta1=0.5, beta2=0.99, L2=1e-2, L2_is_weight_decay=True, grad_clip=0.0),
-], ids=["defaults", "beta2-0.9-coupled", "beta2-0.99-decoupled-noclip"])
+]
+RADAM_IDS = ["defaults", "beta2-0.9-coupled", "beta2-0.99-decoupled-noclip"]
+
+
+@pytest.mark.parametrize("opts", RADAM_OPTS, ids=RADAM_IDS)
+def test_radam_with_shifted_count_matches_thinc(opts):
+    """Our RAdam started at t = 1 (so its first update uses t = 2, like Thinc's) gives
+    Thinc's numbers over 50 steps, across both branches (rho_t >= 5 from t = 5-6)."""
+    ours = optim.RAdam(0.01, use_averages=False, **opts)
+    theirs = thinc_api.RAdam(0.01, use_averages=False, **opts)
+    for key in SHAPES:
+        ours.nr_update[key] = 1
+    # Thinc's RAdam is NumPy code with double betas (no float32 kernel): tight mom2 tol
+    _drive(ours, theirs, t_offset=1, mom2_rel=1e-5)
+
+
+@pytest.mark.parametrize("opts", RADAM_OPTS, ids=RADAM_IDS)
 def test_radam_reference_with_shifted_count_matches_thinc(opts):
     """Thinc's RAdam == the contract's RAdam with the step count one ahead, over 50
     steps (both branches: rho_t crosses 5 at t = 5 or 6 with these betas)."""

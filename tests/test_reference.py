@@ -197,6 +197,32 @@ def test_adam_many_steps(dtype):
         TOL[numpy.dtype("float32")] = old
 
 
+@pytest.mark.parametrize("n", [65537, 1_000_003])
+@pytest.mark.parametrize("kind", ["sgd", "adam", "radam"])
+def test_large_arrays(n, kind):
+    """Sizes past any blocking/threading threshold, odd lengths, every option on."""
+    hp = dict(learn_rate=0.01, L2=1e-3, L2_is_weight_decay=kind != "adam", grad_clip=1.0,
+              use_averages=True, lookahead_k=2, lookahead_alpha=0.5)
+    if kind == "sgd":
+        hp.update(beta1=0.0, beta2=0.0, use_radam=False)
+    else:
+        hp.update(beta1=0.9, beta2=0.9, use_radam=kind == "radam",
+                  weight_decay=0.01 if kind == "radam" else 0.0)
+    _run(hp, [((0, "W"), (n,), "float32")], 3, False, 11, 1.0)
+
+
+def test_clip_norm_accumulates_in_double():
+    """SGD, lr 1, w = 0, one huge float32 gradient: w = -g * grad_clip / ||g||. A float32
+    accumulator over 4M elements would be off by ~1e-4; the contract's double sum is
+    exact to ~1e-7, which the per-element float32 rounding (6e-8) lets us see."""
+    rng = numpy.random.default_rng(0)
+    g = (rng.standard_normal(4_000_000) + 0.5).astype("float32")
+    norm = math.sqrt(float(numpy.sum(g.astype("float64") ** 2)))
+    w = numpy.zeros_like(g)
+    SGD(1.0, grad_clip=1.0, use_averages=False)("k", w, g.copy())
+    numpy.testing.assert_allclose(w, -g.astype("float64") / norm, rtol=3e-7)
+
+
 def test_lookahead_first_sync_is_not_a_scale_by_alpha():
     """Slow weights start as a copy of the weights (not zeros): with lr = 0 and k = 1
     the weights must not move (Thinc's pre-release scaled them by alpha)."""
