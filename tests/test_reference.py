@@ -335,3 +335,22 @@ def test_step_many_repeated_key():
     numpy.testing.assert_array_equal(w, w2)
     assert many.nr_update["k"] == 2
     _state_equal(many, single, ["k"])
+
+
+@pytest.mark.parametrize("factory", [SGD, Adam, RAdam])
+def test_empty_gradient_is_a_no_op(factory):
+    """As in Thinc: returns (weights, gradient) untouched and counts no update."""
+    opt = factory(0.01)
+    w, g = numpy.zeros((0, 5), dtype="float32"), numpy.zeros((0, 5), dtype="float32")
+    w_out, g_out = opt((3, "W"), w, g)
+    assert w_out is w and g_out is g
+    assert opt.nr_update.get((3, "W"), 0) == 0
+    # and the key still works normally afterwards, from t = 1
+    ref = ReferenceOptimizer(0.01, **({"beta1": 0.0, "beta2": 0.0} if factory is SGD else
+                                      {"use_radam": factory is RAdam}))
+    w = numpy.linspace(-1, 1, 12, dtype="float32")
+    g = numpy.linspace(1, -2, 12, dtype="float32")
+    expected = ref.step((3, "W"), w, g)
+    opt((3, "W"), w, g)
+    assert opt.nr_update[(3, "W")] == 1
+    assert_close(w, expected, "float32", "after an empty update")

@@ -185,6 +185,19 @@ def test_bad_learn_rate_is_value_error_at_construction(bad):
         Optimizer(learn_rate=bad)
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [[], iter([]), (x for x in []), "abc", b"xy", {"a": 1}, None, ["a"], 5j],
+    ids=["empty-list", "empty-iter", "empty-gen", "str", "bytes", "dict", "None",
+         "list-of-str", "complex"],
+)
+def test_bad_schedules_dict_value_is_value_error_at_construction(bad):
+    """The same rule for the `schedules` argument's values: not an iterable of numbers,
+    or empty, is a ValueError when the optimizer is built, not at a later step."""
+    with pytest.raises(ValueError):
+        Optimizer(learn_rate=0.1, schedules={"learn_rate": bad})
+
+
 def test_learn_rate_setter_is_used_by_the_update():
     opt = SGD(0.1, grad_clip=0.0, use_averages=False)
     assert opt.learn_rate == 0.1
