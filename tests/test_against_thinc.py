@@ -207,3 +207,23 @@ def test_averages_keep_float64_unlike_thinc():
     opt("k", w, numpy.full(5, 0.1))
     assert opt.averages["k"].dtype == numpy.float64
     assert opt.mom1["k"].dtype == numpy.float64
+
+
+def test_beta_schedule_from_zero_turns_sgd_into_adam_like_thinc():
+    """Momentum warm-up: betas scheduled from 0 (SGD) to non-zero (Adam). Thinc allocates
+    the moments on the first Adam update; ours must too, with the same numbers."""
+    b1s = [0.0, 0.0, 0.9, 0.9, 0.9, 0.9]
+    b2s = [0.0, 0.0, 0.999, 0.999, 0.999, 0.999]
+    ours = optim.Optimizer(0.01, beta1=list(b1s), beta2=list(b2s))
+    theirs = thinc_api.Optimizer(0.01, beta1=list(b1s), beta2=list(b2s))
+    rng = numpy.random.default_rng(4)
+    w_ours = rng.standard_normal((20, 10)).astype("float32")
+    w_theirs = w_ours.copy()
+    for step in range(len(b1s)):
+        g = rng.standard_normal((20, 10)).astype("float32")
+        ours("k", w_ours, g.copy())
+        theirs("k", w_theirs, g.copy())
+        _close(w_ours, w_theirs, 1e-5, f"weights step {step + 1}")
+        _close(ours.averages["k"], theirs.averages["k"], 1e-5, f"averages step {step + 1}")
+        ours.step_schedules()
+        theirs.step_schedules()

@@ -354,3 +354,26 @@ def test_empty_gradient_is_a_no_op(factory):
     opt((3, "W"), w, g)
     assert opt.nr_update[(3, "W")] == 1
     assert_close(w, expected, "float32", "after an empty update")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("b1s,b2s", [
+    ([0.0, 0.9, 0.9, 0.0, 0.9], [0.0, 0.999, 0.999, 0.0, 0.99]),  # SGD -> Adam -> SGD -> Adam
+    ([0.9, 0.0, 0.0, 0.5], [0.999, 0.0, 0.0, 0.9]),               # Adam -> SGD -> Adam
+], ids=["sgd-first", "adam-first"])
+def test_scheduled_betas_switch_between_sgd_and_adam(dtype, b1s, b2s):
+    """Which update runs is decided per call from the current betas (docs/numerics.md),
+    so a beta schedule that starts at 0 (momentum warm-up) turns SGD into Adam mid-run;
+    the moments start at zeros when first needed, as in Thinc (t counts every update)."""
+    opt = Optimizer(0.05, beta1=list(b1s), beta2=list(b2s), grad_clip=0.0)
+    ref = ReferenceOptimizer(0.05, grad_clip=0.0)
+    rng = numpy.random.default_rng(2)
+    w = rng.standard_normal((6, 7)).astype(dtype)
+    for i, (b1, b2) in enumerate(zip(b1s, b2s)):
+        ref.beta1, ref.beta2 = b1, b2
+        g = rng.standard_normal((6, 7)).astype(dtype)
+        expected = ref.step("k", w, g)
+        opt("k", w, g)
+        assert_close(w, expected, dtype, f"update {i + 1} (beta1={b1}, beta2={b2})")
+        assert_close(opt.averages["k"], ref.averages["k"], dtype, f"averages {i + 1}")
+        opt.step_schedules()
