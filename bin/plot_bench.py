@@ -61,9 +61,10 @@ def plot(data, path, optimizers=None, dtypes=None, layouts=None):
     cols = min(2, len(groups))
     rows = math.ceil(len(groups) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.6 * rows), squeeze=False)
-    for ax, ((label, dtype, layout), panel) in zip(axes.flat, sorted(groups.items())):
+    for ax, ((label, dtype, layout), panel) in zip(axes.flat, sorted(
+            groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "one"))):
         roof = sorted(panel["roofline"].items())
-        ax.plot([n for n, _ in roof], [t for _, t in roof], "k--", lw=1.5,
+        ax.plot([n for n, _ in roof], [t for _, t in roof], "k--", marker="x", lw=1.5,
                 label="roofline (same bytes)")
         for name, points in sorted(panel["impls"].items()):
             points.sort()
@@ -83,7 +84,7 @@ def plot(data, path, optimizers=None, dtypes=None, layouts=None):
     fig.suptitle(f"python -m optim bench: {m.get('processor', '?')} "
                  f"({m.get('cpu_count', '?')} CPUs, device {m.get('device', '?')}), "
                  f"median time per update", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=120)
     return path
 
