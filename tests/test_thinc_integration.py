@@ -18,6 +18,7 @@ import pytest
 thinc_api = pytest.importorskip("thinc.api")
 
 import optim  # noqa: E402
+import optim.thinc  # noqa: E402  (what the thinc_optimizers entry points return)
 
 from thinc.api import (  # noqa: E402
     Config,
@@ -161,19 +162,28 @@ def _params(model):
     }
 
 
-@pytest.mark.parametrize("make", [optim.Adam, optim.SGD, optim.RAdam])
-def test_optim_optimizer_is_a_thinc_optimizer(make):
+@pytest.mark.parametrize("make", [optim.thinc.Adam, optim.thinc.SGD, optim.thinc.RAdam])
+def test_entry_point_optimizers_are_thinc_optimizers(make):
     # spaCy's ConfigSchemaTraining types [training.optimizer] as thinc.api.Optimizer and
     # pydantic checks it with isinstance: anything else fails `spacy train` validation.
-    opt = make(learn_rate=0.01) if make is not optim.SGD else make(0.01)
+    opt = make(0.01)
     assert isinstance(opt, thinc_api.Optimizer)
-    assert isinstance(opt, optim.Optimizer)
+    assert isinstance(opt.optimizer, optim.Optimizer)
+    assert opt.learn_rate == opt.optimizer.learn_rate == 0.01
+    opt.learn_rate = 0.02  # spaCy and users set hyperparameters on the wrapper
+    assert opt.optimizer.learn_rate == 0.02
 
 
-@pytest.mark.parametrize("make", [optim.Adam, optim.SGD, optim.RAdam])
+# Plain optim optimizers (what Thinc code builds directly) and the thinc.api.Optimizer
+# wrappers the entry points return (what spaCy configs build) must behave the same.
+FACTORIES = [optim.Adam, optim.SGD, optim.RAdam,
+             optim.thinc.Adam, optim.thinc.SGD, optim.thinc.RAdam]
+
+
+@pytest.mark.parametrize("make", FACTORIES)
 def test_model_finish_update_and_use_params(make):
     model, X, Y = _tiny_model()
-    opt = make(learn_rate=0.01) if make is not optim.SGD else make(0.01)
+    opt = make(0.01)
     before = _params(model)
     for _ in range(3):
         Yh, backprop = model.begin_update(X)
@@ -206,9 +216,10 @@ def test_model_finish_update_and_use_params(make):
     assert not numpy.allclose(averaged_out, model.predict(X))
 
 
-def test_use_averages_false_gives_no_averages():
+@pytest.mark.parametrize("make", [optim.Adam, optim.thinc.Adam])
+def test_use_averages_false_gives_no_averages(make):
     model, X, Y = _tiny_model()
-    opt = optim.Adam(learn_rate=0.01, use_averages=False)
+    opt = make(learn_rate=0.01, use_averages=False)
     Yh, backprop = model.begin_update(X)
     backprop(Yh - Y)
     model.finish_update(opt)
@@ -217,9 +228,10 @@ def test_use_averages_false_gives_no_averages():
         pass
 
 
-def test_call_returns_weights_and_gradient_like_thinc():
+@pytest.mark.parametrize("make", [optim.Adam, optim.thinc.Adam])
+def test_call_returns_weights_and_gradient_like_thinc(make):
     # Model.finish_update does `param, grad = optimizer(key, param, grad)`
-    opt = optim.Adam(learn_rate=0.1)
+    opt = make(learn_rate=0.1)
     w = numpy.ones(6, dtype="f")
     g = numpy.full(6, 0.5, dtype="f")
     out = opt((1, "W"), w, g)
@@ -233,8 +245,9 @@ def test_call_returns_weights_and_gradient_like_thinc():
     numpy.testing.assert_array_equal(w3, numpy.ones(6, dtype="f"))
 
 
-def test_step_schedules_learn_rate_and_last_score():
-    opt = optim.Adam(learn_rate=[0.1, 0.05, 0.025])
+@pytest.mark.parametrize("make", [optim.Adam, optim.thinc.Adam])
+def test_step_schedules_learn_rate_and_last_score(make):
+    opt = make(learn_rate=[0.1, 0.05, 0.025])
     assert opt.learn_rate == pytest.approx(0.1)
     opt.step_schedules()
     assert opt.learn_rate == pytest.approx(0.05)
@@ -254,7 +267,7 @@ def test_step_schedules_learn_rate_and_last_score():
             """
         )
     )["lr"]
-    opt = optim.Adam(learn_rate=sched)
+    opt = make(learn_rate=sched)
     rates = [opt.learn_rate]
     for _ in range(3):
         opt.step_schedules()
