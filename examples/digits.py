@@ -22,7 +22,7 @@ from thinc.api import Relu, Softmax, chain, fix_random_seed
 import optim
 
 HYPER = dict(
-    learn_rate=0.003, beta1=0.9, beta2=0.999, eps=1e-8, L2=1e-6, grad_clip=1.0,
+    learn_rate=0.003, beta1=0.9, beta2=0.999, eps=1e-8, L2=0.01, grad_clip=1.0,
     L2_is_weight_decay=True, use_averages=True,
 )
 
