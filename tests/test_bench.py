@@ -18,9 +18,10 @@ QUICK = ["--quick", "--no-progress", "--sizes", "100,1000", "--tensor-size", "10
 RESULT_KEYS = {
     "section", "optimizer", "label", "dtype", "n_params", "layout", "n_tensors", "impl",
     "variant", "time_s", "times_s", "calls_per_sample", "params_per_s", "bytes_per_param",
-    "gb_per_s", "roofline_s", "roofline_times_s", "ratio", "optim_speedup",
+    "gb_per_s", "roofline_s", "roofline_times_s", "ratio", "optim_speedup", "wall_time_s",
+    "clock",
 }
-POSITIVE = ("time_s", "params_per_s", "gb_per_s", "roofline_s", "ratio")
+POSITIVE = ("time_s", "wall_time_s", "params_per_s", "gb_per_s", "roofline_s", "ratio")
 
 
 def _strict_json(path):
@@ -54,6 +55,7 @@ def check_result(data, optimizers, sizes, tensor_size, repeats=3):
         assert all(map(_positive, r["roofline_times_s"]))
         assert isinstance(r["calls_per_sample"], int) and r["calls_per_sample"] >= 1
         assert r["optimizer"] in bench.SPECS
+        assert r["clock"] in ("cpu", "wall")
         assert r["dtype"] in bench.DTYPES and r["layout"] in bench.LAYOUTS
         spec = bench.SPECS[r["optimizer"]]
         assert r["bytes_per_param"] == spec.bytes_per_param(numpy.dtype(r["dtype"]).itemsize)
@@ -115,10 +117,15 @@ def test_bench_in_process_missing_peer(tmp_path, monkeypatch, capsys):
             assert _positive(r[key]), (key, r)
 
 
-def test_run_returns_dict_without_json():
+@pytest.mark.parametrize("clock", ["auto", "wall", "cpu"])
+def test_run_returns_dict_without_json(clock):
     cfg = bench.Config(optimizers=["sgd"], sizes=[64], layouts=["one"], repeats=2,
-                       quick=True, progress=False, overhead=False, min_block_s=1e-5)
+                       quick=True, progress=False, overhead=False, min_block_s=1e-5,
+                       clock=clock)
     data = bench.run(cfg)
+    assert data["config"]["clock"] == ("cpu" if clock == "auto" else clock)
+    if clock == "wall":
+        assert data["results"][0]["clock"] == "wall"
     assert [r["impl"] for r in data["results"]] == ["optim"]
     assert data["results"][0]["bytes_per_param"] == 16
     json.dumps(data, allow_nan=False)  # serialisable as strict JSON
@@ -137,6 +144,7 @@ def test_run_returns_dict_without_json():
     (["--repeats", "0"], "positive integer"),
     (["--threads", "two"], "positive integer"),
     (["--device", "tpu"], "invalid choice"),
+    (["--clock", "sundial"], "invalid choice"),
     (["--json", "/nonexistent-folder-for-optim/x.json"], "does not exist"),
     (["--frobnicate"], "unrecognized arguments"),
 ])
