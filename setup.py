@@ -5,6 +5,7 @@ Set OPTIM_NATIVE=1 to add -march=native (faster on the build machine, not portab
 """
 import os
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy
@@ -24,7 +25,10 @@ DIRECTIVES = {
 def compile_args() -> list:
     if sys.platform == "win32":
         return ["/O2"]
-    args = ["-O3", "-ffp-contract=off"]
+    args = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+    compiler = sysconfig.get_config_var("CC") or ""
+    if "clang" not in compiler:  # gcc: allow the alias checks a 6-array loop needs
+        args.append("--param=vect-max-version-for-alias-checks=64")
     if os.environ.get("OPTIM_NATIVE") == "1":
         args.append("-march=native")
     return args

@@ -17,6 +17,7 @@ from .schedules import (
 __version__ = "0.1.0"
 
 
+@registry.optimizers("load.v1")
 def load(path) -> Optimizer:
     """Build an optimizer from a file written by `Optimizer.to_disk`."""
     return Optimizer.load(path)

@@ -116,22 +116,46 @@ cdef inline real_t root(real_t x) noexcept nogil:
         return sqrt(x)
 
 
+# Optional parts of a pass (averages, lookahead sync, RAdam's rectified step) are
+# compile-time flags: Cython emits one branch-free loop per combination, which the C
+# compiler vectorises. Run-time dispatch picks the loop once per call.
+
+cdef struct On:
+    char unused
+
+cdef struct Off:
+    char unused
+
+ctypedef fused avg_flag:
+    On
+    Off
+
+ctypedef fused sync_flag:
+    On
+    Off
+
+ctypedef fused rect_flag:
+    On
+    Off
+
+
 cdef inline real_t finish(real_t w_new, Py_ssize_t i, real_t* avg, real_t* slow,
-                          real_t la_alpha, real_t avg_rate) noexcept nogil:
+                          real_t la_alpha, real_t avg_rate, avg_flag has_avg,
+                          sync_flag has_sync) noexcept nogil:
     """Lookahead sync and the average update for one element; returns the new weight."""
-    if slow != NULL:
+    if sync_flag is On:
         slow[i] = slow[i] + la_alpha * (w_new - slow[i])
         w_new = slow[i]
-    if avg != NULL:
+    if avg_flag is On:
         avg[i] = avg[i] - avg_rate * (avg[i] - w_new)
     return w_new
 
 
-cdef void sgd_loop(real_t* w, real_t* g, real_t* avg, real_t* slow,
-                   Py_ssize_t n, const Coefs* c) noexcept nogil:
+cdef void sgd_pass(real_t* w, real_t* g, real_t* avg, real_t* slow, Py_ssize_t n,
+                   const Coefs* c, avg_flag has_avg, sync_flag has_sync) noexcept nogil:
     cdef real_t lr = <real_t>c.lr, l2 = <real_t>c.l2, clip = <real_t>c.clip_scale
     cdef real_t post_decay = <real_t>c.post_decay, la_alpha = <real_t>c.la_alpha
-    cdef real_t avg_rate = 1 - <real_t>c.avg_keep
+    cdef real_t avg_rate = <real_t>(1.0 - c.avg_keep)
     cdef real_t g_eff, w_new
     cdef Py_ssize_t i
     for i in range(n):
@@ -139,52 +163,79 @@ cdef void sgd_loop(real_t* w, real_t* g, real_t* avg, real_t* slow,
         w_new = w[i] - lr * g_eff
         w_new = w_new - post_decay * w_new
         g[i] = 0
-        w[i] = finish(w_new, i, avg, slow, la_alpha, avg_rate)
+        w[i] = finish(w_new, i, avg, slow, la_alpha, avg_rate, has_avg, has_sync)
 
 
-cdef void adam_loop(real_t* w, real_t* g, real_t* m, real_t* v, real_t* avg,
-                    real_t* slow, Py_ssize_t n, const Coefs* c) noexcept nogil:
+cdef void adam_pass(real_t* w, real_t* g, real_t* m, real_t* v, real_t* avg, real_t* slow,
+                    Py_ssize_t n, const Coefs* c, avg_flag has_avg, sync_flag has_sync,
+                    rect_flag rectified) noexcept nogil:
+    """Adam, and RAdam (pre_decay; rectified=Off is RAdam's momentum-only step)."""
     cdef real_t lr = <real_t>c.lr, l2 = <real_t>c.l2, clip = <real_t>c.clip_scale
     cdef real_t beta1 = <real_t>c.beta1, beta2 = <real_t>c.beta2, eps = <real_t>c.eps
-    cdef real_t one_minus_beta1 = 1 - beta1, one_minus_beta2 = 1 - beta2
-    cdef real_t post_decay = <real_t>c.post_decay, la_alpha = <real_t>c.la_alpha
-    cdef real_t avg_rate = 1 - <real_t>c.avg_keep
+    cdef real_t one_minus_beta1 = <real_t>(1.0 - c.beta1)  # in double: no float32 bias
+    cdef real_t one_minus_beta2 = <real_t>(1.0 - c.beta2)
+    cdef real_t pre_decay = <real_t>c.pre_decay, post_decay = <real_t>c.post_decay
+    cdef real_t la_alpha = <real_t>c.la_alpha, avg_rate = <real_t>(1.0 - c.avg_keep)
     cdef real_t g_eff, m_new, v_new, w_new
     cdef Py_ssize_t i
     for i in range(n):
         g_eff = (g[i] + l2 * w[i]) * clip
         m_new = beta1 * m[i] + one_minus_beta1 * g_eff
         v_new = beta2 * v[i] + one_minus_beta2 * g_eff * g_eff
-        w_new = w[i] - lr * (m_new / (root(v_new) + eps))
+        w_new = w[i] - pre_decay * w[i]
+        if rect_flag is On:
+            w_new = w_new - lr * (m_new / (root(v_new) + eps))
+        else:
+            w_new = w_new - lr * m_new
         w_new = w_new - post_decay * w_new
         m[i] = m_new
         v[i] = v_new
         g[i] = 0
-        w[i] = finish(w_new, i, avg, slow, la_alpha, avg_rate)
+        w[i] = finish(w_new, i, avg, slow, la_alpha, avg_rate, has_avg, has_sync)
+
+
+cdef void sgd_loop(real_t* w, real_t* g, real_t* avg, real_t* slow,
+                   Py_ssize_t n, const Coefs* c) noexcept nogil:
+    cdef On on = On(0)
+    cdef Off off = Off(0)
+    if avg == NULL:
+        if slow == NULL:
+            sgd_pass(w, g, avg, slow, n, c, off, off)
+        else:
+            sgd_pass(w, g, avg, slow, n, c, off, on)
+    elif slow == NULL:
+        sgd_pass(w, g, avg, slow, n, c, on, off)
+    else:
+        sgd_pass(w, g, avg, slow, n, c, on, on)
+
+
+cdef void adam_dispatch(real_t* w, real_t* g, real_t* m, real_t* v, real_t* avg,
+                        real_t* slow, Py_ssize_t n, const Coefs* c,
+                        rect_flag rectified) noexcept nogil:
+    cdef On on = On(0)
+    cdef Off off = Off(0)
+    if avg == NULL:
+        if slow == NULL:
+            adam_pass(w, g, m, v, avg, slow, n, c, off, off, rectified)
+        else:
+            adam_pass(w, g, m, v, avg, slow, n, c, off, on, rectified)
+    elif slow == NULL:
+        adam_pass(w, g, m, v, avg, slow, n, c, on, off, rectified)
+    else:
+        adam_pass(w, g, m, v, avg, slow, n, c, on, on, rectified)
+
+
+cdef void adam_loop(real_t* w, real_t* g, real_t* m, real_t* v, real_t* avg,
+                    real_t* slow, Py_ssize_t n, const Coefs* c) noexcept nogil:
+    adam_dispatch(w, g, m, v, avg, slow, n, c, On(0))  # pre_decay is 0 for Adam
 
 
 cdef void radam_loop(real_t* w, real_t* g, real_t* m, real_t* v, real_t* avg,
                      real_t* slow, Py_ssize_t n, const Coefs* c) noexcept nogil:
-    cdef real_t lr = <real_t>c.lr, l2 = <real_t>c.l2, clip = <real_t>c.clip_scale
-    cdef real_t beta1 = <real_t>c.beta1, beta2 = <real_t>c.beta2, eps = <real_t>c.eps
-    cdef real_t one_minus_beta1 = 1 - beta1, one_minus_beta2 = 1 - beta2
-    cdef real_t pre_decay = <real_t>c.pre_decay, post_decay = <real_t>c.post_decay
-    cdef real_t la_alpha = <real_t>c.la_alpha, avg_rate = 1 - <real_t>c.avg_keep
-    cdef real_t g_eff, m_new, v_new, w_new, direction
-    cdef bint rectified = c.rectified
-    cdef Py_ssize_t i
-    for i in range(n):
-        g_eff = (g[i] + l2 * w[i]) * clip
-        m_new = beta1 * m[i] + one_minus_beta1 * g_eff
-        v_new = beta2 * v[i] + one_minus_beta2 * g_eff * g_eff
-        direction = m_new / (root(v_new) + eps) if rectified else m_new
-        w_new = w[i] - pre_decay * w[i]
-        w_new = w_new - lr * direction
-        w_new = w_new - post_decay * w_new
-        m[i] = m_new
-        v[i] = v_new
-        g[i] = 0
-        w[i] = finish(w_new, i, avg, slow, la_alpha, avg_rate)
+    if c.rectified:
+        adam_dispatch(w, g, m, v, avg, slow, n, c, On(0))
+    else:
+        adam_dispatch(w, g, m, v, avg, slow, n, c, Off(0))
 
 
 cdef double sum_squares(const real_t* g, const real_t* w, double l2,

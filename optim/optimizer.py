@@ -3,6 +3,7 @@
 The class holds state (moments, averages, lookahead weights, counts, schedules); the
 math lives in `optim._kernels` (CPU) and `optim._kernels_cuda` (GPU).
 """
+import itertools
 import math
 import numbers
 from collections import defaultdict
@@ -110,7 +111,7 @@ class Optimizer:
 
     __slots__ = ("mom1", "mom2", "averages", "lookahead", "nr_update", "schedules",
                  "ops", "_hyper", "_shapes", "_schedule_start", "_step", "_last_score",
-                 "_on_gpu", "__weakref__")
+                 "_on_gpu", "_stale", "__weakref__")
 
     def __init__(self, learn_rate: FloatOrSeq, *, ops: Any = None,
                  L2: FloatOrSeq = ADAM_DEFAULTS["L2"],
@@ -138,6 +139,7 @@ class Optimizer:
         self._step = 0
         self._last_score: Optional[Tuple[int, float]] = None
         self._on_gpu = False
+        self._stale: set = set()  # keys whose state misses arrays the settings now need
         self._hyper.use_radam = bool(use_radam)
         self._hyper.L2_is_weight_decay = bool(L2_is_weight_decay)
         self.lookahead_k = lookahead_k
@@ -153,6 +155,12 @@ class Optimizer:
 
     def _set_hyperparameter(self, name: str, value: Any) -> None:
         """A number, or a schedule whose value at the current step is taken now (Thinc)."""
+        kind = self._hyper.kind
+        self._assign(name, value)
+        if self._hyper.kind != kind:
+            self._stale.update(self._shapes)
+
+    def _assign(self, name: str, value: Any) -> None:
         if isinstance(value, numbers.Real):
             self.schedules.pop(name, None)
             self._schedule_start.pop(name, None)
@@ -174,6 +182,9 @@ class Optimizer:
         if isinstance(schedule, Schedule):
             self._schedule_start[name] = schedule._cursor + start - self._step
         else:
+            if isinstance(schedule, (str, bytes, dict)):
+                raise ValueError(f"invalid schedule for {name!r}: expected numbers, got "
+                                 f"{type(schedule).__name__}: {schedule!r}")
             try:
                 schedule = iter(schedule)
             except TypeError:
@@ -182,12 +193,14 @@ class Optimizer:
                     f"iterator or a schedule, got {type(schedule).__name__}"
                 ) from None
             self._schedule_start[name] = start
+            try:
+                first = _check_value(name, next(schedule))
+            except StopIteration:
+                raise ValueError(f"invalid schedule for {name!r}: it yields no values") from None
             if start == 0:
-                try:
-                    first = next(schedule)
-                except StopIteration:
-                    raise ValueError(f"invalid schedule for {name!r}: it yields no values") from None
-                setattr(self._hyper, name, _check_value(name, first))
+                setattr(self._hyper, name, first)
+            else:  # checked now, used at the next step_schedules()
+                schedule = itertools.chain([first], schedule)
         self.schedules[name] = schedule
         if isinstance(schedule, Schedule):
             self._evaluate_schedules((name,))
@@ -203,6 +216,7 @@ class Optimizer:
 
     def step_schedules(self) -> None:
         """Advance the step: every scheduled hyperparameter takes its next value."""
+        kind = self._hyper.kind
         self._step += 1
         for name, schedule in self.schedules.items():
             if not isinstance(schedule, Schedule):
@@ -212,6 +226,8 @@ class Optimizer:
                     continue
                 setattr(self._hyper, name, _check_value(name, value))
         self._evaluate_schedules(self.schedules)
+        if self._hyper.kind != kind:  # e.g. beta1 scheduled up from 0: moments needed now
+            self._stale.update(self._shapes)
 
     @property
     def step(self) -> int:
@@ -256,6 +272,7 @@ class Optimizer:
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
             raise ValueError(f"lookahead_k must be an integer >= 0, got {k!r}")
         self._hyper.lookahead_k = int(k)
+        self._stale.update(self._shapes)
 
     @property
     def use_radam(self) -> bool:
@@ -276,7 +293,7 @@ class Optimizer:
         """Update `weights` in place from `gradient` and zero `gradient`; returns both."""
         shape = self._shapes.get(key)
         if (shape is not None and type(weights) is numpy.ndarray
-                and type(gradient) is numpy.ndarray and gradient.size):
+                and type(gradient) is numpy.ndarray and gradient.size and not self._stale):
             if weights.shape != shape:
                 raise ValueError(_shape_error(key, weights.shape, shape))
             t = self.nr_update[key] + 1
@@ -317,6 +334,8 @@ class Optimizer:
                              f"{len(gradients)} gradients")
         if len(set(keys)) != len(keys):
             raise ValueError("step_many: each key may appear once per call")
+        if self._step_many_known(keys, weights, gradients, lr_scale):
+            return
         backends = [self._check_pair(k, w, g) for k, w, g in zip(keys, weights, gradients)]
         if any(b is not NUMPY for b in backends):
             for k, w, g in zip(keys, weights, gradients):
@@ -331,6 +350,30 @@ class Optimizer:
                            [s["slow"] for s in states], counts, lr_scale)
         for i, state, t in zip(todo, states, counts):
             self._commit(keys[i], weights[i].shape, state, t)
+
+    def _step_many_known(self, keys: List[KeyT], weights: List[Any], gradients: List[Any],
+                         lr_scale: float) -> bool:
+        """The hot path of step_many: NumPy tensors of known keys with complete state.
+
+        The kernels validate dtypes, contiguity and every array's shape; returns False
+        (having touched nothing) when the general path is needed.
+        """
+        shapes, ndarray = self._shapes, numpy.ndarray
+        if self._stale:
+            return False
+        for key, w, g in zip(keys, weights, gradients):
+            if (type(w) is not ndarray or type(g) is not ndarray or not g.size
+                    or shapes.get(key) != w.shape):
+                return False
+        averages = self.averages if self.averages is not None else {}
+        counts = [self.nr_update[key] + 1 for key in keys]
+        _kernels.step_many(self._hyper, keys, weights, gradients,
+                           [self.mom1.get(k) for k in keys], [self.mom2.get(k) for k in keys],
+                           [averages.get(k) for k in keys],
+                           [self.lookahead.get(k) for k in keys], counts, lr_scale)
+        for key, t in zip(keys, counts):
+            self.nr_update[key] = t
+        return True
 
     def _check_pair(self, key: KeyT, weights: Any, gradient: Any) -> Any:
         """Validate an update's arrays before anything is touched; return their backend."""
@@ -385,6 +428,7 @@ class Optimizer:
                 store[key] = state[name]
         self._shapes[key] = tuple(shape)
         self.nr_update[key] = t
+        self._stale.discard(key)
 
     def _device_update(self, backend: Any, key: KeyT, weights: Any, gradient: Any,
                        state: Dict[str, Any], t: int, lr_scale: float) -> None:
@@ -397,6 +441,18 @@ class Optimizer:
         slow = state["slow"] if coefs["lookahead_sync"] else None
         backend.update(coefs["kind"], coefs, weights, gradient, state["mom1"], state["mom2"],
                        state["average"], slow)
+
+    def remap_keys(self, mapping: Dict[KeyT, KeyT]) -> "Optimizer":
+        """Rename keys (Thinc's (model.id, name) ids change between processes); returns self."""
+        renamed = {mapping.get(key, key) for key in self._shapes}
+        if len(renamed) != len(self._shapes):
+            raise ValueError("remap_keys: two keys would get the same name")
+        for store in self._state_dicts() + [self.nr_update, self._shapes]:
+            items = [(mapping.get(k, k), v) for k, v in store.items()]
+            store.clear()
+            store.update(items)
+        self._stale = {mapping.get(k, k) for k in self._stale}
+        return self
 
     # ------------------------------------------------------------ devices
 

@@ -47,6 +47,10 @@ class ThincOptimizer(thinc.api.Optimizer):
         self.optimizer.from_disk(path)
         return self
 
+    def remap_keys(self, mapping: Any) -> "ThincOptimizer":
+        self.optimizer.remap_keys(mapping)
+        return self
+
     def __repr__(self) -> str:
         return f"<ThincOptimizer of {self.optimizer!r}>"
 
@@ -73,8 +77,13 @@ def _as_thinc(factory: Callable[..., Optimizer]) -> Callable[..., ThincOptimizer
     return make
 
 
+def load(path: str) -> ThincOptimizer:
+    """`@optimizers = "optim.load.v1"`: resume a spaCy/Thinc run from a saved state file."""
+    return ThincOptimizer(Optimizer.load(path))
+
+
 SGD = _as_thinc(_optimizer.SGD)
 Adam = _as_thinc(_optimizer.Adam)
 RAdam = _as_thinc(_optimizer.RAdam)
 
-__all__ = ["ThincOptimizer", "SGD", "Adam", "RAdam"]
+__all__ = ["ThincOptimizer", "SGD", "Adam", "RAdam", "load"]
