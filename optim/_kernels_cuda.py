@@ -12,7 +12,7 @@ tests compile with nvcc and execute on the CPU with g++ (tests/cuda_harness.py).
 CuPy is imported lazily, when a kernel is first built.
 """
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy
 
@@ -27,9 +27,16 @@ NVRTC_OPTIONS: Tuple[str, ...] = ("--fmad=false",)
 
 # Canonical parameter orders: a kernel's scalars, then its arrays, in these orders.
 SCALARS: Tuple[str, ...] = (
-    "lr", "beta1", "beta2", "eps", "l2", "clip_scale", "pre_decay", "post_decay",
-    "avg_keep", "la_alpha",
+    "lr", "beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "eps", "l2",
+    "clip_scale", "pre_decay", "post_decay", "avg_rate", "la_alpha",
 )
+# Scalars that are not `Coefs` fields: formed from them in double on the host, then
+# rounded to T, exactly as the CPU kernels form them (a float32 `1 - beta` is biased).
+DERIVED: Dict[str, Callable[[Dict[str, Any]], float]] = {
+    "one_minus_beta1": lambda c: 1.0 - float(c["beta1"]),
+    "one_minus_beta2": lambda c: 1.0 - float(c["beta2"]),
+    "avg_rate": lambda c: 1.0 - float(c["avg_keep"]),
+}
 ARRAYS: Tuple[str, ...] = ("w", "g", "m", "v", "avg", "slow")
 
 
@@ -79,9 +86,9 @@ _EFFECTIVE_GRADIENT = Snippet(
     "const T g_eff = (g + l2 * w) * clip_scale;", ("l2", "clip_scale"), ("w", "g")
 )
 _MOMENTS = Snippet(
-    "m = beta1 * m + (T(1) - beta1) * g_eff;\n"
-    "v = beta2 * v + (T(1) - beta2) * g_eff * g_eff;",
-    ("beta1", "beta2"), ("m", "v"),
+    "m = beta1 * m + one_minus_beta1 * g_eff;\n"
+    "v = beta2 * v + one_minus_beta2 * g_eff * g_eff;",
+    ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2"), ("m", "v"),
 )
 _START = Snippet("T w_new = w;")
 _PRE_DECAY = Snippet("w_new = w_new - pre_decay * w;", ("pre_decay",))
@@ -97,7 +104,7 @@ _LOOKAHEAD_SYNC = Snippet(
     "slow = slow + la_alpha * (w_new - slow);\nw_new = slow;", ("la_alpha",), ("slow",)
 )
 _STORE = Snippet("w = w_new;")
-_AVERAGE = Snippet("avg = avg - (T(1) - avg_keep) * (avg - w_new);", ("avg_keep",), ("avg",))
+_AVERAGE = Snippet("avg = avg - avg_rate * (avg - w_new);", ("avg_rate",), ("avg",))
 
 # base kernel -> (uses moments, uses pre-decay, direction)
 _BASES: Dict[str, Tuple[bool, bool, str]] = {
@@ -181,7 +188,8 @@ def plan_update(kind: str, coefs: Dict[str, Any], weights: Any, gradient: Any,
                 mom1: Any, mom2: Any, average: Any, slow: Any) -> Tuple[KernelSpec, list]:
     """The kernel for one update and its positional arguments.
 
-    Scalars come first, cast to the arrays' dtype (the kernels compute in `T`), then
+    Scalars come first (`DERIVED` ones formed in double), cast to the arrays' dtype
+    (the kernels compute in `T`), then
     the arrays in `KernelSpec.arrays` order. Shared by `CupyBackend` and the tests'
     CPU harness, so both launch exactly the same thing.
     """
@@ -194,7 +202,8 @@ def plan_update(kind: str, coefs: Dict[str, Any], weights: Any, gradient: Any,
     ]
     arrays = {"w": weights, "g": gradient, "m": mom1, "v": mom2, "avg": average,
               "slow": slow}
-    args: list = [dtype.type(coefs[s]) for s in spec.scalars]
+    args: list = [dtype.type(DERIVED[s](coefs) if s in DERIVED else coefs[s])
+                  for s in spec.scalars]
     for a in spec.arrays:
         if arrays[a] is None:
             raise ValueError(f"kernel {spec.name} needs array {a!r}, got None")

@@ -83,7 +83,7 @@ def test_kernel_parameters_match_operation(name):
     assert set(declared) <= used, "every parameter is used"
     locals_and_builtins = {"const", "T", "g_eff", "w_new", "sqrt"}
     assert used - set(declared) <= locals_and_builtins, "no undeclared names"
-    assert set(spec.scalars) <= coef_fields(), "scalars are Coefs fields"
+    assert set(spec.scalars) <= coef_fields() | set(kc.DERIVED), "scalars come from Coefs"
     assert "i" not in declared  # CuPy reserves it
     for banned in ("?", "min(", "max(", "fabs", "pow(", "double", "float"):
         assert banned not in spec.operation, f"{banned!r} is dtype-ambiguous or mixes types"
@@ -99,7 +99,7 @@ def test_formula_snippets_have_one_source():
     """Each formula is written once and shared by every variant that uses it."""
     for snippet in ("const T g_eff = (g + l2 * w) * clip_scale;",
                     "w_new = w_new - post_decay * w_new;",
-                    "avg = avg - (T(1) - avg_keep) * (avg - w_new);"):
+                    "avg = avg - avg_rate * (avg - w_new);"):
         users = [n for n in NAMES if snippet in kc.KERNELS[n].operation]
         assert users and all(kc.KERNELS[n].operation.count(snippet) == 1 for n in users)
     assert sum("m / (sqrt(v) + eps)" in kc.KERNELS[n].operation for n in NAMES) == 8
@@ -135,6 +135,10 @@ def test_plan_update_arguments():
     assert spec.name == "optim_radam_rect_avg"
     assert all(type(a) is numpy.float32 for a in args[:len(spec.scalars)])
     assert args[0] == numpy.float32(0.1)
+    # 1 - beta is formed in double, then rounded (a float32 subtraction is biased)
+    one_minus_beta1 = args[spec.scalars.index("one_minus_beta1")]
+    assert one_minus_beta1 == numpy.float32(1.0 - 0.9) != numpy.float32(1) - numpy.float32(0.9)
+    assert args[spec.scalars.index("avg_rate")] == numpy.float32(0.5)
     assert args[len(spec.scalars):] == [w, g, m, v, avg]
     with pytest.raises(TypeError, match="float32 or float64"):
         kc.plan_update("sgd", coefs, w.astype(numpy.float16), g, None, None, None, None)
@@ -251,9 +255,7 @@ def test_harness_matches_numpy_reference(name, dtype, shape, coefs, seed, gscale
     spec = kc.KERNELS[name]
     arrays = random_arrays(spec, shape, dtype, seed, gscale)
     before = {k: x.copy() for k, x in arrays.items()}
-    # the kernels compute in T: the reference starts from the scalars rounded to T
-    coefs_t = {k: float(dtype(x)) for k, x in coefs.items()}
-    want = reference_update(name, coefs_t, before)
+    want = reference_update(name, coefs, before)
     coefs["rectified"] = base_of(name) == "radam_rect"
     kind = base_of(name).split("_")[0]
     got_spec, args = kc.plan_update(kind, coefs, arrays["w"], arrays["g"], arrays.get("m"),
