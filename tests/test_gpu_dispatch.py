@@ -237,3 +237,17 @@ def test_without_cupy_the_gpu_path_names_the_extra(monkeypatch):
             opt.to_gpu()
     finally:
         backends.set_gpu_backend(previous)
+
+
+def test_check_gpu_script_dry_run():
+    """bin/check_gpu.py (for users with a GPU) runs end to end on the CPU harness."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bin" / "check_gpu.py"
+    res = subprocess.run([sys.executable, str(script), "--fake", "--size", "2000",
+                          "--repeat", "1"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for name in list(kc.KERNELS) + [kc.REDUCTION.name]:
+        assert res.stdout.count(name + " ") == 2, name  # float32 and float64 rows
+    assert "OK: worst error 0.00" in res.stdout  # bitwise equal to the Cython kernels
