@@ -237,6 +237,10 @@ class CupyBackend:
         self._kernels: Dict[str, Any] = {}
         self._reduction: Optional[Any] = None
 
+    def ensure_available(self) -> None:
+        """Raise ImportError (naming the extra to install) unless CuPy imports."""
+        _import_cupy()
+
     def is_array(self, x: Any) -> bool:
         if not type(x).__module__.startswith("cupy"):
             return False  # keeps CuPy unimported for host arrays

@@ -292,7 +292,7 @@ class Optimizer:
                  lr_scale: float = 1.0) -> Tuple[Any, Any]:
         """Update `weights` in place from `gradient` and zero `gradient`; returns both."""
         shape = self._shapes.get(key)
-        if (shape is not None and type(weights) is numpy.ndarray
+        if (shape is not None and not self._on_gpu and type(weights) is numpy.ndarray
                 and type(gradient) is numpy.ndarray and gradient.size and not self._stale):
             if weights.shape != shape:
                 raise ValueError(_shape_error(key, weights.shape, shape))
@@ -359,7 +359,7 @@ class Optimizer:
         (having touched nothing) when the general path is needed.
         """
         shapes, ndarray = self._shapes, numpy.ndarray
-        if self._stale:
+        if self._stale or self._on_gpu:
             return False
         for key, w, g in zip(keys, weights, gradients):
             if (type(w) is not ndarray or type(g) is not ndarray or not g.size

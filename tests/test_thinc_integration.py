@@ -347,14 +347,14 @@ def test_digits_losses_match_thinc_step_for_step(digits_runs):
     n_steps = EPOCHS * len(data[4][0])
     assert len(l_ours) == len(l_theirs) == n_steps
     # Same init, same batches, same update formula. The arrays are float32 and the two
-    # libraries round differently in the last bits (Thinc computes the Adam direction in
-    # double over several passes; optim fuses one float32 pass), so each step's weights
-    # differ by an ulp or so and that drifts slowly: over these 440 steps the losses
-    # agree to ~6e-7 relative (measured), ~5 float32 ulps. rtol=1e-5 (~80 ulps) leaves
-    # a 15x margin and still catches real differences in the update (measured: a 0.3%
+    # libraries round differently: Thinc forms 1 - beta2 in float32, which biases its
+    # second moments by 1.3e-5 relative at beta2=0.999 (optim forms it in double, see
+    # docs/numerics.md), and it rounds over several passes where optim makes one. Over
+    # these 440 steps the losses agree to 1.1e-5 relative (measured). rtol=5e-5 leaves a
+    # 4.5x margin and still catches real differences in the update (measured: a 0.3%
     # learn rate change gives 1e-2 within 2 steps; eps 1e-6 6e-2 at step 1; no weight
     # decay 3e-2 by step 7; no clipping 6e-2 by step 20).
-    numpy.testing.assert_allclose(l_ours, l_theirs, rtol=1e-5, atol=1e-7)
+    numpy.testing.assert_allclose(l_ours, l_theirs, rtol=5e-5, atol=1e-7)
     assert l_ours[-1] < 0.5 * l_ours[0]  # and it did learn
 
 
@@ -363,7 +363,7 @@ def test_digits_weights_match_thinc(digits_runs):
     assert len(p_ours) == len(p_theirs) == 4
     for (k1, a), (k2, b) in zip(sorted(p_ours.items()), sorted(p_theirs.items())):
         assert k1[1] == k2[1]
-        numpy.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6)  # measured: 3.1e-7
+        numpy.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)  # measured: 6.0e-6
 
 
 def test_digits_averaged_accuracy_at_least_as_good(digits_runs):
