@@ -47,8 +47,6 @@ HYPERPARAMETERS: Dict[str, Tuple[float, float, str]] = {
     "weight_decay": (0.0, math.inf, ">= 0"),
     "lookahead_alpha": (0.0, 1.0, "in [0, 1]"),
 }
-FORMAT_NAME = "optim.Optimizer"
-FORMAT_VERSION = 1
 
 
 @registry.optimizers("SGD.v1")
