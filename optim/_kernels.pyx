@@ -91,8 +91,18 @@ cdef inline bint syncs(Hyper h, long t) noexcept:
     return h.lookahead_k > 0 and t % h.lookahead_k == 0
 
 
-def coefs(Hyper hyper, long t, double lr_scale=1.0) -> dict:
+cdef int check_call(object key, long t, double lr_scale) except -1:
+    """Validate the per-call numbers of an update of `key`."""
+    if not (isfinite(lr_scale) and lr_scale >= 0.0):
+        raise ValueError(f"key {key!r}: lr_scale must be a finite number >= 0, got {lr_scale}")
+    if t < 1:
+        raise ValueError(f"key {key!r}: update count must be >= 1, got {t}")
+    return 0
+
+
+def coefs(Hyper hyper, long t, double lr_scale=1.0, object key=None) -> dict:
     """The per-call scalars as a dict (for the GPU kernels and the tests)."""
+    check_call(key, t, lr_scale)
     cdef Coefs c = make_coefs(hyper, t, lr_scale)
     out = dict(c)
     out["rectified"] = bool(c.rectified)
@@ -353,10 +363,7 @@ cdef int fill_task(Task* task, Hyper h, object key, object weights, object gradi
                    double lr_scale) except -1:
     """Validate one update's arguments and fill `task`; touches no array memory."""
     cdef int typenum = check_pair_c(key, weights, gradient)
-    if not (isfinite(lr_scale) and lr_scale >= 0.0):
-        raise ValueError(f"key {key!r}: lr_scale must be a finite number >= 0, got {lr_scale}")
-    if t < 1:
-        raise ValueError(f"key {key!r}: update count must be >= 1, got {t}")
+    check_call(key, t, lr_scale)
     cdef Kind kind = h._kind()
     cdef bint moments = kind != KIND_SGD
     task.w = cnp.PyArray_DATA(<cnp.ndarray>weights)

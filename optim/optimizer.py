@@ -155,7 +155,12 @@ class Optimizer:
         """A number, or a schedule whose value at the current step is taken now (Thinc)."""
         kind = self._hyper.kind
         self._assign(name, value)
-        if self._hyper.kind != kind:
+        self._after_kind(kind)
+
+    def _after_kind(self, previous: str) -> None:
+        """If the update kind changed (e.g. beta1 scheduled up from 0), every key needs
+        the state arrays of the new kind: send them through the general path once."""
+        if self._hyper.kind != previous:
             self._stale.update(self._shapes)
 
     def _assign(self, name: str, value: Any) -> None:
@@ -224,8 +229,7 @@ class Optimizer:
                     continue
                 setattr(self._hyper, name, _check_value(name, value))
         self._evaluate_schedules(self.schedules)
-        if self._hyper.kind != kind:  # e.g. beta1 scheduled up from 0: moments needed now
-            self._stale.update(self._shapes)
+        self._after_kind(kind)
 
     @property
     def step(self) -> int:
@@ -239,8 +243,10 @@ class Optimizer:
 
     @last_score.setter
     def last_score(self, score: float) -> None:
+        kind = self._hyper.kind
         self._last_score = (self._step, float(score))
         self._evaluate_schedules(self.schedules)
+        self._after_kind(kind)
 
     def _hyper_get(name: str):  # noqa: N805 - builds properties below
         def get(self: "Optimizer") -> float:
@@ -430,9 +436,7 @@ class Optimizer:
 
     def _device_update(self, backend: Any, key: KeyT, weights: Any, gradient: Any,
                        state: Dict[str, Any], t: int, lr_scale: float) -> None:
-        if not (math.isfinite(lr_scale) and lr_scale >= 0):
-            raise ValueError(f"key {key!r}: lr_scale must be a finite number >= 0, got {lr_scale}")
-        coefs = _kernels.coefs(self._hyper, t, lr_scale)
+        coefs = _kernels.coefs(self._hyper, t, lr_scale, key)
         if self._hyper.grad_clip > 0:
             sumsq = backend.sum_squares(gradient, weights, coefs["l2"])
             coefs["clip_scale"] = _kernels.clip_scale(sumsq, self._hyper.grad_clip)
