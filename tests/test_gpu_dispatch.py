@@ -208,7 +208,10 @@ def test_device_arrays_are_validated(device):
         opt("c", w, ch.to_fake_device(numpy.ones((4, 4), numpy.float64)))
     with pytest.raises(ValueError):
         opt("d", w, ch.to_fake_device(numpy.ones((2, 8), numpy.float32)))
+    with pytest.raises(ValueError, match=r"key 'e': lr_scale"):
+        opt("e", w, ch.to_fake_device(numpy.ones((4, 4), numpy.float32)), lr_scale=-1.0)
     assert device.launches == []
+    assert not opt.nr_update
 
 
 def test_step_many_on_device(device):
