@@ -13,6 +13,7 @@ import numpy
 import srsly
 
 from .backends import backend_for
+from .optimizer import HYPERPARAMETERS
 from .schedules import Schedule
 
 FORMAT_NAME = "optim.Optimizer"
@@ -73,7 +74,7 @@ def optimizer_to_dict(opt: Any) -> Dict[str, Any]:
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "kind": hyper.kind,
-        "hyperparameters": {name: getattr(hyper, name) for name in HYPER_NAMES},
+        "hyperparameters": {name: getattr(hyper, name) for name in HYPERPARAMETERS},
         "flags": {"L2_is_weight_decay": bool(hyper.L2_is_weight_decay),
                   "use_radam": bool(hyper.use_radam),
                   "use_averages": opt.averages is not None,
@@ -91,10 +92,6 @@ def optimizer_to_bytes(opt: Any) -> bytes:
 
 
 # ------------------------------------------------------------------ from bytes
-
-HYPER_NAMES = ("learn_rate", "beta1", "beta2", "eps", "L2", "grad_clip", "weight_decay",
-               "lookahead_alpha")
-
 
 def optimizer_from_bytes(data: bytes, device_like: Optional[Any] = None) -> Any:
     """A new optimizer holding `data`'s state; on the GPU if `device_like` is there."""
@@ -127,7 +124,7 @@ def optimizer_from_dict(msg: Any) -> Any:
                          f"(reads up to version {FORMAT_VERSION}); upgrade optim")
     hyper = _expect(msg["hyperparameters"], dict, "hyperparameters")
     flags = _expect(msg["flags"], dict, "flags")
-    values = {name: _check_value(name, hyper[name]) for name in HYPER_NAMES}
+    values = {name: _check_value(name, hyper[name]) for name in HYPERPARAMETERS}
     opt = Optimizer(values.pop("learn_rate"), ops=msg["ops"],
                     use_averages=_expect(flags["use_averages"], bool, "use_averages"),
                     use_radam=_expect(flags["use_radam"], bool, "use_radam"),
@@ -146,7 +143,7 @@ def optimizer_from_dict(msg: Any) -> Any:
         if not isinstance(start, int) or isinstance(start, bool):
             raise StateError(f"schedule {name!r}: invalid start {start!r}")
         schedule = Schedule.from_dict(_expect(record["schedule"], dict, "schedule"))
-        if name not in HYPER_NAMES:
+        if name not in HYPERPARAMETERS:
             raise StateError(f"cannot schedule {name!r}")
         opt.schedules[name] = schedule
         opt._schedule_start[name] = start
