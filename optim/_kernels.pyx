@@ -18,6 +18,13 @@ cdef enum Kind:
 KIND_NAMES = ("sgd", "adam", "radam")
 cdef Py_ssize_t GIL_FREE_SIZE = 1 << 15  # release the GIL for tensors at least this large
 
+# The clip norm's fixed summation order (docs/numerics.md), shared with the GPU kernels.
+cdef enum:
+    NORM_CHUNK = 4096  # elements per chunk
+    NORM_LANES = 32    # partial sums per chunk (a GPU warp's lanes)
+
+NORM_ORDER = {"chunk": NORM_CHUNK, "lanes": NORM_LANES}
+
 
 cdef class Hyper:
     """Current hyperparameter values, read by the kernels without touching Python."""
@@ -109,6 +116,17 @@ def coefs(Hyper hyper, long t, double lr_scale=1.0, object key=None) -> dict:
     out["kind"] = hyper.kind
     out["lookahead_sync"] = bool(syncs(hyper, t))
     return out
+
+
+def clip_sum_squares(object gradient, object weights, double l2=0.0) -> float:
+    """The clip norm's sum of squares, sum((g + l2*w)**2), in the kernels' fixed order."""
+    cdef int typenum = check_pair_c("clip_sum_squares", weights, gradient)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>weights)
+    cdef void* g = cnp.PyArray_DATA(<cnp.ndarray>gradient)
+    cdef void* w = cnp.PyArray_DATA(<cnp.ndarray>weights)
+    if typenum == cnp.NPY_FLOAT32:
+        return sum_squares(<float*>g, <float*>w, l2, n)
+    return sum_squares(<double*>g, <double*>w, l2, n)
 
 
 def clip_scale(double sumsq, double grad_clip) -> float:
@@ -248,23 +266,52 @@ cdef void radam_loop(real_t* w, real_t* g, real_t* m, real_t* v, real_t* avg,
         adam_dispatch(w, g, m, v, avg, slow, n, c, Off(0))
 
 
+cdef inline double lane_tree(double* lanes) noexcept nogil:
+    """Fold NORM_LANES partial sums pairwise: lanes[j] += lanes[j + half], half = 16..1.
+
+    A warp's __shfl_down_sync tree on the GPU adds in exactly this order.
+    """
+    cdef int half = NORM_LANES // 2, j
+    while half > 0:
+        for j in range(half):
+            lanes[j] = lanes[j] + lanes[j + half]
+        half //= 2
+    return lanes[0]
+
+
+cdef double chunk_sum_squares(const real_t* g, const real_t* w, real_t l2,
+                              Py_ssize_t n) noexcept nogil:
+    """One chunk (n <= NORM_CHUNK) of the clip norm: lane j sums the squares of elements
+    j, j + 32, j + 64, ... in double, then lane_tree. Each term is formed in real_t."""
+    cdef double lanes[NORM_LANES]
+    cdef double x
+    cdef Py_ssize_t i, j, full = n - n % NORM_LANES
+    for j in range(NORM_LANES):
+        lanes[j] = 0.0
+    for i in range(full // NORM_LANES):
+        for j in range(NORM_LANES):
+            x = <double>(g[i * NORM_LANES + j] + l2 * w[i * NORM_LANES + j])
+            lanes[j] += x * x
+    for j in range(n - full):
+        x = <double>(g[full + j] + l2 * w[full + j])
+        lanes[j] += x * x
+    return lane_tree(lanes)
+
+
 cdef double sum_squares(const real_t* g, const real_t* w, double l2,
                         Py_ssize_t n) noexcept nogil:
-    """sum((g + l2*w)**2), each term formed in the array's dtype, accumulated in double."""
-    cdef double acc[8]
-    cdef double x
-    cdef real_t l2_t = <real_t>l2
-    cdef Py_ssize_t i, j, n8 = n - n % 8
-    for j in range(8):
-        acc[j] = 0.0
-    for i in range(0, n8, 8):
-        for j in range(8):
-            x = <double>(g[i + j] + l2_t * w[i + j])
-            acc[j] += x * x
-    for i in range(n8, n):
-        x = <double>(g[i] + l2_t * w[i])
-        acc[0] += x * x
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+    """sum((g + l2*w)**2) in the fixed order of docs/numerics.md ("The clip norm"):
+    chunks of NORM_CHUNK elements, each summed by chunk_sum_squares; the chunk sums are
+    combined by the same lane rule (chunk c goes to lane c % 32), then lane_tree."""
+    cdef double lanes[NORM_LANES]
+    cdef Py_ssize_t c, start, n_chunks = (n + NORM_CHUNK - 1) // NORM_CHUNK
+    for c in range(NORM_LANES):
+        lanes[c] = 0.0
+    for c in range(n_chunks):
+        start = c * NORM_CHUNK
+        lanes[c % NORM_LANES] += chunk_sum_squares(g + start, w + start, <real_t>l2,
+                                                   min(<Py_ssize_t>NORM_CHUNK, n - start))
+    return lane_tree(lanes)
 
 
 cdef void run_update(Kind kind, real_t* w, real_t* g, real_t* m, real_t* v, real_t* avg,

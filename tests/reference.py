@@ -48,6 +48,48 @@ def radam_step_size(t: int, beta1: float, beta2: float):
     return False, 1.0 / (1 - beta1**t)
 
 
+
+NORM_CHUNK = 4096  # docs/numerics.md, "The clip norm"
+NORM_LANES = 32
+
+
+def _lane_tree(lanes: numpy.ndarray) -> numpy.ndarray:
+    """Fold the last axis (32 lanes) pairwise: lanes[j] += lanes[j + half], half 16..1."""
+    lanes = lanes.copy()
+    half = NORM_LANES // 2
+    while half:
+        lanes[..., :half] = lanes[..., :half] + lanes[..., half:2 * half]
+        half //= 2
+    return lanes[..., 0]
+
+
+def _lane_sums(values: numpy.ndarray) -> numpy.ndarray:
+    """values (..., m): lane j sums items j, j+32, ... left to right, in double."""
+    m = values.shape[-1]
+    rows = -(-m // NORM_LANES)
+    padded = numpy.zeros(values.shape[:-1] + (rows * NORM_LANES,), dtype=numpy.float64)
+    padded[..., :m] = values
+    padded = padded.reshape(values.shape[:-1] + (rows, NORM_LANES))
+    acc = numpy.zeros(values.shape[:-1] + (NORM_LANES,), dtype=numpy.float64)
+    for r in range(rows):  # sequential: numpy.sum would sum pairwise
+        acc = acc + padded[..., r, :]
+    return acc
+
+
+def clip_sum_squares(g: numpy.ndarray, w: numpy.ndarray, l2: float) -> float:
+    """sum((g + l2*w)**2) in the order the kernels fix: each term formed in g's dtype,
+    squared in double; chunks of 4096 elements, 32 lanes per chunk, a pairwise lane tree;
+    the chunk sums combined by the same lane rule and tree."""
+    terms = (g.ravel() + g.dtype.type(l2) * w.ravel()).astype(numpy.float64)
+    squares = terms * terms
+    n_chunks = -(-squares.size // NORM_CHUNK)
+    if n_chunks == 0:
+        return 0.0
+    padded = numpy.zeros(n_chunks * NORM_CHUNK, dtype=numpy.float64)
+    padded[:squares.size] = squares
+    chunk_sums = _lane_tree(_lane_sums(padded.reshape(n_chunks, NORM_CHUNK)))
+    return float(_lane_tree(_lane_sums(chunk_sums)))
+
 class ReferenceOptimizer:
     def __init__(
         self,
@@ -127,8 +169,7 @@ class ReferenceOptimizer:
         g_eff = g + l2 * w if l2 else g
         clip_scale = 1.0
         if self.grad_clip > 0:
-            g64 = numpy.asarray(g_eff, dtype="float64")
-            norm = math.sqrt(float(numpy.sum(g64 * g64)))
+            norm = math.sqrt(clip_sum_squares(g, w, l2))
             if norm >= self.grad_clip:
                 clip_scale = float(self.grad_clip) / norm
         if clip_scale != 1.0:

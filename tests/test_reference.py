@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from reference import ReferenceOptimizer, radam_rho
 
-from optim import Adam, Optimizer, RAdam, SGD
+from optim import Adam, Optimizer, RAdam, SGD, _kernels
 
 TOL = {numpy.dtype("float32"): 1e-5, numpy.dtype("float64"): 1e-10}
 
@@ -419,3 +419,23 @@ def test_scheduled_betas_switch_between_sgd_and_adam(dtype, b1s, b2s):
         assert_close(w, expected, dtype, f"update {i + 1} (beta1={b1}, beta2={b2})")
         assert_close(opt.averages["k"], ref.averages["k"], dtype, f"averages {i + 1}")
         opt.step_schedules()
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.one_of(st.integers(0, 70), st.integers(4000, 4200),
+                   st.sampled_from([32 * 4096, 32 * 4096 + 1, 33 * 4096 - 1, 100_003])),
+       dtype=st.sampled_from([numpy.float32, numpy.float64]),
+       l2=st.one_of(st.just(0.0), st.floats(0.0, 2.0)), scale=st.sampled_from([1e-20, 1.0, 1e15]),
+       seed=st.integers(0, 2**32 - 1))
+def test_clip_norm_order_is_the_documented_one(n, dtype, l2, scale, seed):
+    """The kernels' sum of squares equals, bit for bit, the NumPy spelling of the fixed
+    order in docs/numerics.md (chunks of 4096, 32 lanes, pairwise lane tree)."""
+    from reference import clip_sum_squares
+
+    rng = numpy.random.default_rng(seed)
+    g = (rng.standard_normal(n) * scale).astype(dtype)
+    w = rng.standard_normal(n).astype(dtype)
+    got = _kernels.clip_sum_squares(g, w, l2)
+    assert got == clip_sum_squares(g, w, l2)
+    naive = float(numpy.sum((g + dtype(l2) * w).astype(numpy.float64) ** 2))
+    assert math.isclose(got, naive, rel_tol=1e-12, abs_tol=0.0) or got == naive
