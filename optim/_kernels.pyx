@@ -484,3 +484,49 @@ def step_many(Hyper hyper, list keys, list weights, list gradients, list mom1, l
 def check_pair(object key, object weights, object gradient) -> None:
     """Raise a clear error unless weights and gradient can be updated together."""
     check_pair_c(key, weights, gradient)
+
+
+# ---------------------------------------------------------------- GPU per-call scalars
+# Appended for the GPU kernels (optim/_kernels_cuda.py): the same `make_coefs` numbers,
+# as flat doubles in a fixed order the generated CUDA source indexes by name.
+
+DEVICE_COEFS = ("lr", "beta1", "beta2", "eps", "l2", "pre_decay", "post_decay", "avg_keep",
+                "la_alpha")
+DEVICE_ROW = len(DEVICE_COEFS) + 1  # a step_many table row: the coefs, then the clip factor
+
+
+def device_coefs(Hyper hyper, long t, double lr_scale=1.0, object key=None) -> tuple:
+    """(variant, *DEVICE_COEFS) for the t-th update of `key`, as Python floats.
+
+    variant = rectified | lookahead_sync << 1: which of a kind's 4 kernels runs.
+    """
+    check_call(key, t, lr_scale)
+    cdef Coefs c = make_coefs(hyper, t, lr_scale)
+    return ((1 if c.rectified else 0) | (2 if syncs(hyper, t) else 0), c.lr, c.beta1,
+            c.beta2, c.eps, c.l2, c.pre_decay, c.post_decay, c.avg_keep, c.la_alpha)
+
+
+def device_coef_table(Hyper hyper, list keys, list counts, double lr_scale,
+                      double[:, ::1] out, unsigned char[::1] variants) -> None:
+    """Fill one DEVICE_ROW row of `out` and one `variants` entry per key (step_many on
+    the GPU): row i holds the coefs of update counts[i] of keys[i], then 1.0 (no clip)."""
+    cdef Py_ssize_t i, n = len(keys)
+    cdef long t
+    cdef Coefs c
+    if len(counts) != n or out.shape[0] != n or out.shape[1] != DEVICE_ROW or variants.shape[0] != n:
+        raise ValueError("device_coef_table: keys, counts, out and variants disagree")
+    for i in range(n):
+        t = counts[i]
+        check_call(keys[i], t, lr_scale)
+        c = make_coefs(hyper, t, lr_scale)
+        variants[i] = (1 if c.rectified else 0) | (2 if syncs(hyper, t) else 0)
+        out[i, 0] = c.lr
+        out[i, 1] = c.beta1
+        out[i, 2] = c.beta2
+        out[i, 3] = c.eps
+        out[i, 4] = c.l2
+        out[i, 5] = c.pre_decay
+        out[i, 6] = c.post_decay
+        out[i, 7] = c.avg_keep
+        out[i, 8] = c.la_alpha
+        out[i, 9] = 1.0

@@ -1,20 +1,33 @@
-"""GPU kernels: the fused updates of docs/numerics.md as CuPy kernel strings.
+"""GPU kernels: the fused updates of docs/numerics.md as one CUDA source per dtype.
 
-Every update is ONE `cupy.ElementwiseKernel` launch over the parameter (plus one
-`cupy.ReductionKernel` launch for the gradient's sum of squares when clipping is on).
-The operation strings are composed from small snippets, one source per formula, so the
-16 variants (sgd, adam, radam rectified / un-rectified; averages on/off; lookahead sync
-on/off) cannot drift apart. All arithmetic is in the kernels' type `T` (float32 or
-float64); the per-call scalars are kernel parameters of type `T`.
+`cuda_source(dtype)` is a `cupy.RawModule` source generated from small snippets, one
+per formula, so the 16 update variants (sgd, adam, radam rectified / un-rectified;
+averages on/off; lookahead sync on/off) cannot drift apart. Each variant becomes one
+`__device__` function (`<name>_op`), used by both of its entry points:
 
-Nothing here needs CuPy to be read: `KERNELS` and `REDUCTION` are plain data, which the
-tests compile with nvcc and execute on the CPU with g++ (tests/cuda_harness.py).
-CuPy is imported lazily, when a kernel is first built.
+* `<name>`: one tensor, the per-call scalars as kernel arguments (`double`, rounded to
+  the arrays' type `T` in the kernel, as the CPU kernels round their `Coefs`);
+* `<name>_many`: every tensor of a `step_many` group in one launch, through a tensor
+  table and a chunk -> tensor table in device memory and one coefficient row per tensor.
+
+Clipping adds one launch before the update: `optim_clip_norm` (one tensor) or
+`optim_clip_norm_many` computes the sum of squares in the fixed order of
+docs/numerics.md ("The clip norm": one warp per chunk of 4096 elements, 32 lanes, a
+`__shfl_down_sync` tree), and the warp that completes a tensor's last chunk turns it
+into the clip factor, in device memory, which the update reads. Nothing is ever read
+back to the host, so updates queue on the stream without synchronising.
+
+Nothing here needs CuPy to be read: the sources are plain strings, which the tests
+compile with nvcc and execute on the host (tests/cuda_harness.py). CuPy is imported
+lazily, when a kernel is first launched.
 """
+import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy
+
+from . import _kernels
 
 CUPY_HINT = (
     'optim\'s GPU path needs CuPy: pip install "optim[cuda12x]" '
@@ -25,24 +38,42 @@ CUPY_HINT = (
 # -ffp-contract=off. The update is memory-bound, so we keep the CPU's rounding instead.
 NVRTC_OPTIONS: Tuple[str, ...] = ("--fmad=false",)
 
-# Canonical parameter orders: a kernel's scalars, then its arrays, in these orders.
+NORM_CHUNK = _kernels.NORM_ORDER["chunk"]  # docs/numerics.md, "The clip norm"
+NORM_LANES = _kernels.NORM_ORDER["lanes"]
+COEFS: Tuple[str, ...] = _kernels.DEVICE_COEFS  # the double scalars of one update
+ROW = _kernels.DEVICE_ROW  # a step_many coefficient row: COEFS, then the clip factor
+CLIP_SLOT = ROW - 1
+BLOCK = 256  # threads per block (8 warps); the results do not depend on it
+TENSOR_FIELDS: Tuple[str, ...] = ("w", "g", "m", "v", "avg", "slow", "n", "first_chunk")
+
+# The kernels' scalars, in type T, and how each is formed from the double coefficient
+# row `c` (COEFS order) and the clip factor: `1 - beta` and `1 - avg_keep` in double,
+# then rounded, exactly as the CPU kernels form them.
 SCALARS: Tuple[str, ...] = (
     "lr", "beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "eps", "l2",
     "clip_scale", "pre_decay", "post_decay", "avg_rate", "la_alpha",
 )
-# Scalars that are not `Coefs` fields: formed from them in double on the host, then
-# rounded to T, exactly as the CPU kernels form them (a float32 `1 - beta` is biased).
-DERIVED: Dict[str, Callable[[Dict[str, Any]], float]] = {
-    "one_minus_beta1": lambda c: 1.0 - float(c["beta1"]),
-    "one_minus_beta2": lambda c: 1.0 - float(c["beta2"]),
-    "avg_rate": lambda c: 1.0 - float(c["avg_keep"]),
+_C = {name: f"c[OPTIM_C_{name.upper()}]" for name in COEFS}
+SCALAR_FORMS: Dict[str, str] = {
+    "lr": f"T({_C['lr']})",
+    "beta1": f"T({_C['beta1']})",
+    "beta2": f"T({_C['beta2']})",
+    "one_minus_beta1": f"T(1.0 - {_C['beta1']})",
+    "one_minus_beta2": f"T(1.0 - {_C['beta2']})",
+    "eps": f"T({_C['eps']})",
+    "l2": f"T({_C['l2']})",
+    "clip_scale": "T(clip)",
+    "pre_decay": f"T({_C['pre_decay']})",
+    "post_decay": f"T({_C['post_decay']})",
+    "avg_rate": f"T(1.0 - {_C['avg_keep']})",
+    "la_alpha": f"T({_C['la_alpha']})",
 }
 ARRAYS: Tuple[str, ...] = ("w", "g", "m", "v", "avg", "slow")
 
 
 @dataclass(frozen=True)
 class Snippet:
-    """A piece of an operation string and the parameters it reads or writes."""
+    """A piece of an update's operation and the parameters it reads or writes."""
 
     code: str
     scalars: Tuple[str, ...] = ()
@@ -51,33 +82,13 @@ class Snippet:
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """Everything `cupy.ElementwiseKernel(in_params, out_params, operation, name)` takes.
-
-    `in_params` are the scalars (passed by value), `out_params` the arrays, all updated
-    in place (read and written through CuPy's `T &name = _raw_name[_ind.get()]`).
-    """
+    """One update variant: its operation (per element, on references `w`, `g`, ...) and
+    the scalars and arrays it uses, in `SCALARS` / `ARRAYS` order."""
 
     name: str
-    in_params: str
-    out_params: str
     operation: str
     scalars: Tuple[str, ...]
     arrays: Tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ReductionSpec:
-    """Everything `cupy.ReductionKernel` takes; `scalars` names the by-value in_params."""
-
-    name: str
-    in_params: str
-    out_params: str
-    map_expr: str
-    reduce_expr: str
-    post_map_expr: str
-    identity: str
-    reduce_type: str
-    scalars: Tuple[str, ...]
 
 
 # ---------------------------------------------------------------- the formula snippets
@@ -129,15 +140,11 @@ def kernel_name(kind: str, rectified: bool, averages: bool, lookahead: bool) -> 
 def _compose(name: str, snippets: Sequence[Snippet]) -> KernelSpec:
     used_scalars = {s for snip in snippets for s in snip.scalars}
     used_arrays = {a for snip in snippets for a in snip.arrays}
-    scalars = tuple(s for s in SCALARS if s in used_scalars)
-    arrays = tuple(a for a in ARRAYS if a in used_arrays)
     return KernelSpec(
         name=name,
-        in_params=", ".join(f"T {s}" for s in scalars),
-        out_params=", ".join(f"T {a}" for a in arrays),
         operation="\n".join(snip.code for snip in snippets if snip.code),
-        scalars=scalars,
-        arrays=arrays,
+        scalars=tuple(s for s in SCALARS if s in used_scalars),
+        arrays=tuple(a for a in ARRAYS if a in used_arrays),
     )
 
 
@@ -169,46 +176,278 @@ def _build_kernels() -> Dict[str, KernelSpec]:
 
 KERNELS: Dict[str, KernelSpec] = _build_kernels()
 
-# sum((g + l2*w)**2): each term formed in T (as the CPU kernel does), squared and summed
-# in double.
-REDUCTION = ReductionSpec(
-    name="optim_sum_squares",
-    in_params="T g, T w, T l2",
-    out_params="float64 total",
-    map_expr="double(g + l2 * w) * double(g + l2 * w)",
-    reduce_expr="a + b",
-    post_map_expr="total = a",
-    identity="0",
-    reduce_type="double",
-    scalars=("l2",),
+
+def variant_kernels(kind: str, averages: bool) -> Tuple[str, str, str, str]:
+    """The 4 kernels of an optimizer, indexed by `device_coefs`' variant bits
+    (rectified | lookahead_sync << 1)."""
+    return tuple(kernel_name(kind, bool(bits & 1), averages, bool(bits & 2))  # type: ignore
+                 for bits in range(4))
+
+
+# ---------------------------------------------------------------- the CUDA source
+
+# Entry points: name -> parameters (C type, name), in launch order. Python floats reach
+# `double`, Python ints `long long`, arrays pointers (CuPy's RawKernel conventions).
+Params = Tuple[Tuple[str, str], ...]
+
+_COEF_PARAMS: Params = tuple(("double", name) for name in COEFS)
+_NORM_PARAMS: Params = (
+    ("const T*", "g"), ("const T*", "w"), ("double", "l2"), ("double", "grad_clip"),
+    ("long long", "n"), ("double*", "partials"), ("unsigned int*", "counter"),
+    ("double*", "clip"),
+)
+_NORM_MANY_PARAMS: Params = (
+    ("const long long*", "tensors"), ("const int*", "chunk_tensor"), ("double*", "coefs"),
+    ("double", "grad_clip"), ("long long", "n_chunks"), ("double*", "partials"),
+    ("unsigned int*", "counters"),
+)
+_MANY_PARAMS: Params = (
+    ("const long long*", "tensors"), ("const int*", "chunk_tensor"),
+    ("const double*", "coefs"), ("long long", "n_chunks"),
 )
 
 
-def plan_update(kind: str, coefs: Dict[str, Any], weights: Any, gradient: Any,
-                mom1: Any, mom2: Any, average: Any, slow: Any) -> Tuple[KernelSpec, list]:
-    """The kernel for one update and its positional arguments.
+def update_params(spec: KernelSpec) -> Params:
+    """The one-tensor kernel's parameters: every coefficient, the clip factor's address,
+    the variant's arrays, the element count."""
+    return _COEF_PARAMS + (("const double*", "clip_factor"),) + tuple(
+        ("T*", "p_" + a) for a in spec.arrays) + (("long long", "n"),)
 
-    Scalars come first (`DERIVED` ones formed in double), cast to the arrays' dtype
-    (the kernels compute in `T`), then
-    the arrays in `KernelSpec.arrays` order. Shared by `CupyBackend` and the tests'
-    CPU harness, so both launch exactly the same thing.
-    """
-    dtype = numpy.dtype(weights.dtype)
-    if dtype not in (numpy.float32, numpy.float64):
-        raise TypeError(f"optim's GPU kernels update float32 or float64, got {dtype}")
-    spec = KERNELS[
-        kernel_name(kind, bool(coefs.get("rectified", False)), average is not None,
-                    slow is not None)
+
+ENTRY_POINTS: Dict[str, Params] = {
+    **{name: update_params(spec) for name, spec in KERNELS.items()},
+    **{name + "_many": _MANY_PARAMS for name in KERNELS},
+    "optim_clip_norm": _NORM_PARAMS,
+    "optim_clip_norm_many": _NORM_MANY_PARAMS,
+}
+
+
+def _signature(name: str) -> str:
+    params = ", ".join(f"{typ} {'__restrict__ ' if typ.endswith('*') else ''}{pname}"
+                       for typ, pname in ENTRY_POINTS[name])
+    return f'extern "C" __global__ void {name}({params})'
+
+
+_COMMON = r"""
+#define OPTIM_CHUNK {chunk}LL
+#define OPTIM_LANES {lanes}
+#define OPTIM_ROW {row}
+#define OPTIM_CLIP_SLOT {clip_slot}
+#define OPTIM_TENSOR_FIELDS {tensor_fields}
+{coef_defines}
+
+// Thread and warp coordinates, and the grid-stride loops every kernel uses: the
+// results never depend on the grid or block size (a multiple of 32).
+__device__ __forceinline__ long long optim_thread() {{
+  return static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+}}
+__device__ __forceinline__ long long optim_threads() {{
+  return static_cast<long long>(gridDim.x) * blockDim.x;
+}}
+__device__ __forceinline__ long long optim_warp() {{ return optim_thread() / OPTIM_LANES; }}
+__device__ __forceinline__ long long optim_warps() {{ return optim_threads() / OPTIM_LANES; }}
+__device__ __forceinline__ unsigned int optim_lane() {{ return threadIdx.x % OPTIM_LANES; }}
+__device__ __forceinline__ long long optim_chunk_len(long long n, long long start) {{
+  return n - start < OPTIM_CHUNK ? n - start : OPTIM_CHUNK;
+}}
+
+// ---- the clip norm, in the order of docs/numerics.md ("The clip norm")
+
+// The pairwise tree over a warp's lanes: lane[j] += lane[j + half], half = 16 .. 1.
+// The total is in lane 0.
+__device__ __forceinline__ double optim_lane_tree(double v) {{
+  for (int half = OPTIM_LANES / 2; half > 0; half /= 2) {{
+    v = v + __shfl_down_sync(0xffffffffu, v, half);
+  }}
+  return v;
+}}
+
+// One chunk (len <= OPTIM_CHUNK) of sum((g + l2*w)**2): lane j adds the squares of
+// elements j, j + 32, ... in order, each term formed in T and squared in double.
+__device__ __forceinline__ double optim_chunk_sum_squares(
+    const T* g, const T* w, const T l2, long long len) {{
+  double lane_sum = 0.0;
+  for (long long i = optim_lane(); i < len; i += OPTIM_LANES) {{
+    const double x = static_cast<double>(g[i] + l2 * w[i]);
+    lane_sum = lane_sum + x * x;
+  }}
+  return optim_lane_tree(lane_sum);
+}}
+
+// Count a finished chunk of a tensor (its sum already stored by lane 0); true in the
+// warp that finished the tensor's last chunk. Integer atomics only.
+__device__ __forceinline__ bool optim_finished_last_chunk(unsigned int* counter,
+                                                           long long n_chunks) {{
+  __threadfence();  // the chunk sum is visible device-wide before it is counted
+  unsigned int done = 0;
+  if (optim_lane() == 0) {{
+    done = atomicAdd(counter, 1u);
+  }}
+  done = __shfl_sync(0xffffffffu, done, 0);
+  return done == static_cast<unsigned int>(n_chunks - 1);
+}}
+
+// The tensor's chunk sums, combined by the same rule: chunk k to lane k % 32, then
+// the tree. Read from L2 (other warps wrote them).
+__device__ __forceinline__ double optim_tensor_sum_squares(const double* partials,
+                                                           long long n_chunks) {{
+  __threadfence();
+  double lane_sum = 0.0;
+  for (long long k = optim_lane(); k < n_chunks; k += OPTIM_LANES) {{
+    lane_sum = lane_sum + __ldcg(partials + k);
+  }}
+  return optim_lane_tree(lane_sum);
+}}
+
+// Thinc's rule, as optim._kernels.clip_factor: grad_clip / norm when norm >= grad_clip.
+__device__ __forceinline__ double optim_clip_factor(double sumsq, double grad_clip) {{
+  const double norm = sqrt(sumsq);
+  if (grad_clip > 0.0 && norm >= grad_clip) {{
+    return grad_clip / norm;
+  }}
+  return 1.0;
+}}
+"""
+
+_NORM_KERNELS = r"""
+{norm_signature} {{
+  const long long n_chunks = (n + OPTIM_CHUNK - 1) / OPTIM_CHUNK;
+  for (long long k = optim_warp(); k < n_chunks; k += optim_warps()) {{
+    const long long start = k * OPTIM_CHUNK;
+    const double sum = optim_chunk_sum_squares(g + start, w + start, T(l2),
+                                               optim_chunk_len(n, start));
+    if (optim_lane() == 0) {{
+      partials[k] = sum;
+    }}
+    if (optim_finished_last_chunk(counter, n_chunks)) {{
+      const double total = optim_tensor_sum_squares(partials, n_chunks);
+      if (optim_lane() == 0) {{
+        clip[0] = optim_clip_factor(total, grad_clip);
+        counter[0] = 0u;  // ready for the next launch
+      }}
+    }}
+  }}
+}}
+
+{norm_many_signature} {{
+  for (long long k = optim_warp(); k < n_chunks; k += optim_warps()) {{
+    const int t = chunk_tensor[k];
+    const long long* tensor = tensors + static_cast<long long>(t) * OPTIM_TENSOR_FIELDS;
+    const T* w = reinterpret_cast<const T*>(tensor[0]);
+    const T* g = reinterpret_cast<const T*>(tensor[1]);
+    const long long n = tensor[6], first = tensor[7];
+    const long long tensor_chunks = (n + OPTIM_CHUNK - 1) / OPTIM_CHUNK;
+    const long long start = (k - first) * OPTIM_CHUNK;
+    double* row = coefs + static_cast<long long>(t) * OPTIM_ROW;
+    const double sum = optim_chunk_sum_squares(g + start, w + start, T(row[OPTIM_C_L2]),
+                                               optim_chunk_len(n, start));
+    if (optim_lane() == 0) {{
+      partials[k] = sum;
+    }}
+    if (optim_finished_last_chunk(counters + t, tensor_chunks)) {{
+      const double total = optim_tensor_sum_squares(partials + first, tensor_chunks);
+      if (optim_lane() == 0) {{
+        row[OPTIM_CLIP_SLOT] = optim_clip_factor(total, grad_clip);
+        counters[t] = 0u;
+      }}
+    }}
+  }}
+}}
+"""
+
+
+def _indent(code: str, spaces: int) -> str:
+    pad = " " * spaces
+    return "\n".join(pad + line for line in code.splitlines())
+
+
+def _op_function(spec: KernelSpec) -> str:
+    """The variant's `__device__` function: scalars formed from the row `c` and the clip
+    factor, then the operation on references to the element's values."""
+    refs = ", ".join(f"T& {a}" for a in spec.arrays)
+    forms = "\n".join(f"const T {s} = {SCALAR_FORMS[s]};" for s in spec.scalars)
+    return (
+        f"__device__ __forceinline__ void {spec.name}_op("
+        f"const double* c, const double clip, {refs}) {{\n"
+        f"{_indent(forms, 2)}\n{_indent(spec.operation, 2)}\n}}\n"
+    )
+
+
+def _element_loop(spec: KernelSpec, pointer: str, first: str, end: str, step: str) -> str:
+    """Load the element of every array, apply `<name>_op`, store every array."""
+    loads = " ".join(f"T {a} = {pointer}{a}[i];" for a in spec.arrays)
+    stores = " ".join(f"{pointer}{a}[i] = {a};" for a in spec.arrays)
+    args = ", ".join(spec.arrays)
+    return (f"for (long long i = {first}; i < {end}; i += {step}) {{\n"
+            f"  {loads}\n  {spec.name}_op(c, clip, {args});\n  {stores}\n}}")
+
+
+def _update_kernel(spec: KernelSpec) -> str:
+    coefs = ", ".join(COEFS)
+    loop = _element_loop(spec, "p_", "optim_thread()", "n", "optim_threads()")
+    return (f"{_signature(spec.name)} {{\n"
+            f"  const double c[{len(COEFS)}] = {{{coefs}}};\n"
+            f"  const double clip = clip_factor[0];\n{_indent(loop, 2)}\n}}\n")
+
+
+def _update_many_kernel(spec: KernelSpec) -> str:
+    pointers = "\n".join(
+        f"T* p_{a} = reinterpret_cast<T*>(tensor[{TENSOR_FIELDS.index(a)}]);"
+        for a in spec.arrays)
+    loop = _element_loop(spec, "p_", "start + threadIdx.x", "end", "blockDim.x")
+    body = (
+        "const int t = chunk_tensor[k];\n"
+        "const long long* tensor = tensors + static_cast<long long>(t) * "
+        "OPTIM_TENSOR_FIELDS;\n"
+        f"{pointers}\n"
+        "const long long n = tensor[6];\n"
+        "const long long start = (k - tensor[7]) * OPTIM_CHUNK;\n"
+        "const long long end = start + optim_chunk_len(n, start);\n"
+        "const double* c = coefs + static_cast<long long>(t) * OPTIM_ROW;\n"
+        "const double clip = c[OPTIM_CLIP_SLOT];\n"
+        f"{loop}"
+    )
+    return (f"{_signature(spec.name + '_many')} {{\n"
+            "  // one block per chunk of OPTIM_CHUNK elements of one tensor\n"
+            "  for (long long k = blockIdx.x; k < n_chunks; k += gridDim.x) {\n"
+            f"{_indent(body, 4)}\n  }}\n}}\n")
+
+
+def cuda_source(dtype: Any) -> str:
+    """The RawModule source for `dtype` (float32 or float64): every entry point."""
+    ctype = {"float32": "float", "float64": "double"}[numpy.dtype(dtype).name]
+    coef_defines = "\n".join(f"#define OPTIM_C_{name.upper()} {i}"
+                             for i, name in enumerate(COEFS))
+    parts = [
+        f"// optim's GPU kernels for {numpy.dtype(dtype).name} (generated by "
+        "optim/_kernels_cuda.py)",
+        f"typedef {ctype} T;",
+        _COMMON.format(chunk=NORM_CHUNK, lanes=NORM_LANES, row=ROW, clip_slot=CLIP_SLOT,
+                       tensor_fields=len(TENSOR_FIELDS), coef_defines=coef_defines),
+        _NORM_KERNELS.format(norm_signature=_signature("optim_clip_norm"),
+                             norm_many_signature=_signature("optim_clip_norm_many")),
     ]
-    arrays = {"w": weights, "g": gradient, "m": mom1, "v": mom2, "avg": average,
-              "slow": slow}
-    args: list = [dtype.type(DERIVED[s](coefs) if s in DERIVED else coefs[s])
-                  for s in spec.scalars]
-    for a in spec.arrays:
-        if arrays[a] is None:
-            raise ValueError(f"kernel {spec.name} needs array {a!r}, got None")
-        args.append(arrays[a])
-    return spec, args
+    for spec in KERNELS.values():
+        parts += [_op_function(spec), _update_kernel(spec), _update_many_kernel(spec)]
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- launch geometry
+
+
+def update_grid(n: int) -> int:
+    """Blocks for a one-tensor update of n elements (grid-stride beyond this)."""
+    return max(1, min((n + BLOCK - 1) // BLOCK, 65535))
+
+
+def norm_grid(n_chunks: int) -> int:
+    """Blocks for a clip norm over n_chunks chunks: one warp per chunk."""
+    warps = BLOCK // NORM_LANES
+    return max(1, min((n_chunks + warps - 1) // warps, 65535))
+
+
+def n_chunks(n: int) -> int:
+    return (n + NORM_CHUNK - 1) // NORM_CHUNK
 
 
 # ---------------------------------------------------------------- CuPy
@@ -228,71 +467,334 @@ def _import_cupy() -> Any:
     return _cupy
 
 
+_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+
+
+class Plan:
+    """One key's launch, prepared once: its state arrays (checked by identity at every
+    call), dtype, size, geometry, and the 4 kernels with their state arguments."""
+
+    __slots__ = ("backend", "array_type", "dtype", "shape", "n", "m", "v", "avg", "slow",
+                 "funcs", "many_funcs", "state_args", "grid", "n_chunks", "norm_grid")
+
+    def holds(self, m: Any, v: Any, avg: Any, slow: Any) -> bool:
+        return self.m is m and self.v is v and self.avg is avg and self.slow is slow
+
+
+class Batch:
+    """A step_many group's tables on the device (tensor table, chunk -> tensor table,
+    coefficient rows, chunk sums, counters), rebuilt only when an address, a size,
+    the group or the stream changes."""
+
+    __slots__ = ("plans", "w_ptrs", "g_ptrs", "stream", "tensors", "chunk_tensor", "coefs",
+                 "partials", "counters", "n_chunks", "grid", "norm_grid")
+
+
+class _Workspace:
+    """Per device and stream: the one-tensor clip norm's chunk sums, counter and factor."""
+
+    __slots__ = ("partials", "counter", "clip")
+
+
 class CupyBackend:
-    """The optimizer's GPU backend: CuPy arrays, updated by the kernels above."""
+    """The optimizer's GPU backend: CuPy arrays, updated by `cuda_source`'s kernels.
+
+    `cupy` may be another module with the same API (the tests pass a CPU emulation).
+    """
 
     name = "cupy"
 
-    def __init__(self) -> None:
-        self._kernels: Dict[str, Any] = {}
-        self._reduction: Optional[Any] = None
+    def __init__(self, cupy: Any = None) -> None:
+        self._cp = cupy
+        self._modules: Dict[str, Any] = {}
+        self._functions: Dict[Tuple[str, str], Any] = {}
+        self._ones: Dict[int, Any] = {}
+        self._workspaces: Dict[Tuple[int, int], _Workspace] = {}
+
+    @property
+    def cupy(self) -> Any:
+        if self._cp is None:
+            self._cp = _import_cupy()
+        return self._cp
 
     def ensure_available(self) -> None:
         """Raise ImportError (naming the extra to install) unless CuPy imports."""
-        _import_cupy()
+        self.cupy  # noqa: B018
 
     def is_array(self, x: Any) -> bool:
-        if not type(x).__module__.startswith("cupy"):
+        if self._cp is None and not type(x).__module__.startswith("cupy"):
             return False  # keeps CuPy unimported for host arrays
         try:
-            cupy = _import_cupy()
+            return isinstance(x, self.cupy.ndarray)
         except ImportError:
             return False
-        return isinstance(x, cupy.ndarray)
 
     def zeros_like(self, x: Any) -> Any:
-        return _import_cupy().zeros_like(x)
+        return self.cupy.zeros_like(x)
 
     def copy(self, x: Any) -> Any:
-        return _import_cupy().array(x, copy=True)
+        return self.cupy.array(x, copy=True)
 
     def to_host(self, x: Any) -> numpy.ndarray:
-        return _import_cupy().asnumpy(x)
+        return self.cupy.asnumpy(x)
 
     def from_host(self, x: numpy.ndarray) -> Any:
-        return _import_cupy().ascontiguousarray(_import_cupy().asarray(x))
+        return self.cupy.ascontiguousarray(self.cupy.asarray(x))
 
-    def kernel(self, name: str) -> Any:
-        """The `cupy.ElementwiseKernel` called `name`, built on first use."""
-        kern = self._kernels.get(name)
-        if kern is None:
-            cupy = _import_cupy()
-            spec = KERNELS[name]
-            kern = cupy.ElementwiseKernel(
-                spec.in_params, spec.out_params, spec.operation, spec.name,
-                no_return=True, options=NVRTC_OPTIONS,
-            )
-            self._kernels[name] = kern
-        return kern
+    # ------------------------------------------------------------ kernels
 
-    def reduction(self) -> Any:
-        """The `cupy.ReductionKernel` for the sum of squares, built on first use."""
-        if self._reduction is None:
-            cupy = _import_cupy()
-            r = REDUCTION
-            self._reduction = cupy.ReductionKernel(
-                r.in_params, r.out_params, r.map_expr, r.reduce_expr, r.post_map_expr,
-                r.identity, r.name, reduce_type=r.reduce_type, options=NVRTC_OPTIONS,
-            )
-        return self._reduction
+    def module(self, dtype: Any) -> Any:
+        """The RawModule for `dtype`, built on first use."""
+        key = numpy.dtype(dtype).name
+        mod = self._modules.get(key)
+        if mod is None:
+            mod = self.cupy.RawModule(code=cuda_source(key), options=NVRTC_OPTIONS)
+            self._modules[key] = mod
+        return mod
 
-    def sum_squares(self, gradient: Any, weights: Any, l2: float) -> float:
-        """sum((g + l2*w)**2) over the array, accumulated in double (synchronises)."""
-        total = self.reduction()(gradient, weights, gradient.dtype.type(l2))
-        return float(total)
+    def function(self, dtype: Any, name: str) -> Any:
+        key = (numpy.dtype(dtype).name, name)
+        func = self._functions.get(key)
+        if func is None:
+            if name not in ENTRY_POINTS:
+                raise KeyError(f"no GPU kernel {name!r}")
+            func = self._functions[key] = self.module(dtype).get_function(name)
+        return func
 
-    def update(self, kind: str, coefs: Dict[str, Any], weights: Any, gradient: Any,
-               mom1: Any, mom2: Any, average: Any, slow: Any) -> None:
-        """One fused update, in place: one kernel launch."""
-        spec, args = plan_update(kind, coefs, weights, gradient, mom1, mom2, average, slow)
-        self.kernel(spec.name)(*args)
+    def _device(self) -> int:
+        return self.cupy.cuda.runtime.getDevice()
+
+    def ones(self) -> Any:
+        """A float64 1.0 on the current device: the clip factor of unclipped updates."""
+        device = self._device()
+        one = self._ones.get(device)
+        if one is None:
+            one = self._ones[device] = self.cupy.ones(1, dtype=numpy.float64)
+        return one
+
+    def workspace(self, chunks: int) -> _Workspace:
+        """The one-tensor clip norm's buffers for the current device and stream (a
+        stream's launches are ordered, so they can share them)."""
+        key = (self._device(), self.cupy.cuda.get_current_stream().ptr)
+        ws = self._workspaces.get(key)
+        if ws is None or ws.partials.size < chunks:
+            cp = self.cupy
+            new = _Workspace()
+            new.partials = cp.empty(max(chunks, 1 if ws is None else 2 * ws.partials.size),
+                                    dtype=numpy.float64)
+            new.counter = cp.zeros(1, dtype=numpy.uint32) if ws is None else ws.counter
+            new.clip = cp.empty(1, dtype=numpy.float64) if ws is None else ws.clip
+            ws = self._workspaces[key] = new
+        return ws
+
+    # ------------------------------------------------------------ one tensor
+
+    def plan(self, key: Any, kind: str, averages: bool, weights: Any, mom1: Any, mom2: Any,
+             average: Any, slow: Any) -> Plan:
+        """Prepare the launches of `key`, whose state arrays are given (validated here:
+        device arrays of the weights' dtype, shape and device)."""
+        device = _device_of(key, weights, self._device())
+        state = {"m": mom1, "v": mom2, "avg": average, "slow": slow}
+        for name, x in state.items():
+            if x is not None:
+                _check_state(key, name, x, weights, device, self)
+        names = variant_kernels(kind, averages)
+        plan = Plan()
+        plan.backend = self
+        plan.array_type = type(weights)
+        plan.dtype = weights.dtype
+        plan.shape = weights.shape
+        plan.n = int(weights.size)
+        plan.m, plan.v, plan.avg, plan.slow = mom1, mom2, average, slow
+        plan.funcs = tuple(self.function(plan.dtype, name) for name in names)
+        plan.many_funcs = tuple(self.function(plan.dtype, name + "_many") for name in names)
+        # None: a variant this key's state cannot run (lookahead weights missing)
+        plan.state_args = tuple(
+            None if any(state[a] is None for a in KERNELS[name].arrays[2:])
+            else tuple(state[a] for a in KERNELS[name].arrays[2:]) for name in names)
+        plan.grid = (update_grid(plan.n),)
+        plan.n_chunks = n_chunks(plan.n)
+        plan.norm_grid = (norm_grid(plan.n_chunks),)
+        return plan
+
+    def check(self, plan: Plan, key: Any, weights: Any, gradient: Any, device: int) -> None:
+        """Raise unless weights and gradient fit the key's plan (dtype, shape, layout,
+        device); touches nothing."""
+        if (weights.dtype != plan.dtype or gradient.dtype != plan.dtype
+                or weights.shape != plan.shape or gradient.shape != plan.shape
+                or not weights.flags.c_contiguous or not gradient.flags.c_contiguous):
+            _check_arrays(key, weights, gradient, plan)
+        if weights.data.device_id != device or gradient.data.device_id != device:
+            _device_of(key, weights, device)
+            _device_of(key, gradient, device)
+
+    def launch(self, plan: Plan, hyper: Any, key: Any, weights: Any, gradient: Any, t: int,
+               lr_scale: float) -> None:
+        """One update of `key` from a plan: the clip norm (if clipping), then the update.
+        Validates the arrays against the plan first; reads nothing back."""
+        device = self._device()
+        self.check(plan, key, weights, gradient, device)
+        coefs = _kernels.device_coefs(hyper, t, lr_scale, key)
+        bits = coefs[0]
+        state_args = plan.state_args[bits]
+        if state_args is None:
+            _missing_state(key, plan, bits)
+        grad_clip = hyper.grad_clip
+        if grad_clip > 0.0:
+            ws = self.workspace(plan.n_chunks)
+            self.function(plan.dtype, "optim_clip_norm")(
+                plan.norm_grid, (BLOCK,),
+                (gradient, weights, coefs[5], grad_clip, plan.n, ws.partials, ws.counter,
+                 ws.clip))
+            clip = ws.clip
+        else:
+            clip = self.ones()
+        plan.funcs[bits](plan.grid, (BLOCK,),
+                         coefs[1:] + (clip, weights, gradient) + state_args + (plan.n,))
+
+    # ------------------------------------------------------------ many tensors
+
+    def launch_many(self, batches: Dict[Any, Batch], hyper: Any, keys: List[Any],
+                    weights: List[Any], gradients: List[Any], plans: List[Plan],
+                    counts: List[int], lr_scale: float) -> None:
+        """Update many keys: one launch per group sharing dtype and kernel (plus one
+        clip norm launch per group when clipping). `batches` caches the groups' tables.
+        Every array is checked against its key's plan before anything is launched."""
+        n = len(keys)
+        device = self._device()
+        check = self.check
+        for plan, key, w, g in zip(plans, keys, weights, gradients):
+            check(plan, key, w, g, device)
+        table = numpy.empty((n, ROW), dtype=numpy.float64)
+        variants = numpy.empty(n, dtype=numpy.uint8)
+        _kernels.device_coef_table(hyper, keys, counts, lr_scale, table, variants)
+        groups: Dict[Tuple[str, int], List[int]] = {}
+        if n and variants.min() == variants.max() and all(
+                p.dtype == plans[0].dtype for p in plans):
+            groups[(plans[0].dtype.name, int(variants[0]))] = list(range(n))
+        else:
+            for i in range(n):
+                groups.setdefault((plans[i].dtype.name, int(variants[i])), []).append(i)
+        per_dtype: Dict[str, int] = {}
+        for dtype, _ in groups:
+            per_dtype[dtype] = per_dtype.get(dtype, 0) + 1
+        stream = (device, self.cupy.cuda.get_current_stream().ptr)
+        for (dtype, bits), members in groups.items():
+            every = len(members) == n
+            pick = operator.itemgetter(*members) if not every else None
+            g_plans = plans if every else _picked(pick, plans)
+            g_w = weights if every else _picked(pick, weights)
+            g_g = gradients if every else _picked(pick, gradients)
+            # a dtype's tensors in one group (the usual case) keep one set of tables
+            # whatever the kernel (e.g. lookahead sync steps)
+            slot = dtype if per_dtype[dtype] == 1 else (dtype, bits)
+            batch = self._batch(batches, slot, g_plans, g_w, g_g, stream)
+            batch.coefs.set(table if every else table[members])
+            if hyper.grad_clip > 0.0:
+                self.function(dtype, "optim_clip_norm_many")(
+                    batch.norm_grid, (BLOCK,),
+                    (batch.tensors, batch.chunk_tensor, batch.coefs, hyper.grad_clip,
+                     batch.n_chunks, batch.partials, batch.counters))
+            g_plans[0].many_funcs[bits]((batch.grid,), (BLOCK,),
+                 (batch.tensors, batch.chunk_tensor, batch.coefs, batch.n_chunks))
+
+    def _batch(self, batches: Dict[Any, Batch], group: Any, plans: List[Plan],
+               weights: List[Any], gradients: List[Any], stream: int) -> Batch:
+        """The group's cached tables, rebuilt when an address, size or stream changed."""
+        w_ptrs = [w.data.ptr for w in weights]
+        g_ptrs = [g.data.ptr for g in gradients]
+        batch = batches.get(group)
+        if (batch is not None and batch.stream == stream and batch.w_ptrs == w_ptrs
+                and batch.g_ptrs == g_ptrs and batch.plans == plans):
+            return batch
+        cp = self.cupy
+        n = len(plans)
+        tensors = numpy.zeros((n, len(TENSOR_FIELDS)), dtype=numpy.int64)
+        chunks = numpy.fromiter((p.n_chunks for p in plans), dtype=numpy.int64, count=n)
+        first = numpy.zeros(n, dtype=numpy.int64)
+        numpy.cumsum(chunks[:-1], out=first[1:])
+        for i, (plan, w_ptr, g_ptr) in enumerate(zip(plans, w_ptrs, g_ptrs)):
+            row = tensors[i]
+            row[0], row[1] = w_ptr, g_ptr
+            for j, x in enumerate((plan.m, plan.v, plan.avg, plan.slow), 2):
+                if x is not None:
+                    row[j] = x.data.ptr
+            row[6] = plan.n
+        tensors[:, 7] = first
+        total = int(chunks.sum())
+        batch = Batch()
+        batch.plans, batch.w_ptrs, batch.g_ptrs, batch.stream = list(plans), w_ptrs, g_ptrs, stream
+        batch.tensors = cp.asarray(tensors)
+        batch.chunk_tensor = cp.asarray(
+            numpy.repeat(numpy.arange(n, dtype=numpy.int32), chunks))
+        batch.coefs = cp.empty((n, ROW), dtype=numpy.float64)
+        batch.partials = cp.empty(max(total, 1), dtype=numpy.float64)
+        batch.counters = cp.zeros(n, dtype=numpy.uint32)
+        batch.n_chunks = total
+        batch.grid = max(1, min(total, 1 << 20))
+        batch.norm_grid = (norm_grid(total),)
+        batches[group] = batch
+        return batch
+
+
+def _picked(pick: Any, items: List[Any]) -> List[Any]:
+    got = pick(items)
+    return list(got) if isinstance(got, tuple) else [got]
+
+
+def _check_arrays(key: Any, weights: Any, gradient: Any, plan: Plan) -> None:
+    """The clear error for arrays that do not fit the key's plan (state on the device)."""
+    check_device_pair(key, weights, gradient)
+    if weights.dtype != plan.dtype:
+        raise TypeError(f"key {key!r}: weights are {weights.dtype} but this key's state is "
+                        f"{plan.dtype}")
+    if weights.shape != plan.shape:
+        raise ValueError(f"key {key!r}: weights have shape {tuple(weights.shape)}, but this "
+                         f"key was updated with shape {tuple(plan.shape)} before")
+
+
+def _missing_state(key: Any, plan: Plan, bits: int) -> None:
+    name = plan.funcs[bits]
+    raise ValueError(f"key {key!r}: this update needs state the key does not have "
+                     f"({getattr(name, 'name', name)}: lookahead weights)")
+
+
+def _device_of(key: Any, x: Any, device: int) -> int:
+    """The device of array `x`, which must be the current one (kernels launch there)."""
+    if x.data.device_id != device:
+        raise ValueError(f"key {key!r}: the array is on device {x.data.device_id} but the "
+                         f"current device is {device}; update it under "
+                         f"`with cupy.cuda.Device({x.data.device_id}):`")
+    return device
+
+
+def _check_state(key: Any, name: str, x: Any, weights: Any, device: int, backend: Any) -> None:
+    """A state array must be a device array like the weights (dtype, shape, device)."""
+    if not backend.is_array(x):
+        raise TypeError(f"key {key!r}: the optimizer's {name} is a {type(x).__name__}, not a "
+                        "device array; call optimizer.to_gpu() first")
+    if x.dtype != weights.dtype:
+        raise TypeError(f"key {key!r}: the optimizer's {name} is {x.dtype} but the weights "
+                        f"are {weights.dtype}")
+    if x.shape != weights.shape or not x.flags.c_contiguous:
+        raise ValueError(f"key {key!r}: the optimizer's {name} has shape {x.shape}, the "
+                         f"weights {weights.shape}")
+    _device_of(key, x, device)
+
+
+def check_device_pair(key: Any, weights: Any, gradient: Any) -> None:
+    """Validate a device update's weights and gradient (dtype, contiguity, shape)."""
+    for what, x in (("weights", weights), ("gradient", gradient)):
+        kind = str(x.dtype)
+        if kind == "float16":
+            raise TypeError(f"key {key!r}: {what} is float16; keep a float32 master copy")
+        if kind not in ("float32", "float64"):
+            raise TypeError(f"key {key!r}: {what} must be float32 or float64, got {kind}")
+        if not x.flags.c_contiguous:
+            raise ValueError(f"key {key!r}: {what} must be C-contiguous")
+    if weights.dtype != gradient.dtype:
+        raise TypeError(f"key {key!r}: gradient is {gradient.dtype} but weights are "
+                        f"{weights.dtype}")
+    if weights.shape != gradient.shape:
+        raise ValueError(f"key {key!r}: gradient has shape {gradient.shape}, weights have "
+                         f"shape {weights.shape}")

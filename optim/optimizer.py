@@ -12,6 +12,7 @@ from typing import Any, Dict, Hashable, Iterable, List, Optional, Sequence, Tupl
 import numpy
 
 from . import _kernels
+from ._kernels_cuda import check_device_pair as _check_device_pair
 from .backends import NUMPY, backend_for, get_gpu_backend
 from .registry import registry
 from .schedules import Schedule, sequence
@@ -109,7 +110,7 @@ class Optimizer:
 
     __slots__ = ("mom1", "mom2", "averages", "lookahead", "nr_update", "schedules",
                  "ops", "_hyper", "_shapes", "_schedule_start", "_step", "_last_score",
-                 "_on_gpu", "_stale", "__weakref__")
+                 "_on_gpu", "_stale", "_plans", "_batches", "__weakref__")
 
     def __init__(self, learn_rate: FloatOrSeq, *, ops: Any = None,
                  L2: FloatOrSeq = ADAM_DEFAULTS["L2"],
@@ -138,6 +139,8 @@ class Optimizer:
         self._last_score: Optional[Tuple[int, float]] = None
         self._on_gpu = False
         self._stale: set = set()  # keys whose state misses arrays the settings now need
+        self._plans: Dict[KeyT, Any] = {}  # device keys: prepared launches (_kernels_cuda.Plan)
+        self._batches: Dict[Any, Any] = {}  # step_many's device tables per group
         self._hyper.use_radam = bool(use_radam)
         self._hyper.L2_is_weight_decay = bool(L2_is_weight_decay)
         self.lookahead_k = lookahead_k
@@ -296,17 +299,30 @@ class Optimizer:
                  lr_scale: float = 1.0) -> Tuple[Any, Any]:
         """Update `weights` in place from `gradient` and zero `gradient`; returns both."""
         shape = self._shapes.get(key)
-        if (shape is not None and not self._on_gpu and type(weights) is numpy.ndarray
-                and type(gradient) is numpy.ndarray and gradient.size and not self._stale):
-            if weights.shape != shape:
-                raise ValueError(_shape_error(key, weights.shape, shape))
-            t = self.nr_update[key] + 1
-            _kernels.step(self._hyper, key, weights, gradient, self.mom1.get(key),
-                          self.mom2.get(key),
-                          None if self.averages is None else self.averages.get(key),
-                          self.lookahead.get(key), t, lr_scale)
-            self.nr_update[key] = t
-            return weights, gradient
+        if shape is not None and not self._stale:
+            if not self._on_gpu:
+                if (type(weights) is numpy.ndarray and type(gradient) is numpy.ndarray
+                        and gradient.size):
+                    if weights.shape != shape:
+                        raise ValueError(_shape_error(key, weights.shape, shape))
+                    t = self.nr_update[key] + 1
+                    _kernels.step(self._hyper, key, weights, gradient, self.mom1.get(key),
+                                  self.mom2.get(key),
+                                  None if self.averages is None else self.averages.get(key),
+                                  self.lookahead.get(key), t, lr_scale)
+                    self.nr_update[key] = t
+                    return weights, gradient
+            else:  # a device key with a prepared launch: no allocation, no host read
+                plan = self._plans.get(key)
+                if (plan is not None and type(weights) is plan.array_type
+                        and type(gradient) is plan.array_type and gradient.size
+                        and plan.holds(self.mom1.get(key), self.mom2.get(key),
+                                       None if self.averages is None else self.averages.get(key),
+                                       self.lookahead.get(key))):
+                    t = self.nr_update[key] + 1
+                    plan.backend.launch(plan, self._hyper, key, weights, gradient, t, lr_scale)
+                    self.nr_update[key] = t
+                    return weights, gradient
         return self._update(key, weights, gradient, lr_scale)
 
     def _update(self, key: KeyT, weights: Any, gradient: Any, lr_scale: float) -> Tuple[Any, Any]:
@@ -319,12 +335,18 @@ class Optimizer:
         if backend is NUMPY:
             _kernels.step(self._hyper, key, weights, gradient, state["mom1"], state["mom2"],
                           state["average"], state["slow"], t, lr_scale)
-        else:
-            self._device_update(backend, key, weights, gradient, state, t, lr_scale)
+            self._commit(key, weights.shape, state, t)
+            return weights, gradient
+        plan = self._plan(backend, key, weights, state)
+        backend.launch(plan, self._hyper, key, weights, gradient, t, lr_scale)
         self._commit(key, weights.shape, state, t)
-        if backend is not NUMPY:
-            self._on_gpu = True
+        self._plans[key] = plan
+        self._on_gpu = True
         return weights, gradient
+
+    def _plan(self, backend: Any, key: KeyT, weights: Any, state: Dict[str, Any]) -> Any:
+        return backend.plan(key, self._hyper.kind, self.averages is not None, weights,
+                            state["mom1"], state["mom2"], state["average"], state["slow"])
 
     def step_many(self, keys: Sequence[KeyT], weights: Sequence[Any],
                   gradients: Sequence[Any], *, lr_scale: float = 1.0) -> None:
@@ -342,8 +364,11 @@ class Optimizer:
             return
         backends = [self._check_pair(k, w, g) for k, w, g in zip(keys, weights, gradients)]
         if any(b is not NUMPY for b in backends):
-            for k, w, g in zip(keys, weights, gradients):
-                self(k, w, g, lr_scale=lr_scale)
+            if all(b is backends[0] for b in backends):
+                self._step_many_device(backends[0], keys, weights, gradients, lr_scale)
+            else:  # host and device tensors in one call: one by one
+                for k, w, g in zip(keys, weights, gradients):
+                    self(k, w, g, lr_scale=lr_scale)
             return
         todo = [i for i, g in enumerate(gradients) if g.size]
         states = [self._state_for(keys[i], NUMPY, weights[i]) for i in todo]
@@ -354,6 +379,36 @@ class Optimizer:
                            [s["slow"] for s in states], counts, lr_scale)
         for i, state, t in zip(todo, states, counts):
             self._commit(keys[i], weights[i].shape, state, t)
+
+    def _step_many_device(self, backend: Any, keys: List[KeyT], weights: List[Any],
+                          gradients: List[Any], lr_scale: float) -> None:
+        """step_many on device arrays (already validated): one launch per group of
+        tensors sharing dtype and kernel, plus one clip norm launch per group."""
+        if not all(g.size for g in gradients):  # empty gradients: no-ops
+            todo = [i for i, g in enumerate(gradients) if g.size]
+            keys = [keys[i] for i in todo]
+            weights = [weights[i] for i in todo]
+            gradients = [gradients[i] for i in todo]
+        averages = self.averages if self.averages is not None else {}
+        plans, new = [], []
+        for key, w in zip(keys, weights):
+            plan = self._plans.get(key)
+            if (plan is None or key in self._stale
+                    or not plan.holds(self.mom1.get(key), self.mom2.get(key),
+                                      averages.get(key), self.lookahead.get(key))):
+                state = self._state_for(key, backend, w)
+                plan = self._plan(backend, key, w, state)
+                new.append((key, w.shape, state))
+            plans.append(plan)
+        counts = [self.nr_update.get(key, 0) + 1 for key in keys]
+        backend.launch_many(self._batches, self._hyper, keys, weights, gradients, plans,
+                            counts, lr_scale)
+        for key, shape, state in new:
+            self._commit(key, shape, state, 0)
+        for key, plan, t in zip(keys, plans, counts):
+            self._plans[key] = plan
+            self.nr_update[key] = t
+        self._on_gpu = True
 
     def _step_many_known(self, keys: List[KeyT], weights: List[Any], gradients: List[Any],
                          lr_scale: float) -> bool:
@@ -434,16 +489,6 @@ class Optimizer:
         self.nr_update[key] = t
         self._stale.discard(key)
 
-    def _device_update(self, backend: Any, key: KeyT, weights: Any, gradient: Any,
-                       state: Dict[str, Any], t: int, lr_scale: float) -> None:
-        coefs = _kernels.coefs(self._hyper, t, lr_scale, key)
-        if self._hyper.grad_clip > 0:
-            sumsq = backend.sum_squares(gradient, weights, coefs["l2"])
-            coefs["clip_scale"] = _kernels.clip_scale(sumsq, self._hyper.grad_clip)
-        slow = state["slow"] if coefs["lookahead_sync"] else None
-        backend.update(coefs["kind"], coefs, weights, gradient, state["mom1"], state["mom2"],
-                       state["average"], slow)
-
     def remap_keys(self, mapping: Dict[KeyT, KeyT]) -> "Optimizer":
         """Rename keys (Thinc's (model.id, name) ids change between processes); returns self."""
         renamed = {mapping.get(key, key) for key in self._shapes}
@@ -454,7 +499,13 @@ class Optimizer:
             store.clear()
             store.update(items)
         self._stale = {mapping.get(k, k) for k in self._stale}
+        self._forget_launches()
         return self
+
+    def _forget_launches(self) -> None:
+        """Drop prepared device launches (state arrays moved or renamed)."""
+        self._plans.clear()
+        self._batches.clear()
 
     # ------------------------------------------------------------ devices
 
@@ -470,6 +521,7 @@ class Optimizer:
         for store in self._state_dicts():
             for key, array in store.items():
                 store[key] = backend.from_host(backend_for(array).to_host(array))
+        self._forget_launches()
         self._on_gpu = True
         return self
 
@@ -478,6 +530,7 @@ class Optimizer:
         for store in self._state_dicts():
             for key, array in store.items():
                 store[key] = numpy.ascontiguousarray(backend_for(array).to_host(array))
+        self._forget_launches()
         self._on_gpu = False
         return self
 
@@ -556,19 +609,3 @@ def _ops_name(ops: Any) -> Optional[str]:
 def _shape_error(key: KeyT, got: Tuple[int, ...], expected: Tuple[int, ...]) -> str:
     return (f"key {key!r}: weights have shape {tuple(got)}, but this key was updated with "
             f"shape {tuple(expected)} before")
-
-
-def _check_device_pair(key: KeyT, weights: Any, gradient: Any) -> None:
-    for what, x in (("weights", weights), ("gradient", gradient)):
-        kind = str(x.dtype)
-        if kind == "float16":
-            raise TypeError(f"key {key!r}: {what} is float16; keep a float32 master copy")
-        if kind not in ("float32", "float64"):
-            raise TypeError(f"key {key!r}: {what} must be float32 or float64, got {kind}")
-        if not x.flags.c_contiguous:
-            raise ValueError(f"key {key!r}: {what} must be C-contiguous")
-    if weights.dtype != gradient.dtype:
-        raise TypeError(f"key {key!r}: gradient is {gradient.dtype} but weights are {weights.dtype}")
-    if weights.shape != gradient.shape:
-        raise ValueError(f"key {key!r}: gradient has shape {gradient.shape}, weights have "
-                         f"shape {weights.shape}")

@@ -1,22 +1,29 @@
-"""Run optim's GPU kernel strings without a GPU.
+"""Run optim's GPU kernels without a GPU.
 
 Three tools for the tests (and anyone checking the CUDA kernels on a machine without one):
 
-* `cuda_module(dtype)`: the CUDA source CuPy would generate for every kernel in
-  `optim._kernels_cuda` (CuPy's `ElementwiseKernel` / `ReductionKernel` templates, with a
-  minimal stand-in for CuPy's `CArray` / `CIndexer` headers), for `nvcc -c`.
-* `Harness(dtype)`: the *same operation strings* wrapped as host C++ (a loop over `i`
-  with the parameters bound as CuPy binds them), compiled with g++ into a shared
-  library, loaded with ctypes and run on NumPy arrays.
-* `FakeDeviceArray` / `HarnessBackend`: a pretend device whose arrays are NumPy arrays of
-  a distinct type and whose kernels run in the harness, so the optimizer's GPU dispatch
-  path can be tested end to end.
+* `cuda_module(dtype)`: the RawModule source `optim._kernels_cuda.cuda_source` builds,
+  for `nvcc -c` (every warning an error).
+* `Harness(dtype)`: the *same source* compiled for the host by g++ with a prelude that
+  emulates CUDA's execution model: each launch runs grid x block host threads
+  (`threadIdx` / `blockIdx` / `blockDim` / `gridDim` are thread-locals), the 32 lanes of
+  a warp meet at a barrier for `__shfl_down_sync` / `__shfl_sync` / `__syncwarp`,
+  `atomicAdd` is a `std::atomic_ref` add and `__threadfence` a full fence. Kernel
+  arguments are packed as `cuLaunchKernel` takes them (an array of pointers to the
+  values), checked against the entry point's parameter types the way CuPy's RawKernel
+  converts them (Python float -> double, int -> long long, arrays -> pointers).
+* `FakeCupy` / `HarnessBackend`: the slice of CuPy's API that `CupyBackend` uses, with
+  `FakeDeviceArray`s (NumPy arrays of a type the host path rejects) as device memory
+  and the harness as the GPU, so the optimizer's real GPU backend runs end to end on
+  the CPU. It records every launch (kernel name and stream) and counts host transfers:
+  reads (device -> host) and writes (host -> device).
 
 Compiled libraries are cached by source hash in `$OPTIM_HARNESS_CACHE` (default: a
 per-user directory under the system temp dir).
 """
 import ctypes
 import hashlib
+import itertools
 import os
 import re
 import shutil
@@ -24,174 +31,20 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy
 
 from optim import _kernels_cuda as kc
-from optim._kernels_cuda import KERNELS, REDUCTION, KernelSpec, ReductionSpec
+from optim._kernels_cuda import ENTRY_POINTS, KERNELS
 
-CTYPES = {"float32": "float", "float64": "double", "int32": "int", "int64": "long long"}
 DTYPES = (numpy.float32, numpy.float64)
-Spec = Union[KernelSpec, ReductionSpec]
-
-
-def parse_params(params: str) -> List[Tuple[str, str]]:
-    """CuPy's parameter list syntax ("T a, float64 b") as (C type, name) pairs."""
-    out = []
-    for p in params.split(","):
-        words = p.split()
-        if not words:
-            continue
-        if len(words) != 2:
-            raise ValueError(f"unsupported parameter {p!r}")
-        typ, name = words
-        out.append((typ if len(typ) == 1 else CTYPES[typ], name))
-    return out
-
-
-def ctype_of(dtype: Any) -> str:
-    return CTYPES[numpy.dtype(dtype).name]
-
-
-# ---------------------------------------------------------------- CUDA, as CuPy wraps it
-
-# Stand-in for the parts of cupy/carray.cuh the generated code touches. The arrays reach
-# the kernels as 1-d C-contiguous views (CuPy's reduce_dims on contiguous arguments).
-CUDA_PRELUDE = r"""
-#include <cstddef>
-#define CUPY_FOR(i, n) \
-    for (ptrdiff_t i = static_cast<ptrdiff_t>(blockIdx.x) * blockDim.x + threadIdx.x; \
-         i < (n); i += static_cast<ptrdiff_t>(blockDim.x) * gridDim.x)
-template <typename T, int ndim, bool c_contiguous = true, bool use_32bit = false,
-          int core_ndim = 0>
-class CArray {
- public:
-  T* data_;
-  ptrdiff_t size_;
-  __device__ ptrdiff_t size() const { return size_; }
-  __device__ T& operator[](ptrdiff_t i) { return data_[i]; }
-  __device__ const T& operator[](ptrdiff_t i) const { return data_[i]; }
-};
-template <int ndim, bool use_32bit = false>
-class CIndexer {
- public:
-  ptrdiff_t size_;
-  ptrdiff_t index_;
-  __device__ ptrdiff_t size() const { return size_; }
-  __device__ void set(ptrdiff_t i) { index_ = i; }
-  __device__ ptrdiff_t get() const { return index_; }
-};
-"""
-
-
-def _typedefs(params: Sequence[Tuple[str, str]], ctype: str) -> str:
-    """CuPy's type map: one typedef per one-letter type parameter."""
-    letters = sorted({t for t, _ in params if len(t) == 1})
-    return "".join(f"typedef {ctype} {t};\n" for t in letters)
-
-
-def cuda_elementwise_source(spec: KernelSpec, ctype: str) -> str:
-    """The kernel CuPy's ElementwiseKernel generates for C-contiguous arrays of `ctype`.
-
-    Scalars (`spec.scalars`) are `const T name` parameters; arrays are CArrays bound in
-    the loop as `const T &x = _raw_x[_ind.get()];` (inputs) or `T &x = ...` (outputs).
-    """
-    ins, outs = parse_params(spec.in_params), parse_params(spec.out_params)
-    params, binds = [], []
-    for (t, n), const in [(p, True) for p in ins] + [(p, False) for p in outs]:
-        if n in spec.scalars:
-            params.append(f"{'const ' if const else ''}{t} {n}")
-        else:
-            params.append(f"{'const ' if const else ''}CArray<{t}, 1, 1, 1, 0> _raw_{n}")
-            binds.append(f"{'const ' if const else ''}{t} &{n} = _raw_{n}[_ind.get()];")
-    params.append("CIndexer<1, 1> _ind")
-    operation = "\n".join(binds + [spec.operation])
-    return (
-        f"{_typedefs(ins + outs, ctype)}\n"
-        f'extern "C" __global__ void {spec.name}({", ".join(params)}) {{\n'
-        f"  ;\n  #pragma unroll 1\n  CUPY_FOR(i, _ind.size()) {{\n    _ind.set(i);\n"
-        f"    {operation};\n  }}\n  ;\n}}\n"
-    )
-
-
-def cuda_reduction_source(spec: ReductionSpec, ctype: str, block_size: int = 512) -> str:
-    """The kernel CuPy's ReductionKernel generates (its simple, non-CUB template)."""
-    ins, outs = parse_params(spec.in_params), parse_params(spec.out_params)
-    params, input_expr, output_expr = [], [], []
-    for t, n in ins:
-        if n in spec.scalars:
-            params.append(f"const {t} {n}")
-        else:
-            params.append(f"const CArray<{t}, 1, 1, 1, 0> _raw_{n}")
-            input_expr.append(f"const {t} {n} = _raw_{n}[_in_ind.get()];")
-    for t, n in outs:
-        params.append(f"CArray<{t}, 0, 1, 1, 0> _raw_{n}")
-        output_expr.append(f"{t} &{n} = _raw_{n}[_out_ind.get()];")
-    params += ["CIndexer<1, 1> _in_ind", "CIndexer<0, 1> _out_ind", "const int _block_stride"]
-    return f"""{_typedefs(ins + outs, ctype)}typedef int IndexT;
-#define REDUCE(a, b) ({spec.reduce_expr})
-#define POST_MAP(a) ({spec.post_map_expr})
-#define _REDUCE(_offset) if (_tid < _offset) {{ \\
-  _type_reduce _a = _sdata[_tid], _b = _sdata[(_tid + _offset)]; \\
-  _sdata[_tid] = REDUCE(_a, _b); \\
-}}
-typedef {spec.reduce_type} _type_reduce;
-extern "C" __global__ void {spec.name}({", ".join(params)}) {{
-  __shared__ char _sdata_raw[{block_size} * sizeof(_type_reduce)];
-  _type_reduce *_sdata = reinterpret_cast<_type_reduce*>(_sdata_raw);
-  unsigned int _tid = threadIdx.x;
-  IndexT _J_offset = _tid >> __popc(_block_stride - 1);
-  ptrdiff_t _j_offset = (ptrdiff_t)_J_offset * _out_ind.size();
-  IndexT _J_stride = {block_size} >> __popc(_block_stride - 1);
-  ptrdiff_t _j_stride = (ptrdiff_t)_J_stride * _out_ind.size();
-  for (ptrdiff_t _i_base = (ptrdiff_t)blockIdx.x * _block_stride;
-       _i_base < _out_ind.size();
-       _i_base += (ptrdiff_t)gridDim.x * _block_stride) {{
-    _type_reduce _s = _type_reduce({spec.identity});
-    ptrdiff_t _i = _i_base + (_tid & (_block_stride - 1));
-    IndexT _J = _J_offset;
-    for (ptrdiff_t _j = _i + _j_offset; _j < _in_ind.size();
-         _j += _j_stride, _J += _J_stride) {{
-      _in_ind.set(_j);
-      {" ".join(input_expr)}
-      _type_reduce _a = static_cast<_type_reduce>({spec.map_expr});
-      _s = REDUCE(_s, _a);
-    }}
-    _sdata[_tid] = _s;
-    __syncthreads();
-    for (unsigned int _block = {block_size} / 2; _block >= _block_stride; _block >>= 1) {{
-      if (_tid < _block) {{
-        _REDUCE(_block);
-      }}
-      __syncthreads();
-    }}
-    if (_tid < _block_stride) {{
-      _s = _sdata[_tid];
-    }}
-    if (_tid < _block_stride && _i < _out_ind.size()) {{
-      _out_ind.set(static_cast<ptrdiff_t>(_i));
-      {" ".join(output_expr)}
-      POST_MAP(_s);
-    }}
-  }}
-}}
-#undef REDUCE
-#undef POST_MAP
-#undef _REDUCE
-"""
+IDENTIFIER = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*\b")
 
 
 def cuda_module(dtype: Any) -> str:
-    """Every kernel and the reduction for `dtype`, each in its own namespace (as CuPy
-    compiles each in its own module), in one .cu file."""
-    ctype = ctype_of(dtype)
-    parts = [CUDA_PRELUDE]
-    for spec in KERNELS.values():
-        parts.append(f"namespace {spec.name}_ns {{\n{cuda_elementwise_source(spec, ctype)}}}\n")
-    parts.append(f"namespace {REDUCTION.name}_ns {{\n"
-                 f"{cuda_reduction_source(REDUCTION, ctype)}}}\n")
-    return "\n".join(parts)
+    """The CUDA source of every kernel for `dtype`, as CuPy's RawModule compiles it."""
+    return kc.cuda_source(dtype)
 
 
 def nvcc_command(source: Path, output: Path, archs: Sequence[int]) -> List[str]:
@@ -203,81 +56,209 @@ def nvcc_command(source: Path, output: Path, archs: Sequence[int]) -> List[str]:
     return cmd + ["-o", str(output), str(source)]
 
 
-# ---------------------------------------------------------------- host C++
+# ---------------------------------------------------------------- CUDA on the host
 
 CPP_PRELUDE = r"""
+#include <atomic>
+#include <chrono>
 #include <cmath>
-#include <cstddef>
-// CUDA spellings the operation strings may use, defined for the host.
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+// CUDA's spellings, for the host.
+#define __global__
 #define __device__
 #define __forceinline__ inline
 using std::sqrt;
+
+struct optim_uint3 { unsigned int x = 0, y = 0, z = 0; };
+thread_local optim_uint3 threadIdx, blockIdx, blockDim, gridDim;
+
+// A warp's 32 lanes (host threads) meet here at every shuffle and __syncwarp (a
+// yielding spin barrier). Lanes that diverge around a shuffle would hang on a GPU;
+// here they abort with a message.
+class OptimWarp {
+ public:
+  void sync() {
+    const unsigned int generation = generation_.load();
+    if (arrived_.fetch_add(1) == 31) {
+      arrived_.store(0);
+      generation_.fetch_add(1);
+      return;
+    }
+    const auto start = std::chrono::steady_clock::now();
+    for (unsigned long spins = 1; generation_.load() == generation; ++spins) {
+      std::this_thread::yield();
+      if (spins % 4096 == 0 &&
+          std::chrono::steady_clock::now() - start > std::chrono::seconds(120)) {
+        std::fprintf(stderr, "cuda harness: a warp's lanes diverged at a shuffle\n");
+        std::abort();
+      }
+    }
+  }
+  unsigned long long slot[32];
+
+ private:
+  std::atomic<unsigned int> arrived_{0};
+  std::atomic<unsigned int> generation_{0};
+};
+thread_local OptimWarp* optim_this_warp = nullptr;
+
+inline void optim_check_mask(unsigned int mask) {
+  if (mask != 0xffffffffu) {
+    std::fprintf(stderr, "cuda harness: only full-warp shuffles are emulated\n");
+    std::abort();
+  }
+}
+
+template <typename V>
+V optim_shuffle(V value, unsigned int source, bool in_range) {
+  static_assert(sizeof(V) <= sizeof(unsigned long long), "shuffle of a wide type");
+  OptimWarp& warp = *optim_this_warp;
+  std::memcpy(&warp.slot[threadIdx.x % 32], &value, sizeof(V));
+  warp.sync();
+  V out = value;
+  if (in_range) {
+    std::memcpy(&out, &warp.slot[source], sizeof(V));
+  }
+  warp.sync();  // nobody overwrites a slot before every lane has read
+  return out;
+}
+
+template <typename V>
+V __shfl_down_sync(unsigned int mask, V value, unsigned int delta) {
+  optim_check_mask(mask);
+  const unsigned int lane = threadIdx.x % 32;
+  return optim_shuffle(value, lane + delta, lane + delta < 32);
+}
+
+template <typename V>
+V __shfl_sync(unsigned int mask, V value, int source) {
+  optim_check_mask(mask);
+  return optim_shuffle(value, static_cast<unsigned int>(source) % 32, true);
+}
+
+inline void __syncwarp(unsigned int mask = 0xffffffffu) {
+  optim_check_mask(mask);
+  optim_this_warp->sync();
+}
+
+inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
+  return std::atomic_ref<unsigned int>(*address).fetch_add(value);
+}
+
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+template <typename V>
+V __ldcg(const V* address) {
+  V out;
+  __atomic_load(const_cast<V*>(address), &out, __ATOMIC_SEQ_CST);
+  return out;
+}
 """
 
+CPP_LAUNCHER = r"""
+// cuLaunchKernel's convention: `args` holds one pointer per kernel parameter.
+template <typename... A, std::size_t... I>
+void optim_invoke(void (*kernel)(A...), void** args, std::index_sequence<I...>) {
+  kernel(*static_cast<std::remove_cv_t<A>*>(args[I])...);
+}
 
-def cpp_elementwise_source(spec: KernelSpec, ctype: str) -> str:
-    """The operation string in a host loop, parameters bound as CuPy binds them."""
-    ins, outs = parse_params(spec.in_params), parse_params(spec.out_params)
-    params, binds = [], []
-    for (t, n), const in [(p, True) for p in ins] + [(p, False) for p in outs]:
-        c = "const " if const else ""
-        if n in spec.scalars:
-            params.append(f"{c}{t} {n}")
-        else:
-            params.append(f"{c}{t}* _raw_{n}")
-            binds.append(f"{c}{t} &{n} = _raw_{n}[i];")
-    params.append("const ptrdiff_t _n")
-    body = "\n    ".join(binds + [spec.operation.replace("\n", "\n    ")])
-    return (
-        f"{_typedefs(ins + outs, ctype)}"
-        f'extern "C" void {spec.name}({", ".join(params)}) {{\n'
-        f"  for (ptrdiff_t i = 0; i < _n; ++i) {{\n    {body};\n  }}\n}}\n"
-    )
+// The host threads that play a launch's GPU threads, kept between launches (creating
+// a thread costs more than most emulated kernels). run(count, job) calls job(i) for
+// every i < count, each on its own thread, all at once (a warp's lanes must meet).
+class OptimPool {
+ public:
+  void run(unsigned int count, const std::function<void(unsigned int)>& job) {
+    std::lock_guard<std::mutex> one_launch_at_a_time(launch_);
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (workers_ < count) {
+      std::thread(&OptimPool::work, this, workers_++, generation_).detach();
+    }
+    job_ = &job;
+    count_ = count;
+    remaining_ = count;
+    ++generation_;
+    wake_.notify_all();
+    done_.wait(lock, [&] { return remaining_ == 0; });
+    job_ = nullptr;
+  }
 
+ private:
+  void work(unsigned int index, unsigned long seen) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (index >= count_) {
+        continue;
+      }
+      const std::function<void(unsigned int)>* job = job_;
+      lock.unlock();
+      (*job)(index);
+      lock.lock();
+      if (--remaining_ == 0) {
+        done_.notify_all();
+      }
+    }
+  }
 
-def cpp_reduction_source(spec: ReductionSpec, ctype: str) -> str:
-    """The reduction's expressions in a sequential host loop."""
-    ins, outs = parse_params(spec.in_params), parse_params(spec.out_params)
-    params, binds = [], []
-    for t, n in ins:
-        if n in spec.scalars:
-            params.append(f"const {t} {n}")
-        else:
-            params.append(f"const {t}* _raw_{n}")
-            binds.append(f"const {t} {n} = _raw_{n}[i];")
-    for t, n in outs:
-        params.append(f"{t}* _raw_{n}")
-    out_binds = " ".join(f"{t} &{n} = _raw_{n}[0];" for t, n in outs)
-    return f"""{_typedefs(ins + outs, ctype)}typedef {spec.reduce_type} _type_reduce;
-#define REDUCE(a, b) ({spec.reduce_expr})
-#define POST_MAP(a) ({spec.post_map_expr})
-extern "C" void {spec.name}({", ".join(params)}, const ptrdiff_t _n) {{
-  _type_reduce _s = _type_reduce({spec.identity});
-  for (ptrdiff_t i = 0; i < _n; ++i) {{
-    {" ".join(binds)}
-    _type_reduce _a = static_cast<_type_reduce>({spec.map_expr});
-    _s = REDUCE(_s, _a);
-  }}
-  {out_binds}
-  POST_MAP(_s);
-}}
-#undef REDUCE
-#undef POST_MAP
+  std::mutex launch_, mutex_;
+  std::condition_variable wake_, done_;
+  const std::function<void(unsigned int)>* job_ = nullptr;
+  unsigned int workers_ = 0, count_ = 0, remaining_ = 0;
+  unsigned long generation_ = 0;
+};
+
+OptimPool& optim_pool() {
+  static OptimPool* pool = new OptimPool();  // never destroyed: its threads outlive exit
+  return *pool;
+}
+
+template <typename... A>
+int optim_launch(void (*kernel)(A...), unsigned int grid, unsigned int block, void** args) {
+  if (grid == 0 || block == 0 || block % 32 != 0) {
+    return 1;
+  }
+  const unsigned int threads = grid * block;
+  std::vector<std::unique_ptr<OptimWarp>> warps;
+  for (unsigned int i = 0; i < threads / 32; ++i) {
+    warps.push_back(std::make_unique<OptimWarp>());
+  }
+  optim_pool().run(threads, [&](unsigned int i) {
+    blockIdx.x = i / block;
+    threadIdx.x = i % block;
+    blockDim.x = block;
+    gridDim.x = grid;
+    optim_this_warp = warps[i / 32].get();
+    optim_invoke(kernel, args, std::index_sequence_for<A...>{});
+  });
+  return 0;
+}
 """
 
 
 def cpp_module(dtype: Any) -> str:
-    ctype = ctype_of(dtype)
-    parts = [CPP_PRELUDE]
-    for spec in KERNELS.values():
-        parts.append(f"namespace {spec.name}_ns {{\n{cpp_elementwise_source(spec, ctype)}}}\n")
-    parts.append(f"namespace {REDUCTION.name}_ns {{\n"
-                 f"{cpp_reduction_source(REDUCTION, ctype)}}}\n")
-    return "\n".join(parts)
+    """The CUDA source for `dtype` between the emulation prelude and one launcher per
+    entry point (`extern "C" int launch_<name>(grid, block, args)`)."""
+    launchers = "".join(
+        f'extern "C" int launch_{name}(unsigned int grid, unsigned int block, void** args) '
+        f"{{ return optim_launch({name}, grid, block, args); }}\n"
+        for name in ENTRY_POINTS)
+    return "\n".join([CPP_PRELUDE, cuda_module(dtype), CPP_LAUNCHER, launchers])
 
 
-# Same floating-point policy as the Cython kernels (setup.py: -O3 -ffp-contract=off).
-GXX_FLAGS = ["-O2", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off",
+# Same floating-point policy as the Cython kernels (setup.py: -ffp-contract=off).
+GXX_FLAGS = ["-O2", "-shared", "-fPIC", "-std=c++20", "-pthread", "-ffp-contract=off",
              "-Wall", "-Wextra", "-Werror"]
 
 
@@ -303,56 +284,65 @@ def compile_shared(source: str) -> Path:
                            check=True, capture_output=True, text=True)
             os.replace(work / "k.so", target)  # atomic: concurrent sessions can share
         except subprocess.CalledProcessError as err:
-            raise RuntimeError(f"g++ failed on the kernel strings:\n{err.stderr}") from err
+            raise RuntimeError(f"g++ failed on the CUDA source:\n{err.stderr}") from err
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return target
 
 
+# C parameter type -> the NumPy dtype of the array it points to ("T": the module's).
+POINTEES = {"T": None, "double": numpy.float64, "unsigned int": numpy.uint32,
+            "long long": numpy.int64, "int": numpy.int32}
+
+
+def _pointee(ctype: str, dtype: numpy.dtype) -> numpy.dtype:
+    base = ctype.replace("const ", "").rstrip("*").strip()
+    return dtype if base == "T" else numpy.dtype(POINTEES[base])
+
+
 class Harness:
-    """All of `optim._kernels_cuda`'s kernels for one dtype, executed on the host."""
+    """Every entry point of `cuda_source(dtype)`, executed on the host."""
 
     def __init__(self, dtype: Any) -> None:
         self.dtype = numpy.dtype(dtype)
         self.lib = ctypes.CDLL(str(compile_shared(cpp_module(self.dtype))))
-        self._scalar = ctypes.c_float if self.dtype == numpy.float32 else ctypes.c_double
 
-    def call(self, spec: Spec, args: Sequence[Any]) -> None:
-        """Run `spec` on positional `args` (in_params then out_params, as CuPy takes them)."""
-        params = parse_params(spec.in_params) + parse_params(spec.out_params)
+    def launch(self, name: str, grid: int, block: int, args: Sequence[Any]) -> None:
+        """Launch kernel `name` with grid x block threads. Arguments follow CuPy's
+        RawKernel conversion, checked strictly against the kernel's parameter types:
+        a `double` takes a Python float, a `long long` a Python int, a pointer a
+        C-contiguous NumPy array (any subclass) of the pointee's dtype."""
+        params = ENTRY_POINTS[name]
         if len(args) != len(params):
-            raise TypeError(f"{spec.name} takes {len(params)} arguments, got {len(args)}")
-        in_names = {n for _, n in parse_params(spec.in_params)}
-        c_args: list = []
-        size = None
-        for (t, name), arg in zip(params, args):
-            if name in spec.scalars:
-                if isinstance(arg, numpy.ndarray):
-                    raise TypeError(f"{spec.name}: {name} is a scalar parameter")
-                c_args.append(self._scalar(arg) if t == "T" else ctypes.c_double(arg))
-                continue
-            if not isinstance(arg, numpy.ndarray) or not arg.flags.c_contiguous:
-                raise TypeError(f"{spec.name}: {name} must be a C-contiguous numpy array")
-            want = self.dtype if t == "T" else numpy.dtype({"double": "float64"}[t])
-            if arg.dtype != want:
-                raise TypeError(f"{spec.name}: {name} is {arg.dtype}, kernel type is {want}")
-            if isinstance(spec, KernelSpec) or name in in_names:  # reduction outputs: 1
-                if size is not None and arg.size != size:
-                    raise ValueError(f"{spec.name}: {name} has {arg.size} elements, not {size}")
-                size = arg.size
-            c_args.append(arg.ctypes.data_as(ctypes.c_void_p))
-        c_args.append(ctypes.c_ssize_t(size or 0))
-        getattr(self.lib, spec.name)(*c_args)
-
-    def update(self, spec: KernelSpec, args: Sequence[Any]) -> None:
-        self.call(spec, args)
-
-    def sum_squares(self, gradient: numpy.ndarray, weights: numpy.ndarray,
-                    l2: float) -> float:
-        out = numpy.zeros((), dtype=numpy.float64)
-        self.call(REDUCTION, [numpy.ascontiguousarray(gradient),
-                              numpy.ascontiguousarray(weights), self.dtype.type(l2), out])
-        return float(out)
+            raise TypeError(f"{name} takes {len(params)} arguments, got {len(args)}")
+        values: list = []
+        for (ctype, pname), arg in zip(params, args):
+            if ctype == "double":
+                if not isinstance(arg, float):
+                    raise TypeError(f"{name}: {pname} is a double; CuPy passes a "
+                                    f"{type(arg).__name__} as something else")
+                values.append(ctypes.c_double(arg))
+            elif ctype == "long long":
+                if isinstance(arg, bool) or not isinstance(arg, (int, numpy.int64)):
+                    raise TypeError(f"{name}: {pname} is a long long, got "
+                                    f"{type(arg).__name__}")
+                values.append(ctypes.c_longlong(int(arg)))
+            elif ctype.endswith("*"):
+                want = _pointee(ctype, self.dtype)
+                if not isinstance(arg, numpy.ndarray) or not arg.flags.c_contiguous:
+                    raise TypeError(f"{name}: {pname} must be a contiguous array, got "
+                                    f"{type(arg).__name__}")
+                if arg.dtype != want:
+                    raise TypeError(f"{name}: {pname} points to {want}, got {arg.dtype}")
+                values.append(ctypes.c_void_p(arg.ctypes.data))
+            else:
+                raise TypeError(f"{name}: unsupported parameter type {ctype}")
+        pointers = (ctypes.c_void_p * max(len(values), 1))(
+            *[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
+        status = getattr(self.lib, f"launch_{name}")(
+            ctypes.c_uint(grid), ctypes.c_uint(block), pointers)
+        if status != 0:
+            raise ValueError(f"{name}: bad launch geometry {grid} x {block}")
 
 
 _harnesses: Dict[str, Harness] = {}
@@ -371,69 +361,202 @@ def harness(dtype: Any) -> Harness:
 # ---------------------------------------------------------------- a fake device
 
 
+class _Transfers:
+    reads = 0  # device -> host copies
+    writes = 0  # host -> device copies
+
+
+class _Pointer:
+    __slots__ = ("ptr", "device_id")
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+        self.device_id = 0
+
+
 class FakeDeviceArray(numpy.ndarray):
-    """An array 'on the fake device': a NumPy array the NumPy backend must not accept."""
+    """An array 'on the fake device': a NumPy array the NumPy backend must not accept.
+
+    Like a CuPy array it has `.data.ptr`, `.set(host)` and `.get()`; the last two count
+    as host transfers.
+    """
+
+    @property
+    def data(self) -> _Pointer:  # type: ignore[override]
+        return _Pointer(self.__array_interface__["data"][0])
+
+    def set(self, host: numpy.ndarray) -> None:
+        if type(host) is not numpy.ndarray or host.shape != self.shape:
+            raise TypeError("set() takes a host array of the same shape")
+        _Transfers.writes += 1
+        self.view(numpy.ndarray)[...] = host
+
+    def get(self) -> numpy.ndarray:
+        _Transfers.reads += 1
+        return numpy.array(self, copy=True, subok=False)
 
 
 def to_fake_device(x: numpy.ndarray) -> FakeDeviceArray:
     return numpy.array(x, copy=True, order="C").view(FakeDeviceArray)
 
 
-class HarnessBackend:
-    """The optimizer's GPU backend protocol, with the CUDA kernels run by the harness.
+class FakeStream:
+    """A CUDA stream stand-in: `with stream:` makes it current, as in CuPy."""
 
-    Launches go through `optim._kernels_cuda.plan_update`, exactly as `CupyBackend`'s
-    do. `launches` records the kernel names, in order, for the tests.
+    _ptrs = itertools.count(0x1000, 0x10)
+
+    def __init__(self, cuda: "FakeCuda", ptr: Optional[int] = None) -> None:
+        self.cuda = cuda
+        self.ptr = next(self._ptrs) if ptr is None else ptr
+
+    def __enter__(self) -> "FakeStream":
+        self.cuda._current.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cuda._current.pop()
+
+
+class _Runtime:
+    @staticmethod
+    def getDevice() -> int:  # noqa: N802 - CuPy's name
+        return 0
+
+
+class FakeCuda:
+    runtime = _Runtime()
+
+    def __init__(self) -> None:
+        self.null = FakeStream(self, 0)
+        self._current: List[FakeStream] = [self.null]
+
+    def get_current_stream(self) -> FakeStream:
+        return self._current[-1]
+
+    def Stream(self) -> FakeStream:  # noqa: N802 - CuPy's name
+        return FakeStream(self)
+
+    def ExternalStream(self, ptr: int) -> FakeStream:  # noqa: N802
+        return FakeStream(self, ptr)
+
+
+class FakeFunction:
+    """A RawModule function whose launches run in the harness (on a small grid: every
+    kernel is grid-stride, so the grid never changes a result)."""
+
+    def __init__(self, cupy: "FakeCupy", dtype: numpy.dtype, name: str) -> None:
+        self.cupy, self.dtype, self.name = cupy, dtype, name
+
+    def __call__(self, grid: Tuple[int, ...], block: Tuple[int, ...], args: Sequence[Any],
+                 shared_mem: int = 0) -> None:
+        cupy = self.cupy
+        cupy.launches.append((self.name, cupy.cuda.get_current_stream()))
+        for a in args:
+            if isinstance(a, numpy.ndarray) and not isinstance(a, FakeDeviceArray):
+                raise TypeError(f"{self.name}: a host array was passed to a kernel")
+        harness(self.dtype).launch(self.name, min(grid[0], cupy.max_grid), cupy.block, args)
+
+
+class FakeModule:
+    def __init__(self, cupy: "FakeCupy", code: str, options: Sequence[str]) -> None:
+        match = re.search(r"^typedef (float|double) T;", code, re.M)
+        self.dtype = numpy.dtype({"float": numpy.float32, "double": numpy.float64}[
+            match.group(1)])
+        assert code == kc.cuda_source(self.dtype), "the module compiles cuda_source"
+        assert tuple(options) == kc.NVRTC_OPTIONS
+        self.cupy = cupy
+
+    def get_function(self, name: str) -> FakeFunction:
+        if name not in ENTRY_POINTS:
+            raise KeyError(name)
+        return FakeFunction(self.cupy, self.dtype, name)
+
+
+class FakeCupy:
+    """What `CupyBackend` uses of CuPy, on `FakeDeviceArray`s and the harness.
+
+    `block` replaces the block size of every launch (a multiple of 32) and `max_grid`
+    caps the grid, to keep the emulation small; results must not depend on either.
+    """
+
+    ndarray = FakeDeviceArray
+
+    def __init__(self, block: int = 64, max_grid: int = 2) -> None:
+        self.block, self.max_grid = block, max_grid
+        self.cuda = FakeCuda()
+        self.launches: List[Tuple[str, FakeStream]] = []
+        self._reads0, self._writes0 = _Transfers.reads, _Transfers.writes
+
+    @property
+    def reads(self) -> int:
+        return _Transfers.reads - self._reads0
+
+    @property
+    def writes(self) -> int:
+        return _Transfers.writes - self._writes0
+
+    @staticmethod
+    def _device(x: Any) -> None:
+        if not isinstance(x, FakeDeviceArray):
+            raise TypeError(f"fake device got a host array ({type(x).__name__})")
+
+    def empty(self, shape: Any, dtype: Any) -> FakeDeviceArray:
+        out = numpy.empty(shape, dtype=dtype)
+        out.view(numpy.uint8)[...] = 0xFF  # never reads as zero or a number
+        return out.view(FakeDeviceArray)
+
+    def zeros(self, shape: Any, dtype: Any) -> FakeDeviceArray:
+        return numpy.zeros(shape, dtype=dtype).view(FakeDeviceArray)
+
+    def ones(self, shape: Any, dtype: Any) -> FakeDeviceArray:
+        return numpy.ones(shape, dtype=dtype).view(FakeDeviceArray)
+
+    def zeros_like(self, x: Any) -> FakeDeviceArray:
+        self._device(x)
+        return self.zeros(x.shape, x.dtype)
+
+    def array(self, x: Any, copy: bool = True) -> FakeDeviceArray:
+        self._device(x)
+        return numpy.array(x, copy=True).view(FakeDeviceArray)
+
+    def asarray(self, x: Any) -> FakeDeviceArray:
+        if isinstance(x, FakeDeviceArray):
+            return x
+        _Transfers.writes += 1
+        return to_fake_device(numpy.asarray(x))
+
+    def ascontiguousarray(self, x: Any) -> FakeDeviceArray:
+        self._device(x)
+        return x if x.flags.c_contiguous else numpy.ascontiguousarray(x).view(FakeDeviceArray)
+
+    def asnumpy(self, x: Any) -> numpy.ndarray:
+        self._device(x)
+        return x.get()
+
+    def RawModule(self, code: str, options: Sequence[str] = ()) -> FakeModule:  # noqa: N802
+        return FakeModule(self, code, options)
+
+
+class HarnessBackend(kc.CupyBackend):
+    """optim's real GPU backend (`CupyBackend`) running on `FakeCupy`.
+
+    `launches`: kernel names in launch order; `moved_to_host` / `moved_to_device`:
+    device -> host reads and host -> device writes since it was made.
     """
 
     name = "fake-device"
 
-    def __init__(self) -> None:
-        self.launches: List[str] = []
-        self.moved_to_device = 0
-        self.moved_to_host = 0
+    def __init__(self, block: int = 64, max_grid: int = 2) -> None:
+        super().__init__(cupy=FakeCupy(block, max_grid))
 
-    def is_array(self, x: Any) -> bool:
-        return isinstance(x, FakeDeviceArray)
+    @property
+    def launches(self) -> List[str]:
+        return [name for name, _ in self.cupy.launches]
 
-    def _check(self, *arrays: Any) -> None:
-        for a in arrays:
-            if a is not None and not self.is_array(a):
-                raise TypeError(f"fake device got a host array ({type(a).__name__})")
+    @property
+    def moved_to_host(self) -> int:
+        return self.cupy.reads
 
-    def zeros_like(self, x: Any) -> FakeDeviceArray:
-        self._check(x)
-        return numpy.zeros(x.shape, dtype=x.dtype).view(FakeDeviceArray)
-
-    def copy(self, x: Any) -> FakeDeviceArray:
-        self._check(x)
-        return numpy.array(x, copy=True).view(FakeDeviceArray)
-
-    def to_host(self, x: Any) -> numpy.ndarray:
-        self._check(x)
-        self.moved_to_host += 1
-        return numpy.array(x, copy=True, subok=False)
-
-    def from_host(self, x: numpy.ndarray) -> FakeDeviceArray:
-        if type(x) is not numpy.ndarray:
-            raise TypeError(f"from_host takes a numpy.ndarray, got {type(x).__name__}")
-        self.moved_to_device += 1
-        return to_fake_device(x)
-
-    def sum_squares(self, gradient: Any, weights: Any, l2: float) -> float:
-        self._check(gradient, weights)
-        self.launches.append(REDUCTION.name)
-        return harness(weights.dtype).sum_squares(
-            gradient.view(numpy.ndarray), weights.view(numpy.ndarray), l2)
-
-    def update(self, kind: str, coefs: Dict[str, Any], weights: Any, gradient: Any,
-               mom1: Any, mom2: Any, average: Any, slow: Any) -> None:
-        self._check(weights, gradient, mom1, mom2, average, slow)
-        spec, args = kc.plan_update(kind, coefs, weights, gradient, mom1, mom2, average, slow)
-        self.launches.append(spec.name)
-        host_args = [a.view(numpy.ndarray) if isinstance(a, numpy.ndarray) else a
-                     for a in args]
-        harness(weights.dtype).update(spec, host_args)
-
-
-IDENTIFIER = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*\b")
+    @property
+    def moved_to_device(self) -> int:
+        return self.cupy.writes

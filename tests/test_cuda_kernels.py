@@ -1,21 +1,23 @@
-"""The GPU kernel strings of optim._kernels_cuda, checked without a GPU.
+"""The GPU kernels of optim._kernels_cuda, checked without a GPU.
 
-1. Structure: 16 update kernels + 1 reduction, every parameter used, scalar names are
-   fields of the CPU kernels' `Coefs`, CuPy stays optional.
-2. nvcc: the CUDA source CuPy would generate for every kernel compiles for sm_75 and
-   sm_90, float32 and float64, with every warning an error (skipped only without nvcc).
-3. Execution: the same operation strings, compiled for the host with g++
-   (tests/cuda_harness.py), against an independent NumPy reference (float64 math) and
-   against the Cython CPU kernels, over random shapes and hyperparameters.
+1. Structure: 16 update variants generated from one set of formula snippets, each a
+   `__device__` function used by its one-tensor and its many-tensor entry point; every
+   scalar comes from the CPU kernels' `Coefs`; CuPy stays optional.
+2. nvcc: the RawModule source for float32 and float64 compiles for sm_75 and sm_90 with
+   every warning an error (skipped only without nvcc).
+3. Execution: the same source, compiled for the host by g++ with CUDA's execution model
+   emulated (tests/cuda_harness.py: threads, warps, shuffles, atomics), against an
+   independent NumPy reference (float64 math) and, bitwise, against the Cython kernels
+   and the NumPy spelling of the clip norm's summation order - clipping included, on
+   two block sizes and several grids.
 
 Tolerances: vs the float64 reference, float32 results must agree to 2e-5 and float64
 to 1e-12, relative to the magnitude of the array (before or after the update; elements
 may cancel to ~0). One float32 update rounds each of ~10 operations once (~6e-8 each),
 far below 2e-5, while a formula error (a wrong coefficient, a misplaced decay or eps)
-shows at 1e-3 or more. Against the Cython kernels, which evaluate the same expressions
-in the same order and type with the same FP policy (-ffp-contract=off), results must be
-bitwise equal when clipping is off; with clipping the two sums of squares are summed in
-a different order, so the clip factor may differ in its last bit: 8 ulps of the scale.
+shows at 1e-3 or more. Against the Cython kernels there is no tolerance: same
+expressions, same order, same type, same FP policy (no FMA), and the clip norm in the
+same fixed order on both sides.
 """
 import re
 import shutil
@@ -31,6 +33,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import cuda_harness as ch
+import reference
 from optim import _kernels
 from optim import _kernels_cuda as kc
 
@@ -40,12 +43,15 @@ NAMES = sorted(kc.KERNELS)
 HAVE_NVCC = shutil.which("nvcc") is not None
 HAVE_GXX = shutil.which("g++") is not None
 needs_gxx = pytest.mark.skipif(not HAVE_GXX, reason="g++ is not on PATH: cannot run the "
-                               "CUDA kernel strings on the host")
+                               "CUDA kernels on the host")
 needs_nvcc = pytest.mark.skipif(not HAVE_NVCC, reason="nvcc is not on PATH: cannot "
                                 "compile the CUDA kernels")
 # No shrinking: a broken kernel fails 60+ cases, and shrinking each costs minutes.
 HYPO = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow],
                 phases=[Phase.explicit, Phase.reuse, Phase.generate])
+# Sizes around the clip norm's chunk (4096) and the 32 lanes.
+EDGE_SIZES = [1, 31, 33, 4095, 4096, 4097, 2 * 4096 + 5, 32 * 4096, 32 * 4096 + 1,
+              33 * 4096 + 7]
 
 
 def base_of(name: str) -> str:
@@ -66,6 +72,12 @@ def test_every_variant_has_a_kernel():
     assert kc.kernel_name("radam", True, True, False) == "optim_radam_rect_avg"
     with pytest.raises(ValueError, match="unknown update kind"):
         kc.kernel_name("adagrad", False, False, False)
+    assert set(kc.ENTRY_POINTS) == ({n for n in NAMES} | {n + "_many" for n in NAMES}
+                                    | {"optim_clip_norm", "optim_clip_norm_many"})
+    # device_coefs' variant bits pick the kernel: rectified | lookahead_sync << 1
+    assert kc.variant_kernels("radam", True) == (
+        "optim_radam_unrect_avg", "optim_radam_rect_avg", "optim_radam_unrect_avg_la",
+        "optim_radam_rect_avg_la")
 
 
 def coef_fields() -> set:
@@ -78,31 +90,42 @@ def coef_fields() -> set:
 def test_kernel_parameters_match_operation(name):
     spec = kc.KERNELS[name]
     used = set(ch.IDENTIFIER.findall(spec.operation))
-    declared = [n for _, n in ch.parse_params(spec.in_params) + ch.parse_params(spec.out_params)]
-    assert set(spec.scalars) | set(spec.arrays) == set(declared)
-    assert set(declared) <= used, "every parameter is used"
+    assert set(spec.scalars) | set(spec.arrays) <= used, "every parameter is used"
     locals_and_builtins = {"const", "T", "g_eff", "w_new", "sqrt"}
-    assert used - set(declared) <= locals_and_builtins, "no undeclared names"
-    assert set(spec.scalars) <= coef_fields() | set(kc.DERIVED), "scalars come from Coefs"
-    assert "i" not in declared  # CuPy reserves it
+    assert used - set(spec.scalars) - set(spec.arrays) <= locals_and_builtins
+    assert set(kc.COEFS) <= coef_fields(), "the device coefficients are Coefs fields"
+    assert set(spec.scalars) <= set(kc.SCALAR_FORMS)
     for banned in ("?", "min(", "max(", "fabs", "pow(", "double", "float"):
         assert banned not in spec.operation, f"{banned!r} is dtype-ambiguous or mixes types"
-    # the variant flags show in the parameters
+    # the variant flags show in the arrays and scalars
     assert ("avg" in spec.arrays) == name.endswith(("_avg", "_avg_la"))
     assert ("slow" in spec.arrays) == name.endswith("_la")
     assert ("m" in spec.arrays) == (base_of(name) != "sgd")
     assert ("pre_decay" in spec.scalars) == base_of(name).startswith("radam")
     assert ("eps" in spec.scalars) == (base_of(name) in ("adam", "radam_rect"))
+    # the one-tensor entry point takes every coefficient, the clip factor, its arrays, n
+    params = kc.ENTRY_POINTS[name]
+    assert [p for _, p in params] == (list(kc.COEFS) + ["clip_factor"]
+                                      + ["p_" + a for a in spec.arrays] + ["n"])
 
 
 def test_formula_snippets_have_one_source():
-    """Each formula is written once and shared by every variant that uses it."""
+    """Each formula is written once, in the variant's __device__ function, which both
+    entry points call; the scalars are formed from the double coefficients once."""
+    source = kc.cuda_source(numpy.float32)
     for snippet in ("const T g_eff = (g + l2 * w) * clip_scale;",
                     "w_new = w_new - post_decay * w_new;",
-                    "avg = avg - avg_rate * (avg - w_new);"):
-        users = [n for n in NAMES if snippet in kc.KERNELS[n].operation]
-        assert users and all(kc.KERNELS[n].operation.count(snippet) == 1 for n in users)
-    assert sum("m / (sqrt(v) + eps)" in kc.KERNELS[n].operation for n in NAMES) == 8
+                    "avg = avg - avg_rate * (avg - w_new);",
+                    "const T one_minus_beta2 = T(1.0 - c[OPTIM_C_BETA2]);"):
+        users = [n for n in NAMES if snippet in kc.cuda_source(numpy.float32).split(
+            f"void {n}_op(")[1].split("\n}\n")[0]]
+        assert users, snippet
+        assert source.count(snippet) == len(users), "written once per variant function"
+    assert source.count("m / (sqrt(v) + eps)") == 8
+    for name in NAMES:
+        assert source.count(f"{name}_op(c, clip,") == 2, "both entry points use the op"
+    assert source.count("__shfl_down_sync") == 1, "one lane tree, for chunks and tensors"
+    assert "atomicAdd(" in source and "atomicAdd(partials" not in source  # ints only
 
 
 def test_import_does_not_need_cupy():
@@ -110,7 +133,9 @@ def test_import_does_not_need_cupy():
             "import optim, optim._kernels_cuda as kc, numpy\n"
             "b = kc.CupyBackend()\n"
             "assert not b.is_array(numpy.zeros(3))\n"
-            "try:\n    b.kernel('optim_adam')\nexcept ImportError as e:\n    print(e)\n")
+            "src = kc.cuda_source('float32')\n"
+            "try:\n    b.function('float32', 'optim_adam')\nexcept ImportError as e:\n"
+            "    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout
     assert 'pip install "optim[cuda12x]"' in out
@@ -120,30 +145,33 @@ def test_missing_cupy_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)
     monkeypatch.setattr(kc, "_cupy", None)
     backend = kc.CupyBackend()
-    for call in (lambda: backend.kernel("optim_sgd"), backend.reduction,
+    for call in (lambda: backend.function("float32", "optim_sgd"), backend.ensure_available,
                  lambda: backend.zeros_like(None)):
         with pytest.raises(ImportError, match=r"optim\[cuda12x\]"):
             call()
 
 
-def test_plan_update_arguments():
-    w = numpy.ones(4, numpy.float32)
-    g, m, v, avg = (numpy.zeros(4, numpy.float32) for _ in range(4))
-    coefs = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, l2=0.0, clip_scale=1.0,
-                 pre_decay=0.0, post_decay=0.0, rectified=True, avg_keep=0.5, la_alpha=0.5)
-    spec, args = kc.plan_update("radam", coefs, w, g, m, v, avg, None)
-    assert spec.name == "optim_radam_rect_avg"
-    assert all(type(a) is numpy.float32 for a in args[:len(spec.scalars)])
-    assert args[0] == numpy.float32(0.1)
-    # 1 - beta is formed in double, then rounded (a float32 subtraction is biased)
-    one_minus_beta1 = args[spec.scalars.index("one_minus_beta1")]
-    assert one_minus_beta1 == numpy.float32(1.0 - 0.9) != numpy.float32(1) - numpy.float32(0.9)
-    assert args[spec.scalars.index("avg_rate")] == numpy.float32(0.5)
-    assert args[len(spec.scalars):] == [w, g, m, v, avg]
-    with pytest.raises(TypeError, match="float32 or float64"):
-        kc.plan_update("sgd", coefs, w.astype(numpy.float16), g, None, None, None, None)
-    with pytest.raises(ValueError, match="needs array 'm'"):
-        kc.plan_update("adam", coefs, w, g, None, None, None, None)
+def test_device_coefs_are_the_cpu_coefs():
+    """The doubles the GPU kernels get are exactly the CPU kernels' Coefs."""
+    hyper = _kernels.Hyper()
+    hyper.learn_rate, hyper.beta1, hyper.beta2, hyper.eps = 0.01, 0.9, 0.99, 1e-7
+    hyper.L2, hyper.L2_is_weight_decay, hyper.use_radam = 0.01, False, True
+    hyper.weight_decay, hyper.lookahead_k, hyper.lookahead_alpha = 0.02, 3, 0.4
+    table = numpy.zeros((40, kc.ROW))
+    variants = numpy.zeros(40, dtype=numpy.uint8)
+    _kernels.device_coef_table(hyper, list(range(40)), list(range(1, 41)), 0.5, table,
+                               variants)
+    for t in range(1, 41):
+        coefs = _kernels.coefs(hyper, t, 0.5)
+        got = _kernels.device_coefs(hyper, t, 0.5)
+        assert got[0] == int(coefs["rectified"]) | 2 * coefs["lookahead_sync"] == variants[t - 1]
+        assert list(got[1:]) == [coefs[name] for name in kc.COEFS] == list(table[t - 1, :-1])
+        assert table[t - 1, -1] == 1.0
+    assert set(variants) == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="key 'k': lr_scale"):
+        _kernels.device_coefs(hyper, 1, -1.0, "k")
+    with pytest.raises(ValueError, match="key 3: update count"):
+        _kernels.device_coef_table(hyper, [3], [0], 1.0, table[:1], variants[:1])
 
 
 # ---------------------------------------------------------------- nvcc
@@ -157,29 +185,27 @@ def _nvcc(tmp_path: Path, source: str, tag: str) -> subprocess.CompletedProcess:
 
 @needs_nvcc
 def test_nvcc_compiles_every_kernel(tmp_path):
-    """One .cu per dtype (every kernel in its own namespace), both compiled in parallel."""
+    """The RawModule source for each dtype, both compiled in parallel."""
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda d: _nvcc(tmp_path, ch.cuda_module(d), d.__name__),
                                 DTYPES))
     for dtype, res in zip(DTYPES, results):
         assert res.returncode == 0, f"nvcc failed for {dtype.__name__}:\n{res.stderr}"
     source = ch.cuda_module(numpy.float32)
-    assert source.count('extern "C" __global__ void optim_') == 17
-    assert "T &w = _raw_w[_ind.get()];" in source and "const T lr," in source
-    assert "const T g = _raw_g[_in_ind.get()];" in source
+    assert source.count('extern "C" __global__ void optim_') == len(kc.ENTRY_POINTS) == 34
+    assert "typedef float T;" in source and "typedef double T;" in ch.cuda_module(
+        numpy.float64)
 
 
 @needs_nvcc
 def test_nvcc_check_catches_broken_kernels(tmp_path):
     """The compile check fails on a type error and on a warning (an unused variable)."""
-    spec = kc.KERNELS["optim_adam"]
-    undeclared = spec.__class__(**{**spec.__dict__, "operation":
-                                   spec.operation.replace("eps", "epsilon")})
-    unused = spec.__class__(**{**spec.__dict__, "operation": spec.operation + "\nT spare = w;"})
+    source = ch.cuda_module(numpy.float32)
+    undeclared = source.replace("m / (sqrt(v) + eps)", "m / (sqrt(v) + epsilon)", 1)
+    unused = source.replace("T w_new = w;", "T w_new = w; T spare = w;", 1)
     for i, bad in enumerate((undeclared, unused)):
-        source = ch.CUDA_PRELUDE + ch.cuda_elementwise_source(bad, "float")
-        res = _nvcc(tmp_path, source, f"bad{i}")
-        assert res.returncode != 0
+        assert bad != source
+        assert _nvcc(tmp_path, bad, f"bad{i}").returncode != 0
 
 
 # ---------------------------------------------------------------- execution on the host
@@ -226,10 +252,10 @@ coef_draws = st.fixed_dictionaries({
 })
 
 
-def random_arrays(spec: kc.KernelSpec, shape, dtype, seed: int, gscale: float):
+def random_arrays(arrays, shape, dtype, seed: int, gscale: float):
     rng = numpy.random.default_rng(seed)
     out = {}
-    for a in spec.arrays:
+    for a in arrays:
         x = rng.standard_normal(shape) * (gscale if a == "g" else 1.0)
         if a == "v":
             x = x * x * gscale * gscale
@@ -250,18 +276,18 @@ def assert_close(got: numpy.ndarray, want: numpy.ndarray, before: numpy.ndarray,
 @pytest.mark.parametrize("name", NAMES)
 @HYPO
 @given(shape=shapes, coefs=coef_draws, seed=st.integers(0, 2**32 - 1),
-       gscale=st.sampled_from([1e-3, 0.1, 1.0, 10.0]))
-def test_harness_matches_numpy_reference(name, dtype, shape, coefs, seed, gscale):
+       gscale=st.sampled_from([1e-3, 0.1, 1.0, 10.0]), grid=st.integers(1, 3))
+def test_update_kernel_matches_numpy_reference(name, dtype, shape, coefs, seed, gscale,
+                                               grid):
+    """The one-tensor entry point, launched as CupyBackend launches it."""
     spec = kc.KERNELS[name]
-    arrays = random_arrays(spec, shape, dtype, seed, gscale)
+    arrays = random_arrays(spec.arrays, shape, dtype, seed, gscale)
     before = {k: x.copy() for k, x in arrays.items()}
     want = reference_update(name, coefs, before)
-    coefs["rectified"] = base_of(name) == "radam_rect"
-    kind = base_of(name).split("_")[0]
-    got_spec, args = kc.plan_update(kind, coefs, arrays["w"], arrays["g"], arrays.get("m"),
-                                    arrays.get("v"), arrays.get("avg"), arrays.get("slow"))
-    assert got_spec is spec
-    ch.harness(dtype).update(spec, args)
+    n = int(numpy.prod(shape))
+    args = ([float(coefs[c]) for c in kc.COEFS] + [numpy.array([coefs["clip_scale"]])]
+            + [arrays[a] for a in spec.arrays] + [n])
+    ch.harness(dtype).launch(name, grid, 32, args)
     tol = 2e-5 if dtype is numpy.float32 else 1e-12
     for a in spec.arrays:
         assert arrays[a].dtype == dtype and arrays[a].shape == shape
@@ -269,20 +295,51 @@ def test_harness_matches_numpy_reference(name, dtype, shape, coefs, seed, gscale
     assert not arrays["g"].any(), "the kernel zeroes the gradient"
 
 
+def launch_norm(dtype, g, w, l2, grad_clip, grid, block):
+    """optim_clip_norm on the host; returns (clip factor, counter after)."""
+    n = g.size
+    partials = numpy.full(max(kc.n_chunks(n), 1), numpy.nan)
+    counter = numpy.zeros(1, dtype=numpy.uint32)
+    clip = numpy.full(1, numpy.nan)
+    ch.harness(dtype).launch("optim_clip_norm", grid, block,
+                             [g, w, float(l2), float(grad_clip), n, partials, counter, clip])
+    return clip[0], int(counter[0])
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("n", EDGE_SIZES)
+def test_clip_norm_kernel_is_the_cpu_order(dtype, n):
+    """The device clip factor is the CPU's bit for bit, on any grid and block size,
+    and the counter is left at 0 for the next launch."""
+    rng = numpy.random.default_rng(n)
+    g = (rng.standard_normal(n) * rng.uniform(0.01, 3.0, n)).astype(dtype)
+    w = rng.standard_normal(n).astype(dtype)
+    l2 = 0.03
+    sumsq = _kernels.clip_sum_squares(g, w, l2)
+    assert sumsq == reference.clip_sum_squares(g, w, l2)
+    for grad_clip in (0.5, 2.0 * numpy.sqrt(sumsq)):  # clips; does not clip
+        want = _kernels.clip_scale(sumsq, grad_clip)
+        for grid, block in ((1, 32), (2, 64), (3, 96)):
+            got, counter = launch_norm(dtype, g, w, l2, grad_clip, grid, block)
+            assert got == want, (grid, block, got, want)
+            assert counter == 0
+    assert want == 1.0 and _kernels.clip_scale(sumsq, 0.5) < 1.0
+
+
 @needs_gxx
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
 @HYPO
-@given(shape=shapes, l2=st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
-       seed=st.integers(0, 2**32 - 1))
-def test_harness_sum_squares(dtype, shape, l2, seed):
+@given(n=st.integers(1, 3 * 4096 + 100), l2=st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
+       seed=st.integers(0, 2**32 - 1), scale=st.sampled_from([1e-20, 1e-3, 1.0, 1e3]),
+       grid=st.integers(1, 3))
+def test_clip_norm_kernel_random(dtype, n, l2, seed, scale, grid):
     rng = numpy.random.default_rng(seed)
-    g = rng.standard_normal(shape).astype(dtype)
-    w = rng.standard_normal(shape).astype(dtype)
-    got = ch.harness(dtype).sum_squares(g, w, l2)
-    terms = (g + dtype(l2) * w).astype(numpy.float64)  # each term formed in T
-    want = float((terms * terms).sum())
-    assert abs(got - want) <= 1e-12 * max(want, 1e-300)
-    assert (got == 0.0) == (want == 0.0)
+    g = (rng.standard_normal(n) * scale).astype(dtype)
+    w = rng.standard_normal(n).astype(dtype)
+    want = _kernels.clip_scale(_kernels.clip_sum_squares(g, w, l2), 1e-3 * scale * n)
+    got, counter = launch_norm(dtype, g, w, l2, 1e-3 * scale * n, grid, 32)
+    assert got == want and counter == 0
 
 
 # ---------------------------------------------------------------- vs the Cython kernels
@@ -309,48 +366,92 @@ hyper_draws = st.fixed_dictionaries({
     "L2": st.one_of(st.just(0.0), st.floats(1e-4, 0.1)), "decoupled": st.booleans(),
     "weight_decay": st.one_of(st.just(0.0), st.floats(1e-4, 0.1)), "la_alpha": unit,
 })
+BACKENDS = {block: ch.HarnessBackend(block=block, max_grid=2) for block in (32, 64)}
 
 
-@needs_gxx
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
-@pytest.mark.parametrize("name", NAMES)
-@HYPO
-@given(shape=shapes, h=hyper_draws, seed=st.integers(0, 2**32 - 1),
-       grad_clip=st.sampled_from([0.0, 0.5, 5.0]), lr_scale=st.floats(0.1, 2.0),
-       t_early=st.integers(1, 4), b2=st.floats(0.0, 0.9999))
-def test_harness_matches_cython_kernels(name, dtype, shape, h, seed, grad_clip, lr_scale,
-                                        t_early, b2):
-    """Same arrays, same per-call scalars (from optim._kernels.coefs): same numbers."""
+def setup_case(name, h, b2, t_early):
     base = base_of(name)
-    kind = base.split("_")[0]
     if base == "radam_rect":
         h["beta2"], t = 0.7 + 0.29 * b2, 500  # rho_inf > 5, rho_t ~ rho_inf: rectified
     elif base == "radam_unrect":
         h["beta2"], t = b2, 1  # rho_1 = 1 < 5 for every beta2
     else:
         h["beta2"], t = max(b2, 1e-3), t_early  # both betas 0 would select SGD
-    lookahead, averages = name.endswith("_la"), "_avg" in name
-    hyper = make_hyper(base, h, lookahead, grad_clip)
-    spec = kc.KERNELS[name]
-    cpu = random_arrays(spec, shape, dtype, seed, 1.0)
-    dev = {k: x.copy() for k, x in cpu.items()}
+    return base.split("_")[0], t
 
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("name", NAMES)
+@HYPO
+@given(shape=st.one_of(shapes, st.sampled_from([(4097,), (2, 4096)])), h=hyper_draws,
+       seed=st.integers(0, 2**32 - 1), grad_clip=st.sampled_from([0.0, 0.5, 5.0, 50.0]),
+       lr_scale=st.floats(0.1, 2.0), t_early=st.integers(1, 4), b2=st.floats(0.0, 0.9999),
+       block=st.sampled_from([32, 64]))
+def test_backend_launch_matches_cython_kernels(name, dtype, shape, h, seed, grad_clip,
+                                               lr_scale, t_early, b2, block):
+    """CupyBackend.plan + launch (clip norm, then the update, on the emulated device)
+    against optim._kernels.step on the same arrays: bitwise, clipping included."""
+    kind, t = setup_case(name, h, b2, t_early)
+    lookahead, averages = name.endswith("_la"), "_avg" in name
+    hyper = make_hyper(base_of(name), h, lookahead, grad_clip)
+    spec = kc.KERNELS[name]
+    cpu = random_arrays(spec.arrays, shape, dtype, seed, 1.0)
+    dev = {k: ch.to_fake_device(x) for k, x in cpu.items()}
     _kernels.step(hyper, "key", cpu["w"], cpu["g"], cpu.get("m"), cpu.get("v"),
                   cpu.get("avg"), cpu.get("slow"), t, lr_scale)
 
-    coefs = _kernels.coefs(hyper, t, lr_scale)
-    assert coefs["kind"] == kind and coefs["lookahead_sync"] == lookahead
-    if grad_clip > 0:
-        sumsq = ch.harness(dtype).sum_squares(dev["g"], dev["w"], coefs["l2"])
-        coefs["clip_scale"] = _kernels.clip_scale(sumsq, grad_clip)
-    got_spec, args = kc.plan_update(kind, coefs, dev["w"], dev["g"], dev.get("m"),
-                                    dev.get("v"), dev.get("avg") if averages else None,
-                                    dev.get("slow") if lookahead else None)
-    assert got_spec is spec, (got_spec.name, name)
-    ch.harness(dtype).update(spec, args)
+    backend = BACKENDS[block]
+    before = len(backend.launches)
+    reads = backend.moved_to_host
+    plan = backend.plan("key", kind, averages, dev["w"], dev.get("m"), dev.get("v"),
+                        dev.get("avg"), dev.get("slow"))
+    backend.launch(plan, hyper, "key", dev["w"], dev["g"], t, lr_scale)
+    launched = backend.launches[before:]
+    assert launched == (["optim_clip_norm"] if grad_clip else []) + [name]
+    assert backend.moved_to_host == reads, "nothing is read back"
     for a in spec.arrays:
-        if grad_clip == 0:
-            numpy.testing.assert_array_equal(dev[a], cpu[a], err_msg=f"{name}/{a}")
-        else:
-            assert_close(dev[a], cpu[a].astype(numpy.float64), cpu[a],
-                         8 * float(numpy.finfo(dtype).eps), f"{name}/{a}")
+        numpy.testing.assert_array_equal(dev[a].view(numpy.ndarray), cpu[a],
+                                         err_msg=f"{name}/{a}")
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("kind", ["sgd", "adam", "radam"])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(sizes=st.lists(st.one_of(st.integers(1, 300), st.sampled_from(EDGE_SIZES[:6])),
+                      min_size=1, max_size=6),
+       h=hyper_draws, grad_clip=st.sampled_from([0.0, 0.5, 50.0]), seed=st.integers(0, 2**31),
+       ts=st.lists(st.integers(1, 12), min_size=6, max_size=6), averages=st.booleans(),
+       lookahead_k=st.sampled_from([0, 2, 3]), block=st.sampled_from([32, 64]))
+def test_launch_many_matches_cython_kernels(dtype, kind, sizes, h, grad_clip, seed, ts,
+                                            averages, lookahead_k, block):
+    """step_many's group launches (tensor and chunk tables, coefficient rows, the clip
+    norm per tensor) against the Cython kernels: bitwise, one launch per group (+1 norm)."""
+    h["beta2"] = 0.9 if kind == "radam" else 0.999  # radam: rectified from t = 6
+    hyper = make_hyper(kind, h, False, grad_clip)
+    hyper.lookahead_k = lookahead_k
+    rng = numpy.random.default_rng(seed)
+    arrays = ("w", "g") + (("m", "v") if kind != "sgd" else ()) + (
+        ("avg",) if averages else ()) + (("slow",) if lookahead_k else ())
+    cpu = [random_arrays(arrays, (n,), dtype, int(rng.integers(2**31)), 1.0) for n in sizes]
+    dev = [{k: ch.to_fake_device(x) for k, x in c.items()} for c in cpu]
+    keys = list(range(len(sizes)))
+    counts = ts[:len(sizes)]
+    for key, c, t in zip(keys, cpu, counts):
+        _kernels.step(hyper, key, c["w"], c["g"], c.get("m"), c.get("v"), c.get("avg"),
+                      c.get("slow"), t, 0.7)
+    backend = BACKENDS[block]
+    plans = [backend.plan(key, kind, averages, d["w"], d.get("m"), d.get("v"), d.get("avg"),
+                          d.get("slow")) for key, d in zip(keys, dev)]
+    before, reads = len(backend.launches), backend.moved_to_host
+    backend.launch_many({}, hyper, keys, [d["w"] for d in dev], [d["g"] for d in dev],
+                        plans, counts, 0.7)
+    groups = {_kernels.device_coefs(hyper, t, 0.7)[0] for t in counts}
+    assert len(backend.launches) - before == len(groups) * (2 if grad_clip else 1)
+    assert backend.moved_to_host == reads
+    for key, c, d in zip(keys, cpu, dev):
+        for a in arrays:
+            numpy.testing.assert_array_equal(d[a].view(numpy.ndarray), c[a],
+                                             err_msg=f"key {key} {a}")
