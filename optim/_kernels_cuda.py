@@ -475,7 +475,7 @@ class Plan:
     call), dtype, size, geometry, and the 4 kernels with their state arguments."""
 
     __slots__ = ("backend", "array_type", "dtype", "shape", "n", "m", "v", "avg", "slow",
-                 "funcs", "many_funcs", "state_args", "grid", "n_chunks", "norm_grid")
+                 "funcs", "many_funcs", "norm", "state_args", "grid", "n_chunks", "norm_grid")
 
     def holds(self, m: Any, v: Any, avg: Any, slow: Any) -> bool:
         return self.m is m and self.v is v and self.avg is avg and self.slow is slow
@@ -510,6 +510,8 @@ class CupyBackend:
         self._functions: Dict[Tuple[str, str], Any] = {}
         self._ones: Dict[int, Any] = {}
         self._workspaces: Dict[Tuple[int, int], _Workspace] = {}
+        # CuPy keeps C-contiguity as an attribute; `flags` builds an object per access
+        self._contiguous = operator.attrgetter("_c_contiguous")
 
     @property
     def cupy(self) -> Any:
@@ -572,10 +574,11 @@ class CupyBackend:
             one = self._ones[device] = self.cupy.ones(1, dtype=numpy.float64)
         return one
 
-    def workspace(self, chunks: int) -> _Workspace:
+    def workspace(self, chunks: int, device: Optional[int] = None) -> _Workspace:
         """The one-tensor clip norm's buffers for the current device and stream (a
         stream's launches are ordered, so they can share them)."""
-        key = (self._device(), self.cupy.cuda.get_current_stream().ptr)
+        key = (self._device() if device is None else device,
+               self.cupy.cuda.get_current_stream().ptr)
         ws = self._workspaces.get(key)
         if ws is None or ws.partials.size < chunks:
             cp = self.cupy
@@ -608,6 +611,7 @@ class CupyBackend:
         plan.m, plan.v, plan.avg, plan.slow = mom1, mom2, average, slow
         plan.funcs = tuple(self.function(plan.dtype, name) for name in names)
         plan.many_funcs = tuple(self.function(plan.dtype, name + "_many") for name in names)
+        plan.norm = self.function(plan.dtype, "optim_clip_norm")
         # None: a variant this key's state cannot run (lookahead weights missing)
         plan.state_args = tuple(
             None if any(state[a] is None for a in KERNELS[name].arrays[2:])
@@ -620,9 +624,10 @@ class CupyBackend:
     def check(self, plan: Plan, key: Any, weights: Any, gradient: Any, device: int) -> None:
         """Raise unless weights and gradient fit the key's plan (dtype, shape, layout,
         device); touches nothing."""
+        contiguous = self._contiguous
         if (weights.dtype != plan.dtype or gradient.dtype != plan.dtype
                 or weights.shape != plan.shape or gradient.shape != plan.shape
-                or not weights.flags.c_contiguous or not gradient.flags.c_contiguous):
+                or not contiguous(weights) or not contiguous(gradient)):
             _check_arrays(key, weights, gradient, plan)
         if weights.data.device_id != device or gradient.data.device_id != device:
             _device_of(key, weights, device)
@@ -632,7 +637,7 @@ class CupyBackend:
                lr_scale: float) -> None:
         """One update of `key` from a plan: the clip norm (if clipping), then the update.
         Validates the arrays against the plan first; reads nothing back."""
-        device = self._device()
+        device = self.cupy.cuda.runtime.getDevice()
         self.check(plan, key, weights, gradient, device)
         coefs = _kernels.device_coefs(hyper, t, lr_scale, key)
         bits = coefs[0]
@@ -641,69 +646,87 @@ class CupyBackend:
             _missing_state(key, plan, bits)
         grad_clip = hyper.grad_clip
         if grad_clip > 0.0:
-            ws = self.workspace(plan.n_chunks)
-            self.function(plan.dtype, "optim_clip_norm")(
-                plan.norm_grid, (BLOCK,),
-                (gradient, weights, coefs[5], grad_clip, plan.n, ws.partials, ws.counter,
-                 ws.clip))
+            ws = self.workspace(plan.n_chunks, device)
+            plan.norm(plan.norm_grid, _BLOCK,
+                      (gradient, weights, coefs[5], grad_clip, plan.n, ws.partials,
+                       ws.counter, ws.clip))
             clip = ws.clip
         else:
-            clip = self.ones()
-        plan.funcs[bits](plan.grid, (BLOCK,),
+            clip = self._ones.get(device)
+            if clip is None:
+                clip = self.ones()
+        plan.funcs[bits](plan.grid, _BLOCK,
                          coefs[1:] + (clip, weights, gradient) + state_args + (plan.n,))
 
     # ------------------------------------------------------------ many tensors
 
-    def launch_many(self, batches: Dict[Any, Batch], hyper: Any, keys: List[Any],
+    def launch_many(self, batches: Dict[Any, Any], hyper: Any, keys: List[Any],
                     weights: List[Any], gradients: List[Any], plans: List[Plan],
                     counts: List[int], lr_scale: float) -> None:
         """Update many keys: one launch per group sharing dtype and kernel (plus one
         clip norm launch per group when clipping). `batches` caches the groups' tables.
         Every array is checked against its key's plan before anything is launched."""
         n = len(keys)
-        device = self._device()
-        check = self.check
-        for plan, key, w, g in zip(plans, keys, weights, gradients):
-            check(plan, key, w, g, device)
+        if n == 0:
+            return
+        device = self.cupy.cuda.runtime.getDevice()
+        expected = batches.get("expected")  # the plans' dtypes and shapes, as lists
+        if expected is None or expected[0] != plans:
+            expected = batches["expected"] = (
+                list(plans), [p.dtype for p in plans], [p.shape for p in plans])
+        _, dtypes, shapes = expected
+        w_mem = list(map(_DATA, weights))
+        g_mem = list(map(_DATA, gradients))
+        if (list(map(_DTYPE, weights)) != dtypes or list(map(_DTYPE, gradients)) != dtypes
+                or list(map(_SHAPE, weights)) != shapes
+                or list(map(_SHAPE, gradients)) != shapes
+                or not all(map(self._contiguous, weights))
+                or not all(map(self._contiguous, gradients))
+                or set(map(_DEVICE_ID, w_mem)) != {device}
+                or set(map(_DEVICE_ID, g_mem)) != {device}):
+            for plan, key, w, g in zip(plans, keys, weights, gradients):
+                self.check(plan, key, w, g, device)  # raises the error of the first misfit
         table = numpy.empty((n, ROW), dtype=numpy.float64)
         variants = numpy.empty(n, dtype=numpy.uint8)
         _kernels.device_coef_table(hyper, keys, counts, lr_scale, table, variants)
-        groups: Dict[Tuple[str, int], List[int]] = {}
-        if n and variants.min() == variants.max() and all(
-                p.dtype == plans[0].dtype for p in plans):
-            groups[(plans[0].dtype.name, int(variants[0]))] = list(range(n))
-        else:
-            for i in range(n):
-                groups.setdefault((plans[i].dtype.name, int(variants[i])), []).append(i)
-        per_dtype: Dict[str, int] = {}
-        for dtype, _ in groups:
-            per_dtype[dtype] = per_dtype.get(dtype, 0) + 1
+        w_ptrs = list(map(_PTR, w_mem))
+        g_ptrs = list(map(_PTR, g_mem))
         stream = (device, self.cupy.cuda.get_current_stream().ptr)
+        if variants.min() == variants.max() and dtypes.count(dtypes[0]) == n:
+            groups = {(dtypes[0].name, int(variants[0])): None}  # the usual case: one group
+        else:
+            groups = {}
+            for i in range(n):
+                groups.setdefault((dtypes[i].name, int(variants[i])), []).append(i)
         for (dtype, bits), members in groups.items():
-            every = len(members) == n
-            pick = operator.itemgetter(*members) if not every else None
-            g_plans = plans if every else _picked(pick, plans)
-            g_w = weights if every else _picked(pick, weights)
-            g_g = gradients if every else _picked(pick, gradients)
+            if members is None:
+                g_plans, g_w, g_g, rows = plans, w_ptrs, g_ptrs, table
+            else:
+                pick = operator.itemgetter(*members)
+                g_plans, g_w, g_g = (_picked(pick, x) for x in (plans, w_ptrs, g_ptrs))
+                rows = table[members]
+            for plan in g_plans:
+                if plan.state_args[bits] is None:
+                    _missing_state(keys[plans.index(plan)], plan, bits)
             # a dtype's tensors in one group (the usual case) keep one set of tables
             # whatever the kernel (e.g. lookahead sync steps)
-            slot = dtype if per_dtype[dtype] == 1 else (dtype, bits)
-            batch = self._batch(batches, slot, g_plans, g_w, g_g, stream)
-            batch.coefs.set(table if every else table[members])
+            one_group = sum(1 for d, _ in groups if d == dtype) == 1
+            batch = self._batch(batches, dtype if one_group else (dtype, bits), g_plans, g_w,
+                                g_g, stream)
+            batch.coefs.set(rows)
             if hyper.grad_clip > 0.0:
                 self.function(dtype, "optim_clip_norm_many")(
-                    batch.norm_grid, (BLOCK,),
+                    batch.norm_grid, _BLOCK,
                     (batch.tensors, batch.chunk_tensor, batch.coefs, hyper.grad_clip,
                      batch.n_chunks, batch.partials, batch.counters))
-            g_plans[0].many_funcs[bits]((batch.grid,), (BLOCK,),
-                 (batch.tensors, batch.chunk_tensor, batch.coefs, batch.n_chunks))
+            g_plans[0].many_funcs[bits](
+                batch.grid, _BLOCK,
+                (batch.tensors, batch.chunk_tensor, batch.coefs, batch.n_chunks))
 
-    def _batch(self, batches: Dict[Any, Batch], group: Any, plans: List[Plan],
-               weights: List[Any], gradients: List[Any], stream: int) -> Batch:
+    def _batch(self, batches: Dict[Any, Any], slot: Any, plans: List[Plan], w_ptrs: List[int],
+               g_ptrs: List[int], stream: Tuple[int, int]) -> Batch:
         """The group's cached tables, rebuilt when an address, size or stream changed."""
-        w_ptrs = [w.data.ptr for w in weights]
-        g_ptrs = [g.data.ptr for g in gradients]
-        batch = batches.get(group)
+        batch = batches.get(slot)
         if (batch is not None and batch.stream == stream and batch.w_ptrs == w_ptrs
                 and batch.g_ptrs == g_ptrs and batch.plans == plans):
             return batch
@@ -713,13 +736,12 @@ class CupyBackend:
         chunks = numpy.fromiter((p.n_chunks for p in plans), dtype=numpy.int64, count=n)
         first = numpy.zeros(n, dtype=numpy.int64)
         numpy.cumsum(chunks[:-1], out=first[1:])
-        for i, (plan, w_ptr, g_ptr) in enumerate(zip(plans, w_ptrs, g_ptrs)):
-            row = tensors[i]
-            row[0], row[1] = w_ptr, g_ptr
-            for j, x in enumerate((plan.m, plan.v, plan.avg, plan.slow), 2):
-                if x is not None:
-                    row[j] = x.data.ptr
-            row[6] = plan.n
+        tensors[:, 0] = w_ptrs
+        tensors[:, 1] = g_ptrs
+        for j, name in enumerate(("m", "v", "avg", "slow"), 2):
+            tensors[:, j] = [0 if x is None else x.data.ptr
+                             for x in map(operator.attrgetter(name), plans)]
+        tensors[:, 6] = [p.n for p in plans]
         tensors[:, 7] = first
         total = int(chunks.sum())
         batch = Batch()
@@ -731,10 +753,18 @@ class CupyBackend:
         batch.partials = cp.empty(max(total, 1), dtype=numpy.float64)
         batch.counters = cp.zeros(n, dtype=numpy.uint32)
         batch.n_chunks = total
-        batch.grid = max(1, min(total, 1 << 20))
+        batch.grid = (max(1, min(total, 1 << 20)),)
         batch.norm_grid = (norm_grid(total),)
-        batches[group] = batch
+        batches[slot] = batch
         return batch
+
+
+_BLOCK = (BLOCK,)
+_DATA = operator.attrgetter("data")
+_PTR = operator.attrgetter("ptr")
+_DEVICE_ID = operator.attrgetter("device_id")
+_DTYPE = operator.attrgetter("dtype")
+_SHAPE = operator.attrgetter("shape")
 
 
 def _picked(pick: Any, items: List[Any]) -> List[Any]:

@@ -6,6 +6,7 @@ math lives in `optim._kernels` (CPU) and `optim._kernels_cuda` (GPU).
 import itertools
 import math
 import numbers
+import operator
 from collections import defaultdict
 from typing import Any, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -360,11 +361,13 @@ class Optimizer:
                              f"{len(gradients)} gradients")
         if len(set(keys)) != len(keys):
             raise ValueError("step_many: each key may appear once per call")
-        if any(_is_empty(g) for g in gradients):  # no-ops, as in single calls
+        if _any_empty(gradients):  # no-ops, as in single calls
             todo = [i for i, g in enumerate(gradients) if not _is_empty(g)]
             keys, weights = [keys[i] for i in todo], [weights[i] for i in todo]
             gradients = [gradients[i] for i in todo]
         if self._step_many_known(keys, weights, gradients, lr_scale):
+            return
+        if self._step_many_device_known(keys, weights, gradients, lr_scale):
             return
         backends = [self._check_pair(k, w, g) for k, w, g in zip(keys, weights, gradients)]
         if any(b is not NUMPY for b in backends):
@@ -387,11 +390,6 @@ class Optimizer:
                           gradients: List[Any], lr_scale: float) -> None:
         """step_many on device arrays (already validated): one launch per group of
         tensors sharing dtype and kernel, plus one clip norm launch per group."""
-        if not all(g.size for g in gradients):  # empty gradients: no-ops
-            todo = [i for i, g in enumerate(gradients) if g.size]
-            keys = [keys[i] for i in todo]
-            weights = [weights[i] for i in todo]
-            gradients = [gradients[i] for i in todo]
         averages = self.averages if self.averages is not None else {}
         plans, new = [], []
         for key, w in zip(keys, weights):
@@ -412,6 +410,31 @@ class Optimizer:
             self._plans[key] = plan
             self.nr_update[key] = t
         self._on_gpu = True
+
+    def _step_many_device_known(self, keys: List[KeyT], weights: List[Any],
+                                gradients: List[Any], lr_scale: float) -> bool:
+        """The hot path of step_many on the device: keys with prepared launches whose
+        state is unchanged. The backend checks every array against its plan before
+        launching; returns False (having touched nothing) when the general path is needed."""
+        if not self._on_gpu or self._stale or not keys:
+            return False
+        plans = list(map(self._plans.get, keys))
+        if None in plans:
+            return False
+        array_type = {plans[0].array_type}
+        if set(map(type, weights)) != array_type or set(map(type, gradients)) != array_type:
+            return False
+        averages = self.averages if self.averages is not None else {}
+        for store, field in ((self.mom1, _PLAN_M), (self.mom2, _PLAN_V),
+                             (averages, _PLAN_AVG), (self.lookahead, _PLAN_SLOW)):
+            if not all(map(operator.is_, map(store.get, keys), map(field, plans))):
+                return False  # a state array was replaced: plan again
+        nr_update = self.nr_update
+        counts = [nr_update[key] + 1 for key in keys]
+        plans[0].backend.launch_many(self._batches, self._hyper, keys, weights, gradients,
+                                     plans, counts, lr_scale)
+        nr_update.update(zip(keys, counts))
+        return True
 
     def _step_many_known(self, keys: List[KeyT], weights: List[Any], gradients: List[Any],
                          lr_scale: float) -> bool:
@@ -596,6 +619,18 @@ def _check_value(name: str, value: Any) -> float:
     if not (math.isfinite(value) and low <= value <= high):
         raise ValueError(f"{name} must be finite and {rule}, got {value!r}")
     return value
+
+
+_PLAN_M, _PLAN_V = operator.attrgetter("m"), operator.attrgetter("v")
+_PLAN_AVG, _PLAN_SLOW = operator.attrgetter("avg"), operator.attrgetter("slow")
+_SIZE = operator.attrgetter("size")
+
+
+def _any_empty(gradients: List[Any]) -> bool:
+    try:
+        return 0 in map(_SIZE, gradients)
+    except AttributeError:
+        return any(_is_empty(g) for g in gradients)
 
 
 def _is_empty(gradient: Any) -> bool:

@@ -385,6 +385,10 @@ class FakeDeviceArray(numpy.ndarray):
     def data(self) -> _Pointer:  # type: ignore[override]
         return _Pointer(self.__array_interface__["data"][0])
 
+    @property
+    def _c_contiguous(self) -> bool:  # CuPy's attribute
+        return self.flags.c_contiguous
+
     def set(self, host: numpy.ndarray) -> None:
         if type(host) is not numpy.ndarray or host.shape != self.shape:
             raise TypeError("set() takes a host array of the same shape")
