@@ -4,9 +4,13 @@ spaCy validates `[training.optimizer]` with `isinstance(value, thinc.api.Optimiz
 the entry points `optim.Adam.v1`, `optim.SGD.v1` and `optim.RAdam.v1` (catalogue group
 `thinc_optimizers`) return a `ThincOptimizer`: a thin subclass of Thinc's class that
 forwards everything to an `optim.Optimizer`. Importing this module imports thinc.
+
+`finish_update(model, optimizer)` does what Thinc's `Model.finish_update` does (every
+node's parameters and every PyTorch shim's parameters) through ONE `step_many` call,
+so on the GPU a whole model is updated in one launch per dtype and kernel.
 """
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, List, Tuple
 
 import thinc.api
 
@@ -82,8 +86,69 @@ def load(path: str) -> ThincOptimizer:
     return ThincOptimizer(Optimizer.load(path))
 
 
+def finish_update(model: Any, optimizer: Any) -> None:
+    """`model.finish_update(optimizer)`, as one `optimizer.step_many` call.
+
+    Collects (key, weights, gradient) exactly as Thinc does - the PyTorch shims' named
+    parameters that have a gradient (skipped, but zeroed, when the shim's gradient
+    scaler found an infinity), then every node's parameters that have a gradient - and
+    updates them together. Same numbers, bitwise, as Thinc's loop. Other shims
+    (TensorFlow, MXNet) run their own `finish_update`. A key met twice (a shim shared
+    by two nodes) gets its second update in a second call, as in Thinc's loop.
+    """
+    from thinc.shims import PyTorchShim
+    from thinc.util import torch2xp, xp2torch
+
+    batch: List[Tuple[Any, Any, Any, Callable[[Any], None]]] = []
+    torch_shims: List[Any] = []
+
+    def flush() -> None:
+        if batch:
+            optimizer.step_many([b[0] for b in batch], [b[1] for b in batch],
+                                [b[2] for b in batch])
+            for _, weights, _, store in batch:
+                store(weights)
+            batch.clear()
+
+    def add(key: Any, weights: Any, gradient: Any, store: Callable[[Any], None]) -> None:
+        if any(key == b[0] for b in batch):
+            flush()
+        batch.append((key, weights, gradient, store))
+
+    nodes = list(model.walk())
+    for node in nodes:
+        for shim in node.shims:
+            if not isinstance(shim, PyTorchShim):
+                flush()
+                shim.finish_update(optimizer)
+                continue
+            torch_shims.append(shim)
+            if shim._grad_scaler.found_inf:
+                continue
+            for name, param in shim._model.named_parameters():
+                if param.grad is not None:
+                    add((shim.id, name), torch2xp(param.data), torch2xp(param.grad),
+                        functools.partial(_store_torch, param, xp2torch))
+    for node in nodes:
+        for name in node.param_names:
+            if node.has_grad(name):
+                add((node.id, name), node.get_param(name), node.get_grad(name),
+                    functools.partial(node.set_param, name))
+    flush()
+    for shim in torch_shims:
+        for _, param in shim._model.named_parameters():
+            if param.grad is not None:
+                param.grad.zero_()
+        shim._grad_scaler.update()
+
+
+def _store_torch(param: Any, xp2torch: Callable, weights: Any) -> None:
+    """What PyTorchShim.finish_update does with the updated weights."""
+    param.data = xp2torch(weights, requires_grad=True, device=param.device)
+
+
 SGD = _as_thinc(_optimizer.SGD)
 Adam = _as_thinc(_optimizer.Adam)
 RAdam = _as_thinc(_optimizer.RAdam)
 
-__all__ = ["ThincOptimizer", "SGD", "Adam", "RAdam", "load"]
+__all__ = ["ThincOptimizer", "SGD", "Adam", "RAdam", "load", "finish_update"]
