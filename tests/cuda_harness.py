@@ -36,7 +36,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy
 
 from optim import _kernels_cuda as kc
-from optim._kernels_cuda import ENTRY_POINTS, KERNELS
 
 DTYPES = (numpy.float32, numpy.float64)
 IDENTIFIER = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*\b")
@@ -247,14 +246,29 @@ int optim_launch(void (*kernel)(A...), unsigned int grid, unsigned int block, vo
 """
 
 
-def cpp_module(dtype: Any) -> str:
-    """The CUDA source for `dtype` between the emulation prelude and one launcher per
-    entry point (`extern "C" int launch_<name>(grid, block, args)`)."""
+SIGNATURE = re.compile(r'extern "C" __global__ void (\w+)\(([^)]*)\)')
+
+
+def entry_points(source: str) -> Dict[str, Tuple[Tuple[str, str], ...]]:
+    """The `extern "C" __global__` kernels of a CUDA source: name -> (C type, name)s."""
+    out = {}
+    for name, params in SIGNATURE.findall(source):
+        parsed = []
+        for param in filter(None, (p.strip() for p in params.split(","))):
+            words = param.replace("__restrict__", "").split()
+            parsed.append((" ".join(words[:-1]).replace(" *", "*"), words[-1]))
+        out[name] = tuple(parsed)
+    return out
+
+
+def cpp_module(source: str) -> str:
+    """A CUDA source between the emulation prelude and one launcher per entry point
+    (`extern "C" int launch_<name>(grid, block, args)`)."""
     launchers = "".join(
         f'extern "C" int launch_{name}(unsigned int grid, unsigned int block, void** args) '
         f"{{ return optim_launch({name}, grid, block, args); }}\n"
-        for name in ENTRY_POINTS)
-    return "\n".join([CPP_PRELUDE, cuda_module(dtype), CPP_LAUNCHER, launchers])
+        for name in entry_points(source))
+    return "\n".join([CPP_PRELUDE, source, CPP_LAUNCHER, launchers])
 
 
 # Same floating-point policy as the Cython kernels (setup.py: -ffp-contract=off).
@@ -300,19 +314,30 @@ def _pointee(ctype: str, dtype: numpy.dtype) -> numpy.dtype:
     return dtype if base == "T" else numpy.dtype(POINTEES[base])
 
 
-class Harness:
-    """Every entry point of `cuda_source(dtype)`, executed on the host."""
+def source_dtype(source: str) -> numpy.dtype:
+    """The `T` of a source (`typedef float T;` or `typedef double T;`)."""
+    match = re.search(r"^typedef (float|double) T;", source, re.M)
+    if match is None:
+        raise ValueError("the CUDA source has no `typedef float|double T;`")
+    return numpy.dtype({"float": numpy.float32, "double": numpy.float64}[match.group(1)])
 
-    def __init__(self, dtype: Any) -> None:
-        self.dtype = numpy.dtype(dtype)
-        self.lib = ctypes.CDLL(str(compile_shared(cpp_module(self.dtype))))
+
+class Harness:
+    """Every entry point of a CUDA source (default: optim's `cuda_source(dtype)`),
+    executed on the host."""
+
+    def __init__(self, dtype: Any, source: Optional[str] = None) -> None:
+        source = cuda_module(dtype) if source is None else source
+        self.dtype = source_dtype(source)
+        self.entry_points = entry_points(source)
+        self.lib = ctypes.CDLL(str(compile_shared(cpp_module(source))))
 
     def launch(self, name: str, grid: int, block: int, args: Sequence[Any]) -> None:
         """Launch kernel `name` with grid x block threads. Arguments follow CuPy's
         RawKernel conversion, checked strictly against the kernel's parameter types:
         a `double` takes a Python float, a `long long` a Python int, a pointer a
         C-contiguous NumPy array (any subclass) of the pointee's dtype."""
-        params = ENTRY_POINTS[name]
+        params = self.entry_points[name]
         if len(args) != len(params):
             raise TypeError(f"{name} takes {len(params)} arguments, got {len(args)}")
         values: list = []
@@ -349,12 +374,12 @@ _harnesses: Dict[str, Harness] = {}
 _lock = threading.Lock()
 
 
-def harness(dtype: Any) -> Harness:
-    """The (cached) harness for `dtype`."""
-    key = numpy.dtype(dtype).name
+def harness(dtype: Any, source: Optional[str] = None) -> Harness:
+    """The (cached) harness for optim's kernels of `dtype`, or for another `source`."""
+    key = numpy.dtype(dtype).name if source is None else source
     with _lock:
         if key not in _harnesses:
-            _harnesses[key] = Harness(key)
+            _harnesses[key] = Harness(dtype, source)
         return _harnesses[key]
 
 
@@ -426,9 +451,29 @@ class _Runtime:
     def getDevice() -> int:  # noqa: N802 - CuPy's name
         return 0
 
+    @staticmethod
+    def getDeviceCount() -> int:  # noqa: N802
+        return 1
+
+    @staticmethod
+    def getDeviceProperties(device: int) -> Dict[str, Any]:  # noqa: N802
+        return {"name": b"fake device (CPU harness)"}
+
+
+class _FakeDevice:
+    id = 0
+
+    @staticmethod
+    def synchronize() -> None:
+        pass
+
 
 class FakeCuda:
     runtime = _Runtime()
+
+    @staticmethod
+    def Device(device: int = 0) -> _FakeDevice:  # noqa: N802 - CuPy's name
+        return _FakeDevice()
 
     def __init__(self) -> None:
         self.null = FakeStream(self, 0)
@@ -448,8 +493,8 @@ class FakeFunction:
     """A RawModule function whose launches run in the harness (on a small grid: every
     kernel is grid-stride, so the grid never changes a result)."""
 
-    def __init__(self, cupy: "FakeCupy", dtype: numpy.dtype, name: str) -> None:
-        self.cupy, self.dtype, self.name = cupy, dtype, name
+    def __init__(self, cupy: "FakeCupy", harness: Harness, name: str) -> None:
+        self.cupy, self.harness, self.name = cupy, harness, name
 
     def __call__(self, grid: Tuple[int, ...], block: Tuple[int, ...], args: Sequence[Any],
                  shared_mem: int = 0) -> None:
@@ -458,22 +503,24 @@ class FakeFunction:
         for a in args:
             if isinstance(a, numpy.ndarray) and not isinstance(a, FakeDeviceArray):
                 raise TypeError(f"{self.name}: a host array was passed to a kernel")
-        harness(self.dtype).launch(self.name, min(grid[0], cupy.max_grid), cupy.block, args)
+        self.harness.launch(self.name, min(grid[0], cupy.max_grid), cupy.block, args)
 
 
 class FakeModule:
+    """A RawModule: optim's `cuda_source` or any other source, run by the harness."""
+
     def __init__(self, cupy: "FakeCupy", code: str, options: Sequence[str]) -> None:
-        match = re.search(r"^typedef (float|double) T;", code, re.M)
-        self.dtype = numpy.dtype({"float": numpy.float32, "double": numpy.float64}[
-            match.group(1)])
-        assert code == kc.cuda_source(self.dtype), "the module compiles cuda_source"
-        assert tuple(options) == kc.NVRTC_OPTIONS
+        dtype = source_dtype(code)
+        ours = code == kc.cuda_source(dtype)
+        if ours:
+            assert tuple(options) == kc.NVRTC_OPTIONS
+        self.harness = harness(dtype, None if ours else code)
         self.cupy = cupy
 
     def get_function(self, name: str) -> FakeFunction:
-        if name not in ENTRY_POINTS:
+        if name not in self.harness.entry_points:
             raise KeyError(name)
-        return FakeFunction(self.cupy, self.dtype, name)
+        return FakeFunction(self.cupy, self.harness, name)
 
 
 class FakeCupy:
@@ -539,6 +586,10 @@ class FakeCupy:
 
     def RawModule(self, code: str, options: Sequence[str] = ()) -> FakeModule:  # noqa: N802
         return FakeModule(self, code, options)
+
+    def RawKernel(self, code: str, name: str, options: Sequence[str] = ()  # noqa: N802
+                  ) -> FakeFunction:
+        return FakeModule(self, code, options).get_function(name)
 
 
 class HarnessBackend(kc.CupyBackend):

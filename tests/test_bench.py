@@ -259,3 +259,99 @@ def test_plot_script(tmp_path):
     else:
         assert proc.returncode == 0, proc.stderr
         assert png.stat().st_size > 0
+
+
+# ---------------------------------------------------------------- --device gpu, without a GPU
+
+
+def _fake_gpu(monkeypatch):
+    """--device gpu on the CPU harness: optim's real GPU backend on an emulated device."""
+    ch = pytest.importorskip("cuda_harness")
+    if not ch.shutil.which("g++"):
+        pytest.skip("g++ is not on PATH: cannot run the CUDA kernels on the host")
+    from optim import backends
+    from optim.bench import devices, runner
+
+    backend = ch.HarnessBackend(block=32)
+    previous = backends.set_gpu_backend(backend)
+    dev = devices.CupyDevice(backend.cupy)
+    monkeypatch.setattr(runner, "get_device", lambda name: dev)
+    return backend, previous
+
+
+def test_gpu_path_on_the_harness(monkeypatch):
+    """The GPU rows (one tensor and many; lean and Thinc defaults) run optim's device
+    path, each timed call one step_many launch (+1 clip norm), against a roofline that is
+    ONE launch moving the same bytes."""
+    from optim import backends
+
+    backend, previous = _fake_gpu(monkeypatch)
+    try:
+        cfg = bench.Config(optimizers=["adam", "adam-thinc"], sizes=[640], tensor_size=64,
+                           repeats=2, quick=True, progress=False, overhead=False,
+                           min_block_s=1e-5, device="gpu")
+        data = bench.run(cfg)
+    finally:
+        backends.set_gpu_backend(previous)
+    rows = data["results"]
+    assert data["machine"]["device"] == "gpu"
+    assert data["machine"]["processor"] == "fake device (CPU harness)"
+    assert {(r["optimizer"], r["layout"], r["n_tensors"]) for r in rows} == {
+        ("adam", "one", 1), ("adam", "many", 10), ("adam-thinc", "one", 1),
+        ("adam-thinc", "many", 10)}
+    for r in rows:
+        assert r["clock"] == "wall" and r["impl"] == "optim"
+        assert r["roofline_s"] > 0 and r["time_s"] > 0
+    launched = backend.launches
+    roofline = launched.count("optim_roofline")
+    assert roofline >= 4 * 2  # every configuration, every sample: one launch
+    optim_launches = [n for n in launched if n != "optim_roofline"]
+    # lean: one launch per update; Thinc defaults: the clip norm before each update
+    assert optim_launches.count("optim_clip_norm_many") == optim_launches.count(
+        "optim_adam_avg_many")
+    assert optim_launches.count("optim_clip_norm") == optim_launches.count("optim_adam_avg")
+    assert "optim_adam_many" in optim_launches and "optim_adam" in optim_launches
+    assert backend.moved_to_host == 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("k, extra", [(1, False), (2, True), (5, True), (6, False)])
+def test_gpu_roofline_moves_the_bytes_once(monkeypatch, dtype, k, extra):
+    """One launch per timed call over every parameter of every tensor: each array's
+    values rotate one place, the extra array is only read."""
+    from optim import backends
+    from optim.bench import devices
+
+    backend, previous = _fake_gpu(monkeypatch)
+    backends.set_gpu_backend(previous)
+    dev = devices.CupyDevice(backend.cupy)
+    tensors = [[dev.filled(s, dtype, 0.0) for _ in range(k)] for s in (5, 70, 33)]
+    run = dev.roofline(tensors, read_index=1 if extra else None)
+    run(1)
+    assert backend.launches == ["optim_roofline"]
+    arrays, n = run.args[:k], run.args[-1]
+    assert n == 108 and all(a.size == n and a.dtype == dtype for a in arrays)
+    for j, a in enumerate(arrays):
+        want = -0.5 if k == 1 else 0.5 + (j + 1) % k
+        assert (a == want).all(), (j, a)
+    if extra:
+        assert (run.args[k] == 0.25).all() and run.args[k + 1][0] == 0
+    run(1)
+    assert backend.launches == ["optim_roofline"] * 2
+
+
+@pytest.mark.skipif(not __import__("shutil").which("nvcc"), reason="nvcc is not on PATH")
+def test_gpu_roofline_compiles(tmp_path):
+    import cuda_harness as ch
+    from optim.bench import devices
+
+    parts = []
+    for i, (dtype, k, extra) in enumerate([("float32", 1, False), ("float32", 5, True),
+                                           ("float64", 6, True), ("float64", 2, False)]):
+        source = devices.roofline_source(dtype, k, extra)  # extern "C": one name each
+        parts.append(f"namespace r{i} {{\n{source.replace('optim_roofline', f'r{i}')}}}\n")
+    cu = tmp_path / "roofline.cu"
+    cu.write_text("\n".join(parts))
+    res = subprocess.run(ch.nvcc_command(cu, tmp_path / "roofline.o", [90]),
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

@@ -74,6 +74,8 @@ def test_every_variant_has_a_kernel():
         kc.kernel_name("adagrad", False, False, False)
     assert set(kc.ENTRY_POINTS) == ({n for n in NAMES} | {n + "_many" for n in NAMES}
                                     | {"optim_clip_norm", "optim_clip_norm_many"})
+    for dtype in DTYPES:  # the harness reads the same signatures from the source
+        assert ch.entry_points(kc.cuda_source(dtype)) == kc.ENTRY_POINTS
     # device_coefs' variant bits pick the kernel: rectified | lookahead_sync << 1
     assert kc.variant_kernels("radam", True) == (
         "optim_radam_unrect_avg", "optim_radam_rect_avg", "optim_radam_unrect_avg_la",

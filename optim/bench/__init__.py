@@ -7,6 +7,8 @@ For every configuration (optimizer, dtype, number of parameters, layout) the ben
 * the *roofline*: :class:`optim._roofline.Plan` run on arrays of the same number, sizes
   and dtype as the update reads and writes (the same bytes, with trivial arithmetic). It is
   the limit for this machine, and ``ratio = roofline / time`` (1.0 = at the speed of memory);
+  on the GPU (``--device gpu``) it is ONE kernel launch moving the same bytes over all the
+  tensors laid end to end (a launch per tensor would time launches, not memory);
 * optional peers (``--compare thinc,torch,numpy``): Thinc's optimizers, torch.optim (fused
   where torch has a fused kernel, foreach otherwise) and a plain in-place NumPy update.
   Peers that are not installed are named and skipped.

@@ -20,9 +20,14 @@ def notes(cfg: Config) -> List[str]:
         "gradient anyway; arithmetic on zeros costs the same on CPU, and the moments "
         "stay exactly 0, so no denormals). Thinc and NumPy skip the clip multiply when "
         "the norm is below grad_clip, which zero gradients always are.",
-        "roofline: optim._roofline on arrays of the same number, sizes and dtype as the "
-        "update (same bytes, read and written once; + one read of g when clipping), "
-        "one thread; ratio = roofline / time (1.0 = at the speed of memory).",
+        ("roofline: optim._roofline on arrays of the same number, sizes and dtype as the "
+         "update (same bytes, read and written once; + one read of g when clipping), "
+         "one thread; ratio = roofline / time (1.0 = at the speed of memory)."
+         if cfg.device == "cpu" else
+         "roofline: ONE kernel launch moving the update's bytes (every array read and "
+         "written once over all parameters of all tensors, laid end to end; + one read "
+         "of a parameter-sized array when clipping); ratio = roofline / time (1.0 = at "
+         "the speed of memory in one launch)."),
         "optim x: how many times faster optim is than that implementation "
         "(its time / optim's time).",
         f"layout many: tensors of {cfg.tensor_size} parameters; optim updates them in "
