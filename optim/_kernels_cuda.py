@@ -403,7 +403,11 @@ def _update_many_kernel(spec: KernelSpec) -> str:
         "const long long n = tensor[6];\n"
         "const long long start = (k - tensor[7]) * OPTIM_CHUNK;\n"
         "const long long end = start + optim_chunk_len(n, start);\n"
-        "const double* c = coefs + static_cast<long long>(t) * OPTIM_ROW;\n"
+        "const double* row = coefs + static_cast<long long>(t) * OPTIM_ROW;\n"
+        "double c[OPTIM_ROW];  // in registers for the chunk's elements\n"
+        "for (int j = 0; j < OPTIM_ROW; ++j) {\n"
+        "  c[j] = row[j];\n"
+        "}\n"
         "const double clip = c[OPTIM_CLIP_SLOT];\n"
         f"{loop}"
     )
