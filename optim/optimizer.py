@@ -528,6 +528,18 @@ class Optimizer:
         self._forget_launches()
         return self
 
+    def __getstate__(self) -> Dict[str, Any]:
+        """Copies (copy.deepcopy) leave out the prepared device launches, which hold
+        compiled kernels: they are rebuilt at the copy's first update."""
+        state = {name: getattr(self, name) for name in Optimizer.__slots__
+                 if name != "__weakref__"}
+        state["_plans"], state["_batches"] = {}, {}
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
     def _forget_launches(self) -> None:
         """Drop prepared device launches (state arrays moved or renamed)."""
         self._plans.clear()

@@ -438,3 +438,23 @@ def test_check_gpu_script_dry_run():
     assert res.stdout.count("ok (0 host reads)") == 2
     assert res.stdout.count("ok (fake stream)") == 2
     assert "OK: worst error 0.00" in res.stdout  # bitwise equal to the Cython kernels
+
+
+def test_deepcopy_of_a_device_optimizer(device):
+    """A copy gets its own state and rebuilds its launches; both continue alike."""
+    import copy
+
+    opt = make("adam_defaults")
+    w = ch.to_fake_device(numpy.linspace(-1, 1, 10, dtype=numpy.float32))
+    opt("k", w, ch.to_fake_device(numpy.ones(10, numpy.float32)))
+    opt.step_many(["k"], [w], [ch.to_fake_device(numpy.ones(10, numpy.float32))])
+    twin = copy.deepcopy(opt)
+    assert twin._plans == {} and twin._batches == {} and opt._plans
+    assert twin.mom1["k"] is not opt.mom1["k"]
+    w_twin = w.copy()
+    for step in range(3):
+        g = numpy.full(10, 0.2 * step, numpy.float32)
+        opt("k", w, ch.to_fake_device(g))
+        twin("k", w_twin, ch.to_fake_device(g))
+    assert_same(w_twin, w.view(numpy.ndarray), "copy")
+    assert twin._plans["k"].m is twin.mom1["k"]
