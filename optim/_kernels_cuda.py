@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy
 
-from . import _kernels
+from . import _device, _kernels
 
 CUPY_HINT = (
     'optim\'s GPU path needs CuPy: pip install "optim[cuda12x]" '
@@ -494,6 +494,21 @@ class Batch:
                  "partials", "counters", "n_chunks", "grid", "norm_grid")
 
 
+class Expected:
+    """Per tensor of a step_many call: its plan's dtype, shape and state arrays."""
+
+    __slots__ = ("plans", "dtypes", "shapes", "m", "v", "avg", "slow")
+
+    def __init__(self, plans: List[Plan]) -> None:
+        self.plans = list(plans)
+        self.dtypes = [p.dtype for p in plans]
+        self.shapes = [p.shape for p in plans]
+        self.m = [p.m for p in plans]
+        self.v = [p.v for p in plans]
+        self.avg = [p.avg for p in plans]
+        self.slow = [p.slow for p in plans]
+
+
 class _Workspace:
     """Per device and stream: the one-tensor clip norm's chunk sums, counter and factor."""
 
@@ -674,27 +689,17 @@ class CupyBackend:
         if n == 0:
             return
         device = self.cupy.cuda.runtime.getDevice()
-        expected = batches.get("expected")  # the plans' dtypes and shapes, as lists
-        if expected is None or expected[0] != plans:
-            expected = batches["expected"] = (
-                list(plans), [p.dtype for p in plans], [p.shape for p in plans])
-        _, dtypes, shapes = expected
-        w_mem = list(map(_DATA, weights))
-        g_mem = list(map(_DATA, gradients))
-        if (list(map(_DTYPE, weights)) != dtypes or list(map(_DTYPE, gradients)) != dtypes
-                or list(map(_SHAPE, weights)) != shapes
-                or list(map(_SHAPE, gradients)) != shapes
-                or not all(map(self._contiguous, weights))
-                or not all(map(self._contiguous, gradients))
-                or set(map(_DEVICE_ID, w_mem)) != {device}
-                or set(map(_DEVICE_ID, g_mem)) != {device}):
+        expected = self.expected(batches, plans)
+        dtypes = expected.dtypes
+        w_ptrs = _device.array_pointers(weights, dtypes, expected.shapes, device)
+        g_ptrs = _device.array_pointers(gradients, dtypes, expected.shapes, device)
+        if w_ptrs is None or g_ptrs is None:
             for plan, key, w, g in zip(plans, keys, weights, gradients):
                 self.check(plan, key, w, g, device)  # raises the error of the first misfit
+            raise AssertionError("array_pointers and check disagree")  # pragma: no cover
         table = numpy.empty((n, ROW), dtype=numpy.float64)
         variants = numpy.empty(n, dtype=numpy.uint8)
         _kernels.device_coef_table(hyper, keys, counts, lr_scale, table, variants)
-        w_ptrs = list(map(_PTR, w_mem))
-        g_ptrs = list(map(_PTR, g_mem))
         stream = (device, self.cupy.cuda.get_current_stream().ptr)
         if variants.min() == variants.max() and dtypes.count(dtypes[0]) == n:
             groups = {(dtypes[0].name, int(variants[0])): None}  # the usual case: one group
@@ -726,6 +731,15 @@ class CupyBackend:
             g_plans[0].many_funcs[bits](
                 batch.grid, _BLOCK,
                 (batch.tensors, batch.chunk_tensor, batch.coefs, batch.n_chunks))
+
+    @staticmethod
+    def expected(batches: Dict[Any, Any], plans: List[Plan]) -> "Expected":
+        """What step_many's arrays and state must be, per tensor, for these plans
+        (cached in `batches` while the list of plans is the same)."""
+        expected = batches.get("expected")
+        if expected is None or expected.plans != plans:
+            expected = batches["expected"] = Expected(plans)
+        return expected
 
     def _batch(self, batches: Dict[Any, Any], slot: Any, plans: List[Plan], w_ptrs: List[int],
                g_ptrs: List[int], stream: Tuple[int, int]) -> Batch:
@@ -764,11 +778,6 @@ class CupyBackend:
 
 
 _BLOCK = (BLOCK,)
-_DATA = operator.attrgetter("data")
-_PTR = operator.attrgetter("ptr")
-_DEVICE_ID = operator.attrgetter("device_id")
-_DTYPE = operator.attrgetter("dtype")
-_SHAPE = operator.attrgetter("shape")
 
 
 def _picked(pick: Any, items: List[Any]) -> List[Any]:

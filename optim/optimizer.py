@@ -12,7 +12,7 @@ from typing import Any, Dict, Hashable, Iterable, List, Optional, Sequence, Tupl
 
 import numpy
 
-from . import _kernels
+from . import _device, _kernels
 from ._kernels_cuda import check_device_pair as _check_device_pair
 from .backends import NUMPY, backend_for, get_gpu_backend
 from .registry import registry
@@ -424,11 +424,13 @@ class Optimizer:
         array_type = {plans[0].array_type}
         if set(map(type, weights)) != array_type or set(map(type, gradients)) != array_type:
             return False
+        expected = plans[0].backend.expected(self._batches, plans)
         averages = self.averages if self.averages is not None else {}
-        for store, field in ((self.mom1, _PLAN_M), (self.mom2, _PLAN_V),
-                             (averages, _PLAN_AVG), (self.lookahead, _PLAN_SLOW)):
-            if not all(map(operator.is_, map(store.get, keys), map(field, plans))):
-                return False  # a state array was replaced: plan again
+        if not (_device.same_state(self.mom1, keys, expected.m)
+                and _device.same_state(self.mom2, keys, expected.v)
+                and _device.same_state(averages, keys, expected.avg)
+                and _device.same_state(self.lookahead, keys, expected.slow)):
+            return False  # a state array was replaced: plan again
         nr_update = self.nr_update
         counts = [nr_update[key] + 1 for key in keys]
         plans[0].backend.launch_many(self._batches, self._hyper, keys, weights, gradients,
@@ -633,8 +635,6 @@ def _check_value(name: str, value: Any) -> float:
     return value
 
 
-_PLAN_M, _PLAN_V = operator.attrgetter("m"), operator.attrgetter("v")
-_PLAN_AVG, _PLAN_SLOW = operator.attrgetter("avg"), operator.attrgetter("slow")
 _SIZE = operator.attrgetter("size")
 
 

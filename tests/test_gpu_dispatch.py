@@ -458,3 +458,26 @@ def test_deepcopy_of_a_device_optimizer(device):
         twin("k", w_twin, ch.to_fake_device(g))
     assert_same(w_twin, w.view(numpy.ndarray), "copy")
     assert twin._plans["k"].m is twin.mom1["k"]
+
+
+def test_device_host_loops():
+    """optim._device: the per-tensor checks of step_many's hot path."""
+    from optim import _device
+
+    a = ch.to_fake_device(numpy.ones((2, 3), numpy.float32))
+    b = ch.to_fake_device(numpy.ones(4, numpy.float64))
+    dtypes, shapes = [a.dtype, b.dtype], [(2, 3), (4,)]
+    assert _device.array_pointers([a, b], dtypes, shapes, 0) == [a.data.ptr, b.data.ptr]
+    assert _device.array_pointers([a[...], b], dtypes, shapes, 0) == [a.data.ptr, b.data.ptr]
+    assert _device.array_pointers([b, a], dtypes, shapes, 0) is None  # dtype
+    assert _device.array_pointers([a.reshape(3, 2), b], dtypes, shapes, 0) is None  # shape
+    assert _device.array_pointers([a.T.copy().T, b], dtypes, shapes, 0) is None  # layout
+    assert _device.array_pointers([a, b], dtypes, shapes, 1) is None  # device
+    with pytest.raises(ValueError):
+        _device.array_pointers([a], dtypes, shapes, 0)
+    store = {"x": a, "y": b}
+    assert _device.same_state(store, ["x", "y", "z"], [a, b, None])
+    assert not _device.same_state(store, ["x", "y"], [a, a])
+    assert not _device.same_state(store, ["z"], [a])
+    assert not _device.same_state(store, ["x"], [a.copy()])  # equal values, other array
+    assert not _device.same_state(store, ["x", "y"], [a])
