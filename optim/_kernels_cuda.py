@@ -487,10 +487,10 @@ class Plan:
 
 class Batch:
     """A step_many group's tables on the device (tensor table, chunk -> tensor table,
-    coefficient rows, chunk sums, counters), rebuilt only when an address, a size,
-    the group or the stream changes."""
+    chunk sums, counters), rebuilt only when an address, a size, the group or the
+    stream changes. The coefficient rows are uploaded at every call."""
 
-    __slots__ = ("plans", "w_ptrs", "g_ptrs", "stream", "tensors", "chunk_tensor", "coefs",
+    __slots__ = ("plans", "w_ptrs", "g_ptrs", "stream", "tensors", "chunk_tensor",
                  "partials", "counters", "n_chunks", "grid", "norm_grid")
 
 
@@ -722,15 +722,16 @@ class CupyBackend:
             one_group = sum(1 for d, _ in groups if d == dtype) == 1
             batch = self._batch(batches, dtype if one_group else (dtype, bits), g_plans, g_w,
                                 g_g, stream)
-            batch.coefs.set(rows)
+            # CuPy stages a host array through pinned memory and copies it on the current
+            # stream: the copy neither waits for the device nor blocks the host
+            coefs = self.cupy.asarray(rows)
             if hyper.grad_clip > 0.0:
                 self.function(dtype, "optim_clip_norm_many")(
                     batch.norm_grid, _BLOCK,
-                    (batch.tensors, batch.chunk_tensor, batch.coefs, hyper.grad_clip,
+                    (batch.tensors, batch.chunk_tensor, coefs, hyper.grad_clip,
                      batch.n_chunks, batch.partials, batch.counters))
             g_plans[0].many_funcs[bits](
-                batch.grid, _BLOCK,
-                (batch.tensors, batch.chunk_tensor, batch.coefs, batch.n_chunks))
+                batch.grid, _BLOCK, (batch.tensors, batch.chunk_tensor, coefs, batch.n_chunks))
 
     @staticmethod
     def expected(batches: Dict[Any, Any], plans: List[Plan]) -> "Expected":
@@ -767,7 +768,6 @@ class CupyBackend:
         batch.tensors = cp.asarray(tensors)
         batch.chunk_tensor = cp.asarray(
             numpy.repeat(numpy.arange(n, dtype=numpy.int32), chunks))
-        batch.coefs = cp.empty((n, ROW), dtype=numpy.float64)
         batch.partials = cp.empty(max(total, 1), dtype=numpy.float64)
         batch.counters = cp.zeros(n, dtype=numpy.uint32)
         batch.n_chunks = total
