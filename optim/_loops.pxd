@@ -1,0 +1,116 @@
+# The C-level interface between optim/_kernels.pyx (validation, dispatch, threads) and
+# the hot loops of optim/_loops.pxi, which setup.py compiles once per SIMD level
+# (optim/_loops_baseline.pyx, _loops_avx2.pyx, _loops_avx512.pyx). Each level's module
+# exports one `Loops` table in a PyCapsule named LOOPS_CAPSULE; _kernels picks a table
+# at import. Every loop makes ONE pass over memory: it reads and writes each array once.
+from libc.stdint cimport uint32_t, uint64_t
+
+cdef extern from *:
+    """
+    #define OPTIM_LOOPS_CAPSULE "optim._loops.Loops"
+    """
+    const char* OPTIM_LOOPS_CAPSULE
+
+ctypedef fused real_t:
+    float
+    double
+
+cdef enum Kind:
+    KIND_SGD = 0
+    KIND_ADAM = 1
+    KIND_RADAM = 2
+
+# The clip norm's fixed summation order (docs/numerics.md), shared with the GPU kernels.
+cdef enum:
+    NORM_CHUNK = 4096  # elements per chunk
+    NORM_LANES = 32    # partial sums per chunk (a GPU warp's lanes)
+
+# Per-call scalars: computed once per (key, update) by make_coefs, read by every loop.
+cdef struct Coefs:
+    double lr          # step on the update direction, lr_scale and bias correction included
+    double beta1
+    double beta2
+    double eps
+    double l2          # coupled L2: gradient += l2 * weights (0 = off)
+    double clip_scale  # gradient *= clip_scale (1 = no clipping this call)
+    double pre_decay   # RAdam weight_decay: weights -= pre_decay * weights, before the step
+    double post_decay  # decoupled L2: weights -= post_decay * weights, after the step
+    bint rectified     # RAdam: adaptive step (True) or momentum-only step (False)
+    double avg_keep    # averages: avg -= (1 - avg_keep) * (avg - weights)
+    double la_alpha    # lookahead: slow += la_alpha * (weights - slow); weights = slow
+
+# One level's loops. update_*: the fused pass of `kind` over n elements (avg and slow
+# may be NULL: averages off, no lookahead sync). chunk_sum_squares_*: one chunk (n <=
+# NORM_CHUNK) of the clip norm. roofline_*: optim._roofline's memory-traffic loops.
+cdef struct Loops:
+    const char* isa
+    void (*update_f32)(Kind kind, float* w, float* g, float* m, float* v, float* avg,
+                       float* slow, Py_ssize_t n, const Coefs* c) noexcept nogil
+    void (*update_f64)(Kind kind, double* w, double* g, double* m, double* v, double* avg,
+                       double* slow, Py_ssize_t n, const Coefs* c) noexcept nogil
+    double (*chunk_sum_squares_f32)(const float* g, const float* w, float l2,
+                                    Py_ssize_t n) noexcept nogil
+    double (*chunk_sum_squares_f64)(const double* g, const double* w, double l2,
+                                    Py_ssize_t n) noexcept nogil
+    int (*roofline_rw_f32)(void** arrays, int k, Py_ssize_t n) noexcept nogil
+    int (*roofline_rw_f64)(void** arrays, int k, Py_ssize_t n) noexcept nogil
+    uint64_t (*roofline_read_u32)(const uint32_t* a, Py_ssize_t n) noexcept nogil
+    uint64_t (*roofline_read_u64)(const uint64_t* a, Py_ssize_t n) noexcept nogil
+
+cdef enum:
+    # Threads split a pass into blocks of whole chunks, each at least this many elements
+    # (below it a fork/join costs more than it saves; measured in docs/cpu.md).
+    THREAD_MIN_BLOCK = 1 << 16
+
+
+cdef inline double lane_tree(double* lanes) noexcept nogil:
+    """Fold NORM_LANES partial sums pairwise: lanes[j] += lanes[j + half], half = 16..1.
+
+    A warp's __shfl_down_sync tree on the GPU adds in exactly this order.
+    """
+    cdef int half = NORM_LANES // 2, j
+    while half > 0:
+        for j in range(half):
+            lanes[j] = lanes[j] + lanes[j + half]
+        half //= 2
+    return lanes[0]
+
+
+cdef inline int blocks_for(Py_ssize_t n, int n_threads) noexcept nogil:
+    """How many blocks (= threads) a pass over n elements is split into: 1 .. n_threads."""
+    cdef Py_ssize_t most = n // THREAD_MIN_BLOCK
+    if most < 1:
+        return 1
+    return <int>min(most, <Py_ssize_t>n_threads)
+
+
+cdef inline Py_ssize_t block_start(Py_ssize_t n, int n_blocks, int b) noexcept nogil:
+    """Start of block b of n elements cut into n_blocks blocks of whole norm chunks
+    (block n_blocks starts at n)."""
+    cdef Py_ssize_t n_chunks = (n + NORM_CHUNK - 1) // NORM_CHUNK
+    return min(n, (n_chunks * b // n_blocks) * <Py_ssize_t>NORM_CHUNK)
+
+
+cdef inline int deal(const Py_ssize_t* sizes, Py_ssize_t count, int n_threads,
+                     Py_ssize_t* first) noexcept nogil:
+    """Deal the tensors too small to split (blocks_for(size, n_threads) == 1) to up to
+    n_threads threads in contiguous groups of about equal total size. Group b is tensors
+    first[b] .. first[b + 1] - 1, large ones skipped; `first` has room for n_threads + 1.
+    Returns the number of groups."""
+    cdef Py_ssize_t i, small = 0, seen = 0
+    cdef int b = 1, n_groups
+    for i in range(count):
+        if blocks_for(sizes[i], n_threads) == 1:
+            small += sizes[i]
+    n_groups = blocks_for(small, n_threads)
+    first[0] = 0
+    for i in range(count):
+        if blocks_for(sizes[i], n_threads) == 1:
+            while b < n_groups and seen >= small * b // n_groups:
+                first[b] = i
+                b += 1
+            seen += sizes[i]
+    while b <= n_groups:
+        first[b] = count
+        b += 1
+    return n_groups
