@@ -5,8 +5,9 @@ The update loops (optim/_loops.pxi) are built once per SIMD level, one module ea
 optim._loops_baseline (the platform's default target), and on x86-64 (gcc or clang) also
 optim._loops_avx2 and optim._loops_avx512, with the flags in ISA_FLAGS. optim picks the
 best level the CPU supports at import (docs/cpu.md). A level whose flags the compiler
-rejects is skipped, with a message. optim._kernels and optim._roofline get OpenMP
-(-fopenmp) when the compiler has it; without it they build single-threaded.
+rejects is skipped, with a message. optim._kernels and optim._roofline get their thread
+pool (optim/_pool.h) where POSIX threads and C11 atomics build; elsewhere they build
+single-threaded, with a message.
 """
 import os
 import platform
@@ -42,9 +43,12 @@ ISA_PROBE = {
     "avx512": "#include <immintrin.h>\n"
               "__m512 f(__m512 a) { return _mm512_sqrt_ps(a); }\n",
 }
-OPENMP_FLAGS = ["-fopenmp"]
-OPENMP_PROBE = "#include <omp.h>\nint main(void) { return omp_get_max_threads() < 1; }\n"
-OPENMP_MODULES = ("optim._kernels", "optim._roofline")
+POOL_FLAGS = ["-pthread"]
+POOL_PROBE = ("#include <pthread.h>\n#include <stdatomic.h>\n"
+              "static void *run(void *arg) { return arg; }\n"
+              "int main(void) { pthread_t t; atomic_int n = 0; atomic_fetch_add(&n, 1);\n"
+              "  return pthread_create(&t, 0, run, 0) || pthread_join(t, 0); }\n")
+POOL_MODULES = ("optim._kernels", "optim._roofline")
 
 
 def compile_args() -> list:
@@ -79,7 +83,7 @@ def extensions() -> list:
 
 
 class BuildExt(build_ext):
-    """Probe the compiler: drop the SIMD levels it cannot build, add OpenMP if it can."""
+    """Probe the compiler: drop the SIMD levels it cannot build; threads if it can."""
 
     def probe(self, source: str, flags: list, link: bool = False) -> bool:
         with tempfile.TemporaryDirectory() as tmp:
@@ -96,9 +100,9 @@ class BuildExt(build_ext):
         return True
 
     def build_extensions(self) -> None:
-        openmp = sys.platform != "win32" and self.probe(OPENMP_PROBE, OPENMP_FLAGS, link=True)
-        if not openmp:
-            print("optim: the compiler has no OpenMP (-fopenmp); building single-threaded")
+        pool = sys.platform != "win32" and self.probe(POOL_PROBE, POOL_FLAGS, link=True)
+        if not pool:
+            print("optim: no POSIX threads with C11 atomics; building single-threaded")
         kept = []
         for ext in self.extensions:
             level = ext.name.partition("._loops_")[2]
@@ -108,9 +112,12 @@ class BuildExt(build_ext):
                           f"skipping the {level} SIMD level")
                     continue
                 ext.extra_compile_args = ext.extra_compile_args + ISA_FLAGS[level]
-            if openmp and ext.name in OPENMP_MODULES:
-                ext.extra_compile_args = ext.extra_compile_args + OPENMP_FLAGS
-                ext.extra_link_args = ext.extra_link_args + OPENMP_FLAGS
+            if ext.name in POOL_MODULES:
+                if pool:
+                    ext.extra_compile_args = ext.extra_compile_args + POOL_FLAGS
+                    ext.extra_link_args = ext.extra_link_args + POOL_FLAGS
+                else:
+                    ext.define_macros = ext.define_macros + [("OPTIM_NO_POOL", "1")]
             kept.append(ext)
         self.extensions = kept
         super().build_extensions()

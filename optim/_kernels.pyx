@@ -10,14 +10,15 @@ import importlib.util
 import warnings
 
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_New
-from cython.parallel cimport prange
 from libc.math cimport pow, sqrt, isfinite
 from cymem.cymem cimport Pool
 
 from optim._loops cimport (
-    KIND_ADAM, KIND_RADAM, KIND_SGD, NORM_CHUNK, NORM_LANES, OPTIM_LOOPS_CAPSULE,
-    THREAD_MIN_BLOCK, Coefs, Kind, Loops, block_start, blocks_for, deal, lane_tree, real_t,
+    KIND_ADAM, KIND_RADAM, KIND_SGD, MAX_PIECES, MAX_THREADS, NORM_CHUNK, NORM_LANES,
+    OPTIM_LOOPS_CAPSULE, PIECE_MIN, Coefs, Kind, Loops, deal, lane_tree, piece_start,
+    pieces_for, real_t,
 )
+from optim._pool cimport OPTIM_POOL, optim_parallel
 
 cimport numpy as cnp
 
@@ -27,7 +28,7 @@ KIND_NAMES = ("sgd", "adam", "radam")
 cdef Py_ssize_t GIL_FREE_SIZE = 1 << 15  # release the GIL for tensors at least this large
 
 NORM_ORDER = {"chunk": NORM_CHUNK, "lanes": NORM_LANES}
-THREAD_BLOCK_MIN = THREAD_MIN_BLOCK  # a threaded pass gives each thread >= this many
+THREAD_PIECE_MIN = PIECE_MIN  # a threaded pass cuts no piece smaller than this
 
 
 # ---------------------------------------------------------------- SIMD level and threads
@@ -46,25 +47,15 @@ cdef extern from *:
     #else
     static int optim_cpu_level(void) { return 0; }
     #endif
-    #ifdef _OPENMP
-    #define OPTIM_OPENMP 1
-    #else
-    #define OPTIM_OPENMP 0
-    #endif
     """
     int optim_cpu_level() noexcept nogil
-    const int OPTIM_OPENMP
 
 # SIMD levels, lowest first: each is a module optim._loops_<level> with its LOOPS table.
 # setup.py's flags per level are what optim_cpu_level checks the CPU for.
 ISA_LEVELS = ("baseline", "avx2", "avx512")
-cdef enum:
-    MAX_THREADS = 256
 
 cdef Loops LOOPS            # the active level's loops (a copy of its table)
 cdef int N_THREADS = 1      # threads a large update may use
-cdef bint THREADS_RAN = False  # this process has run a parallel region
-cdef bint FORKED = False    # ... and this is a fork of it: OpenMP would hang here
 ACTIVE_LOOPS = PyCapsule_New(&LOOPS, OPTIM_LOOPS_CAPSULE, NULL)
 """The active `Loops` table, read by optim._roofline at each run."""
 
@@ -95,47 +86,21 @@ def use_isa(str level) -> None:
     LOOPS = (<Loops*>PyCapsule_GetPointer(module.LOOPS, OPTIM_LOOPS_CAPSULE))[0]
 
 
-def openmp() -> bool:
-    """Whether this build has OpenMP (without it, every update runs on one thread)."""
-    return bool(OPTIM_OPENMP)
+def has_pool() -> bool:
+    """Whether this build has its thread pool (without POSIX threads, one thread)."""
+    return bool(OPTIM_POOL)
 
 
 def set_threads(int n) -> None:
-    """Let large updates use up to n threads (1 .. MAX_THREADS; 1 without OpenMP, and
-    1 in a process forked from one that ran OpenMP threads)."""
+    """Let large updates use up to n threads (1 .. MAX_THREADS; 1 without the pool)."""
     global N_THREADS
     if not 1 <= n <= MAX_THREADS:
         raise ValueError(f"number of threads must be in 1..{MAX_THREADS}, got {n}")
-    if FORKED and n > 1:
-        warnings.warn("optim: this process was forked after optim's threads ran; OpenMP "
-                      "cannot start threads in it, so updates stay on one thread",
-                      RuntimeWarning, stacklevel=3)
-    N_THREADS = n if OPTIM_OPENMP and not FORKED else 1
-
-
-def after_fork_in_child() -> None:
-    """os.register_at_fork hook: a forked child of a process whose OpenMP threads ran
-    would hang at its next parallel region (GNU libgomp), so it runs single-threaded."""
-    global N_THREADS, FORKED
-    if THREADS_RAN:
-        FORKED = True
-        N_THREADS = 1
-
-
-def threads_ran() -> None:
-    """Note that this process is about to run a parallel region (for optim._roofline)."""
-    global THREADS_RAN
-    THREADS_RAN = True
+    N_THREADS = n if OPTIM_POOL else 1
 
 
 def get_threads() -> int:
     return N_THREADS
-
-
-cdef inline void note_threads(int n_threads) noexcept:
-    global THREADS_RAN
-    if n_threads > 1:
-        THREADS_RAN = True
 
 
 use_isa("baseline")  # optim/cpu.py picks the best level at import
@@ -239,9 +204,8 @@ def clip_sum_squares(object gradient, object weights, double l2=0.0) -> float:
     cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>weights)
     cdef void* g = cnp.PyArray_DATA(<cnp.ndarray>gradient)
     cdef void* w = cnp.PyArray_DATA(<cnp.ndarray>weights)
-    cdef int n_threads = blocks_for(n, N_THREADS)
+    cdef int n_threads = N_THREADS
     cdef double sumsq
-    note_threads(n_threads)
     with nogil:
         sumsq = sum_squares(typenum, g, w, l2, n, n_threads)
     return sumsq
@@ -355,7 +319,7 @@ cdef int fill_task(Task* task, Hyper h, object key, object weights, object gradi
 # ---------------------------------------------------------------- running the loops
 
 cdef enum:
-    PARTIALS = 1024  # chunk sums of the clip norm computed per (parallel) round
+    PARTIALS = 1024  # chunk sums of the clip norm computed per round
 
 
 cdef inline double chunk_sum(int dtype, const void* g, const void* w, double l2,
@@ -370,30 +334,44 @@ cdef inline double chunk_sum(int dtype, const void* g, const void* w, double l2,
                                        l2, size)
 
 
+cdef struct NormRound:  # chunks first .. first + count - 1, cut into n_pieces pieces
+    int dtype
+    const void* g
+    const void* w
+    double l2
+    Py_ssize_t n
+    Py_ssize_t first
+    Py_ssize_t count
+    Py_ssize_t n_pieces
+    double* partials
+
+
+cdef void norm_piece(void* arg, Py_ssize_t i) noexcept nogil:
+    cdef NormRound* r = <NormRound*>arg
+    cdef Py_ssize_t c
+    for c in range(r.count * i // r.n_pieces, r.count * (i + 1) // r.n_pieces):
+        r.partials[c] = chunk_sum(r.dtype, r.g, r.w, r.l2, r.n, r.first + c)
+
+
 cdef double sum_squares(int dtype, const void* g, const void* w, double l2, Py_ssize_t n,
                         int n_threads) noexcept nogil:
     """sum((g + l2*w)**2) in the fixed order of docs/numerics.md ("The clip norm"): the
-    chunk sums (up to n_threads threads compute PARTIALS of them at a time) are combined
-    once, in chunk order: chunk c goes to lane c % 32, then lane_tree. The thread count
-    changes who computes a chunk sum, never which numbers are added in which order."""
+    chunk sums (PARTIALS at a time, by up to n_threads threads) are combined once, in
+    chunk order: chunk c goes to lane c % 32, then lane_tree. The thread count changes
+    who computes a chunk sum, never which numbers are added in which order."""
     cdef double lanes[NORM_LANES]
     cdef double partials[PARTIALS]
-    cdef Py_ssize_t c, count, first = 0, n_chunks = (n + NORM_CHUNK - 1) // NORM_CHUNK
-    cdef int threads
+    cdef NormRound r = NormRound(dtype, g, w, l2, n, 0, 0, 1, &partials[0])
+    cdef Py_ssize_t c, n_chunks = (n + NORM_CHUNK - 1) // NORM_CHUNK
     for c in range(NORM_LANES):
         lanes[c] = 0.0
-    while first < n_chunks:
-        count = min(<Py_ssize_t>PARTIALS, n_chunks - first)
-        threads = blocks_for(count * NORM_CHUNK, n_threads)
-        if threads > 1:
-            for c in prange(count, num_threads=threads, schedule="static"):
-                partials[c] = chunk_sum(dtype, g, w, l2, n, first + c)
-        else:
-            for c in range(count):
-                partials[c] = chunk_sum(dtype, g, w, l2, n, first + c)
-        for c in range(count):
-            lanes[(first + c) % NORM_LANES] += partials[c]
-        first += count
+    while r.first < n_chunks:
+        r.count = min(<Py_ssize_t>PARTIALS, n_chunks - r.first)
+        r.n_pieces = pieces_for(r.count * NORM_CHUNK, n_threads)
+        optim_parallel(norm_piece, &r, r.n_pieces, n_threads)
+        for c in range(r.count):
+            lanes[(r.first + c) % NORM_LANES] += partials[c]
+        r.first += r.count
     return lane_tree(lanes)
 
 
@@ -416,48 +394,62 @@ cdef void run_range(const Task* task, Kind kind, Py_ssize_t start,
                          stop - start, &task.c)
 
 
+cdef struct Split:  # one task's pass cut into n_pieces pieces of whole norm chunks
+    Task* task
+    Kind kind
+    Py_ssize_t n_pieces
+
+
+cdef void split_piece(void* arg, Py_ssize_t i) noexcept nogil:
+    cdef Split* s = <Split*>arg
+    run_range(s.task, s.kind, piece_start(s.task.n, s.n_pieces, i),
+              piece_start(s.task.n, s.n_pieces, i + 1))
+
+
 cdef void run_task(Task* task, Kind kind, double grad_clip, int n_threads) noexcept nogil:
-    """Clip factor (if clipping), then the fused pass. A large task is cut into blocks of
-    whole norm chunks, one per thread: each element's arithmetic is the same in any
-    block, so the bits do not depend on n_threads."""
-    cdef int b, n_blocks = blocks_for(task.n, n_threads)
+    """Clip factor (if clipping), then the fused pass. A large task is cut into pieces
+    of whole norm chunks for up to n_threads threads: each element's arithmetic is the
+    same in any piece, so the bits do not depend on n_threads."""
+    cdef Split s = Split(task, kind, pieces_for(task.n, n_threads))
     if grad_clip > 0.0:
         task.c.clip_scale = clip_factor(
-            sum_squares(task.dtype, task.g, task.w, task.c.l2, task.n, n_blocks), grad_clip)
-    if n_blocks == 1:
+            sum_squares(task.dtype, task.g, task.w, task.c.l2, task.n, n_threads), grad_clip)
+    if s.n_pieces == 1:
         run_range(task, kind, 0, task.n)
-        return
-    for b in prange(n_blocks, num_threads=n_blocks, schedule="static", chunksize=1):
-        run_range(task, kind, block_start(task.n, n_blocks, b),
-                  block_start(task.n, n_blocks, b + 1))
+    else:
+        optim_parallel(split_piece, &s, s.n_pieces, n_threads)
+
+
+cdef struct Groups:  # step_many's small tasks: group b is tasks first[b] .. first[b+1]-1
+    Task* tasks
+    const Py_ssize_t* first
+    Kind kind
+    double grad_clip
+    int n_threads
+
+
+cdef void group_piece(void* arg, Py_ssize_t b) noexcept nogil:
+    """Run group b's tasks whole on this thread (the large ones were run split)."""
+    cdef Groups* gr = <Groups*>arg
+    cdef Py_ssize_t i
+    for i in range(gr.first[b], gr.first[b + 1]):
+        if pieces_for(gr.tasks[i].n, gr.n_threads) == 1:
+            run_task(&gr.tasks[i], gr.kind, gr.grad_clip, 1)
 
 
 cdef void run_tasks(Task* tasks, const Py_ssize_t* sizes, Py_ssize_t n_tasks, Kind kind,
                     double grad_clip, int n_threads) noexcept nogil:
     """step_many's loop. Tasks large enough to split run one after another as in `step`;
-    the others are dealt to up to n_threads threads in contiguous groups of about equal
-    size, each task run whole by one thread. The tasks must not share memory."""
-    cdef Py_ssize_t i
-    cdef Py_ssize_t first[MAX_THREADS + 1]
-    cdef int b, n_groups
+    the others are cut into contiguous groups of about equal size, each task run whole
+    by one thread. The tasks must not share memory."""
+    cdef Py_ssize_t i, n_groups
+    cdef Py_ssize_t first[MAX_PIECES + 1]
+    cdef Groups gr = Groups(tasks, &first[0], kind, grad_clip, n_threads)
     for i in range(n_tasks):
-        if blocks_for(sizes[i], n_threads) > 1:
+        if pieces_for(sizes[i], n_threads) > 1:
             run_task(&tasks[i], kind, grad_clip, n_threads)
     n_groups = deal(sizes, n_tasks, n_threads, first)
-    if n_groups == 1:
-        run_group(tasks, 0, n_tasks, kind, grad_clip, n_threads)
-        return
-    for b in prange(n_groups, num_threads=n_groups, schedule="static", chunksize=1):
-        run_group(tasks, first[b], first[b + 1], kind, grad_clip, n_threads)
-
-
-cdef void run_group(Task* tasks, Py_ssize_t start, Py_ssize_t stop, Kind kind,
-                    double grad_clip, int n_threads) noexcept nogil:
-    """The tasks start .. stop - 1 that run_tasks did not split, on this thread."""
-    cdef Py_ssize_t i
-    for i in range(start, stop):
-        if blocks_for(tasks[i].n, n_threads) == 1:
-            run_task(&tasks[i], kind, grad_clip, 1)
+    optim_parallel(group_piece, &gr, n_groups, n_threads)
 
 
 # ---------------------------------------------------------------- Python entry points
@@ -475,7 +467,6 @@ def step(Hyper hyper, object key, object weights, object gradient, object mom1,
     cdef double grad_clip = hyper.grad_clip
     cdef int n_threads = N_THREADS
     if task.n >= GIL_FREE_SIZE:
-        note_threads(blocks_for(task.n, n_threads))
         with nogil:
             run_task(&task, kind, grad_clip, n_threads)
     else:
@@ -505,8 +496,6 @@ def step_many(Hyper hyper, list keys, list weights, list gradients, list mom1, l
     cdef Kind kind = hyper._kind()
     cdef double grad_clip = hyper.grad_clip
     cdef int n_threads = N_THREADS
-    if n_threads > 1:
-        note_threads(n_threads)
     with nogil:
         run_tasks(tasks, sizes, n, kind, grad_clip, n_threads)
 

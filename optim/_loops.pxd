@@ -58,9 +58,14 @@ cdef struct Loops:
     uint64_t (*roofline_read_u64)(const uint64_t* a, Py_ssize_t n) noexcept nogil
 
 cdef enum:
-    # Threads split a pass into blocks of whole chunks, each at least this many elements
-    # (below it a fork/join costs more than it saves; measured in docs/cpu.md).
-    THREAD_MIN_BLOCK = 1 << 16
+    # A threaded pass cuts its tensor into pieces of whole norm chunks, each at least
+    # PIECE_MIN elements (below that, handing work to another thread costs more than it
+    # saves; measured in docs/cpu.md), up to PIECES_PER_THREAD per thread so that the
+    # threads that run take over the share of one the OS has not scheduled yet.
+    PIECE_MIN = 1 << 15
+    PIECES_PER_THREAD = 4
+    MAX_THREADS = 256
+    MAX_PIECES = PIECES_PER_THREAD * MAX_THREADS
 
 
 cdef inline double lane_tree(double* lanes) noexcept nogil:
@@ -76,36 +81,36 @@ cdef inline double lane_tree(double* lanes) noexcept nogil:
     return lanes[0]
 
 
-cdef inline int blocks_for(Py_ssize_t n, int n_threads) noexcept nogil:
-    """How many blocks (= threads) a pass over n elements is split into: 1 .. n_threads."""
-    cdef Py_ssize_t most = n // THREAD_MIN_BLOCK
-    if most < 1:
+cdef inline Py_ssize_t pieces_for(Py_ssize_t n, int n_threads) noexcept nogil:
+    """How many pieces a pass over n elements is cut into on up to n_threads threads
+    (1: the calling thread does it all)."""
+    cdef Py_ssize_t most = n // PIECE_MIN
+    if n_threads <= 1 or most <= 1:
         return 1
-    return <int>min(most, <Py_ssize_t>n_threads)
+    return min(most, <Py_ssize_t>PIECES_PER_THREAD * n_threads)
 
 
-cdef inline Py_ssize_t block_start(Py_ssize_t n, int n_blocks, int b) noexcept nogil:
-    """Start of block b of n elements cut into n_blocks blocks of whole norm chunks
-    (block n_blocks starts at n)."""
+cdef inline Py_ssize_t piece_start(Py_ssize_t n, Py_ssize_t n_pieces, Py_ssize_t i) noexcept nogil:
+    """Start of piece i of n elements cut into n_pieces pieces of whole norm chunks
+    (piece n_pieces starts at n)."""
     cdef Py_ssize_t n_chunks = (n + NORM_CHUNK - 1) // NORM_CHUNK
-    return min(n, (n_chunks * b // n_blocks) * <Py_ssize_t>NORM_CHUNK)
+    return min(n, (n_chunks * i // n_pieces) * <Py_ssize_t>NORM_CHUNK)
 
 
-cdef inline int deal(const Py_ssize_t* sizes, Py_ssize_t count, int n_threads,
-                     Py_ssize_t* first) noexcept nogil:
-    """Deal the tensors too small to split (blocks_for(size, n_threads) == 1) to up to
-    n_threads threads in contiguous groups of about equal total size. Group b is tensors
-    first[b] .. first[b + 1] - 1, large ones skipped; `first` has room for n_threads + 1.
-    Returns the number of groups."""
-    cdef Py_ssize_t i, small = 0, seen = 0
-    cdef int b = 1, n_groups
+cdef inline Py_ssize_t deal(const Py_ssize_t* sizes, Py_ssize_t count, int n_threads,
+                            Py_ssize_t* first) noexcept nogil:
+    """Cut the tensors too small to split (pieces_for(size) == 1) into contiguous groups
+    of about equal total size, as many as pieces_for gives their total. Group b is
+    tensors first[b] .. first[b + 1] - 1, large ones skipped; `first` has room for
+    MAX_PIECES + 1. Returns the number of groups."""
+    cdef Py_ssize_t i, small = 0, seen = 0, b = 1, n_groups
     for i in range(count):
-        if blocks_for(sizes[i], n_threads) == 1:
+        if pieces_for(sizes[i], n_threads) == 1:
             small += sizes[i]
-    n_groups = blocks_for(small, n_threads)
+    n_groups = pieces_for(small, n_threads)
     first[0] = 0
     for i in range(count):
-        if blocks_for(sizes[i], n_threads) == 1:
+        if pieces_for(sizes[i], n_threads) == 1:
             while b < n_groups and seen >= small * b // n_groups:
                 first[b] = i
                 b += 1
@@ -114,3 +119,4 @@ cdef inline int deal(const Py_ssize_t* sizes, Py_ssize_t count, int n_threads,
         first[b] = count
         b += 1
     return n_groups
+

@@ -24,16 +24,17 @@ tensor either: the roofline is a limit on memory traffic, not on call overhead. 
 whole norm chunks, small tensors dealt to threads in groups of about equal size.
 """
 from cpython.pycapsule cimport PyCapsule_GetPointer
-from cython.parallel cimport prange
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 
-from optim._loops cimport OPTIM_LOOPS_CAPSULE, Loops, block_start, blocks_for, deal
+from optim._loops cimport (
+    MAX_PIECES, MAX_THREADS, OPTIM_LOOPS_CAPSULE, Loops, deal, piece_start, pieces_for,
+)
+from optim._pool cimport optim_parallel
 
 from optim import _kernels
 
 cdef enum:
-    MAX_THREADS = 256
     MAX_ARRAYS_C = 6
 
 
@@ -117,74 +118,104 @@ cdef class Plan:
         """Make ``repeat`` passes over all tensors on up to ``threads`` threads."""
         if not 1 <= threads <= MAX_THREADS:
             raise ValueError(f"threads must be in 1..{MAX_THREADS}, got {threads}")
-        cdef const Loops* loops = <const Loops*>PyCapsule_GetPointer(
-            _kernels.ACTIVE_LOOPS, OPTIM_LOOPS_CAPSULE)
+        cdef Job job
+        job.loops = <const Loops*>PyCapsule_GetPointer(_kernels.ACTIVE_LOOPS,
+                                                       OPTIM_LOOPS_CAPSULE)
+        job.ptrs = self.ptrs
+        job.sizes = self.sizes
+        job.k = self.k
+        job.itemsize = self.itemsize
+        job.read_index = self.read_index
+        job.threads = threads
+        job.acc = 0
         cdef Py_ssize_t r
-        cdef uint64_t acc = 0
-        if threads > 1:
-            _kernels.threads_ran()
         with nogil:
             for r in range(repeat):
-                acc |= self.pass_all(loops, threads)
-        self.sink |= acc
+                run_pass(&job, self.n_tensors)
+        self.sink |= job.acc
 
-    cdef uint64_t pass_all(self, const Loops* loops, int threads) noexcept nogil:
-        cdef Py_ssize_t t
-        cdef Py_ssize_t first[MAX_THREADS + 1]
-        cdef uint64_t acc = 0
-        cdef int b, n_groups
-        if threads == 1:
-            return self.pass_group(loops, 0, self.n_tensors, 1)
-        for t in range(self.n_tensors):
-            if blocks_for(self.sizes[t], threads) > 1:
-                acc |= self.pass_split(loops, t, threads)
-        n_groups = deal(self.sizes, self.n_tensors, threads, first)
-        if n_groups == 1:
-            return acc | self.pass_group(loops, 0, self.n_tensors, threads)
-        for b in prange(n_groups, num_threads=n_groups, schedule="static", chunksize=1):
-            acc |= self.pass_group(loops, first[b], first[b + 1], threads)
-        return acc
 
-    cdef uint64_t pass_group(self, const Loops* loops, Py_ssize_t start, Py_ssize_t stop,
-                             int threads) noexcept nogil:
-        """Tensors start .. stop - 1 that are too small to split, on this thread."""
-        cdef Py_ssize_t t
-        cdef uint64_t acc = 0
-        for t in range(start, stop):
-            if blocks_for(self.sizes[t], threads) == 1:
-                if self.read_index >= 0:
-                    acc |= self.pass_range(loops, t, 0, self.sizes[t], True)
-                self.pass_range(loops, t, 0, self.sizes[t], False)
-        return acc
+cdef struct Job:
+    const Loops* loops
+    void** ptrs
+    const Py_ssize_t* sizes
+    int k
+    int itemsize
+    int read_index
+    int threads
+    uint64_t acc  # the read passes' OR, written only by the calling thread
+    Py_ssize_t tensor  # the tensor being split (Job.pieces pieces)
+    Py_ssize_t pieces
+    const Py_ssize_t* first  # the groups of small tensors
+    uint64_t* piece_acc
 
-    cdef uint64_t pass_split(self, const Loops* loops, Py_ssize_t t,
-                             int threads) noexcept nogil:
-        """Tensor t cut into blocks of whole norm chunks, one per thread (as optim does)."""
-        cdef Py_ssize_t n = self.sizes[t]
-        cdef int b, n_blocks = blocks_for(n, threads)
-        cdef uint64_t acc = 0
-        if self.read_index >= 0:
-            for b in prange(n_blocks, num_threads=n_blocks, schedule="static", chunksize=1):
-                acc |= self.pass_range(loops, t, block_start(n, n_blocks, b),
-                                       block_start(n, n_blocks, b + 1), True)
-        for b in prange(n_blocks, num_threads=n_blocks, schedule="static", chunksize=1):
-            self.pass_range(loops, t, block_start(n, n_blocks, b),
-                            block_start(n, n_blocks, b + 1), False)
-        return acc
 
-    cdef uint64_t pass_range(self, const Loops* loops, Py_ssize_t t, Py_ssize_t start,
-                             Py_ssize_t stop, bint read) noexcept nogil:
-        """Elements [start, stop) of tensor t: the read pass (read=True) or the rotation."""
-        cdef void* p[MAX_ARRAYS_C]
-        cdef int j
-        for j in range(self.k):
-            p[j] = <char*>self.ptrs[t * self.k + j] + start * self.itemsize
-        if read:
-            if self.itemsize == 4:
-                return loops.roofline_read_u32(<const uint32_t*>p[self.read_index], stop - start)
-            return loops.roofline_read_u64(<const uint64_t*>p[self.read_index], stop - start)
-        if self.itemsize == 4:
-            loops.roofline_rw_f32(p, self.k, stop - start)
-        else:
-            loops.roofline_rw_f64(p, self.k, stop - start)
-        return 0
+cdef void run_pass(Job* job, Py_ssize_t n_tensors) noexcept nogil:
+    """One pass over all tensors, split as optim splits an update (optim/_kernels.pyx
+    run_tasks): large tensors cut into pieces, small ones dealt out in groups."""
+    cdef Py_ssize_t t, i, n_groups
+    cdef Py_ssize_t first[MAX_PIECES + 1]
+    cdef uint64_t piece_acc[MAX_PIECES]
+    job.first = &first[0]
+    job.piece_acc = &piece_acc[0]
+    for t in range(n_tensors):
+        job.pieces = pieces_for(job.sizes[t], job.threads)
+        if job.pieces > 1:
+            job.tensor = t
+            if job.read_index >= 0:
+                optim_parallel(read_piece, job, job.pieces, job.threads)
+                for i in range(job.pieces):
+                    job.acc |= piece_acc[i]
+            optim_parallel(rotate_piece, job, job.pieces, job.threads)
+    n_groups = deal(job.sizes, n_tensors, job.threads, first)
+    for i in range(n_groups):
+        piece_acc[i] = 0
+    optim_parallel(group_piece, job, n_groups, job.threads)
+    for i in range(n_groups):
+        job.acc |= piece_acc[i]
+
+
+cdef void read_piece(void* arg, Py_ssize_t i) noexcept nogil:
+    cdef Job* job = <Job*>arg
+    cdef Py_ssize_t n = job.sizes[job.tensor]
+    job.piece_acc[i] = move(job, job.tensor, piece_start(n, job.pieces, i),
+                            piece_start(n, job.pieces, i + 1), True)
+
+
+cdef void rotate_piece(void* arg, Py_ssize_t i) noexcept nogil:
+    cdef Job* job = <Job*>arg
+    cdef Py_ssize_t n = job.sizes[job.tensor]
+    move(job, job.tensor, piece_start(n, job.pieces, i), piece_start(n, job.pieces, i + 1),
+         False)
+
+
+cdef void group_piece(void* arg, Py_ssize_t b) noexcept nogil:
+    """The small tensors of group b, each read (if any) and rotated on this thread."""
+    cdef Job* job = <Job*>arg
+    cdef Py_ssize_t t
+    cdef uint64_t acc = 0
+    for t in range(job.first[b], job.first[b + 1]):
+        if pieces_for(job.sizes[t], job.threads) == 1:
+            if job.read_index >= 0:
+                acc |= move(job, t, 0, job.sizes[t], True)
+            move(job, t, 0, job.sizes[t], False)
+    job.piece_acc[b] = acc
+
+
+cdef uint64_t move(const Job* job, Py_ssize_t t, Py_ssize_t start, Py_ssize_t stop,
+                   bint read) noexcept nogil:
+    """Elements [start, stop) of tensor t: the read pass (read=True) or the rotation."""
+    cdef void* p[MAX_ARRAYS_C]
+    cdef int j
+    for j in range(job.k):
+        p[j] = <char*>job.ptrs[t * job.k + j] + start * job.itemsize
+    if read:
+        if job.itemsize == 4:
+            return job.loops.roofline_read_u32(<const uint32_t*>p[job.read_index],
+                                               stop - start)
+        return job.loops.roofline_read_u64(<const uint64_t*>p[job.read_index], stop - start)
+    if job.itemsize == 4:
+        job.loops.roofline_rw_f32(p, job.k, stop - start)
+    else:
+        job.loops.roofline_rw_f64(p, job.k, stop - start)
+    return 0

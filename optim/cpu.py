@@ -49,7 +49,8 @@ def set_num_threads(n: int) -> None:
     """Let one large update (or a step_many batch) use up to `n` threads.
 
     Tensors below a size where threads pay (docs/cpu.md) always run on the calling
-    thread. Without OpenMP in the build, every update runs on one thread whatever `n`.
+    thread. A build without the thread pool (no POSIX threads) runs every update on one
+    thread whatever `n`.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"number of threads must be an integer >= 1, got {n!r}")
@@ -57,20 +58,20 @@ def set_num_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
-    """The most threads one update may use now (1 without OpenMP)."""
+    """The most threads one update may use now (1 without the thread pool)."""
     return _kernels.get_threads()
 
 
 def config() -> Dict[str, Any]:
     """The CPU kernels' configuration: SIMD level running, levels built and supported,
-    threads, OpenMP."""
+    threads, thread pool."""
     return {
         "isa": _kernels.isa(),
         "isa_available": list(available_isas()),
         "isa_built": list(_kernels.isa_built()),
         "isa_supported": list(_kernels.isa_supported()),
         "threads": get_num_threads(),
-        "openmp": _kernels.openmp(),
+        "thread_pool": _kernels.has_pool(),
     }
 
 
@@ -78,11 +79,11 @@ def describe() -> str:
     """config() in one line, e.g. for a benchmark's header."""
     c = config()
     return (f"SIMD {c['isa']} (available: {', '.join(c['isa_available'])}) | "
-            f"threads {c['threads']} (OpenMP {'yes' if c['openmp'] else 'no'})")
+            f"threads {c['threads']}{'' if c['thread_pool'] else ' (no thread pool)'}")
 
 
 def show_config() -> None:
-    """Print where optim's CPU kernels run (SIMD level, threads, OpenMP)."""
+    """Print where optim's CPU kernels run (SIMD level, threads)."""
     c = config()
     print(f"optim CPU kernels\n"
           f"  SIMD level:      {c['isa']}  (set {ISA_ENV} to force one)\n"
@@ -90,7 +91,8 @@ def show_config() -> None:
           f"  CPU supports:    {', '.join(c['isa_supported'])}\n"
           f"  threads:         {c['threads']}  (set {THREADS_ENV} or "
           f"optim.set_num_threads)\n"
-          f"  OpenMP:          {'yes' if c['openmp'] else 'no (single-threaded build)'}")
+          f"  thread pool:     "
+          f"{'yes (POSIX threads)' if c['thread_pool'] else 'no (single-threaded build)'}")
 
 
 def _threads_from_env() -> int:
@@ -116,5 +118,3 @@ def _configure_from_env() -> None:
 
 
 _configure_from_env()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_kernels.after_fork_in_child)
