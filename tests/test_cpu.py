@@ -254,3 +254,31 @@ def test_forked_child_uses_threads_too():
     """)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "child 0"
+
+
+def test_python_threads_updating_at_once_get_their_own_bits():
+    """Several Python threads updating large tensors at once share one pool: a call that
+    finds it busy runs on its own thread. Each gets the bits it gets alone."""
+    import threading
+
+    def run(seed, out, threads):
+        rng = numpy.random.default_rng(seed)
+        opt = Optimizer(learn_rate=0.01, grad_clip=1.0, use_averages=True)
+        w = rng.standard_normal(3 * BLOCK + 123).astype("float32")
+        for _ in range(6):
+            g = rng.standard_normal(w.size).astype("float32")
+            opt("w", w, g)
+        out[seed] = (w.tobytes(), opt.mom2["w"].tobytes(), opt.averages["w"].tobytes())
+
+    alone = {}
+    with cpu_settings(LEVELS[-1], 1):
+        for seed in range(4):
+            run(seed, alone, 1)
+    together = {}
+    with cpu_settings(LEVELS[-1], 2):
+        workers = [threading.Thread(target=run, args=(seed, together, 2)) for seed in range(4)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+    assert together == alone
