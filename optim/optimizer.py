@@ -311,9 +311,9 @@ class Optimizer:
 
     def _update(self, key: KeyT, weights: Any, gradient: Any, lr_scale: float) -> Tuple[Any, Any]:
         """The general path: first updates of a key, device arrays, empty gradients."""
-        backend = self._check_pair(key, weights, gradient)
-        if gradient.size == 0:  # Thinc's models produce these; nothing to do
+        if _is_empty(gradient):  # Thinc returns at once, whatever the weights are
             return weights, gradient
+        backend = self._check_pair(key, weights, gradient)
         state = self._state_for(key, backend, weights)
         t = self.nr_update.get(key, 0) + 1
         if backend is NUMPY:
@@ -338,6 +338,10 @@ class Optimizer:
                              f"{len(gradients)} gradients")
         if len(set(keys)) != len(keys):
             raise ValueError("step_many: each key may appear once per call")
+        if any(_is_empty(g) for g in gradients):  # no-ops, as in single calls
+            todo = [i for i, g in enumerate(gradients) if not _is_empty(g)]
+            keys, weights = [keys[i] for i in todo], [weights[i] for i in todo]
+            gradients = [gradients[i] for i in todo]
         if self._step_many_known(keys, weights, gradients, lr_scale):
             return
         backends = [self._check_pair(k, w, g) for k, w, g in zip(keys, weights, gradients)]
@@ -345,15 +349,14 @@ class Optimizer:
             for k, w, g in zip(keys, weights, gradients):
                 self(k, w, g, lr_scale=lr_scale)
             return
-        todo = [i for i, g in enumerate(gradients) if g.size]
-        states = [self._state_for(keys[i], NUMPY, weights[i]) for i in todo]
-        counts = [self.nr_update.get(keys[i], 0) + 1 for i in todo]
-        _kernels.step_many(self._hyper, [keys[i] for i in todo], [weights[i] for i in todo],
-                           [gradients[i] for i in todo], [s["mom1"] for s in states],
-                           [s["mom2"] for s in states], [s["average"] for s in states],
-                           [s["slow"] for s in states], counts, lr_scale)
-        for i, state, t in zip(todo, states, counts):
-            self._commit(keys[i], weights[i].shape, state, t)
+        states = [self._state_for(k, NUMPY, w) for k, w in zip(keys, weights)]
+        counts = [self.nr_update.get(k, 0) + 1 for k in keys]
+        _kernels.step_many(self._hyper, keys, weights, gradients,
+                           [s["mom1"] for s in states], [s["mom2"] for s in states],
+                           [s["average"] for s in states], [s["slow"] for s in states],
+                           counts, lr_scale)
+        for key, w, state, t in zip(keys, weights, states, counts):
+            self._commit(key, w.shape, state, t)
 
     def _step_many_known(self, keys: List[KeyT], weights: List[Any], gradients: List[Any],
                          lr_scale: float) -> bool:
@@ -366,7 +369,7 @@ class Optimizer:
         if self._stale or self._on_gpu:
             return False
         for key, w, g in zip(keys, weights, gradients):
-            if (type(w) is not ndarray or type(g) is not ndarray or not g.size
+            if (type(w) is not ndarray or type(g) is not ndarray
                     or shapes.get(key) != w.shape):
                 return False
         averages = self.averages if self.averages is not None else {}
@@ -396,7 +399,7 @@ class Optimizer:
         else:
             _check_device_pair(key, weights, gradient)
         shape = self._shapes.get(key)
-        if shape is not None and gradient.size and weights.shape != shape:
+        if shape is not None and weights.shape != shape:
             raise ValueError(_shape_error(key, weights.shape, shape))
         return backend
 
@@ -540,6 +543,11 @@ def _check_value(name: str, value: Any) -> float:
     if not (math.isfinite(value) and low <= value <= high):
         raise ValueError(f"{name} must be finite and {rule}, got {value!r}")
     return value
+
+
+def _is_empty(gradient: Any) -> bool:
+    """A gradient with no elements: Thinc's "nothing to do" (checked before anything else)."""
+    return getattr(gradient, "size", None) == 0
 
 
 def _ops_name(ops: Any) -> Optional[str]:
