@@ -22,7 +22,7 @@ cdef inline real_t root(real_t x) noexcept nogil:
         return sqrt(x)
 
 
-# Optional parts of a pass (averages, lookahead sync, RAdam's rectified step) are
+# Optional parts of a pass (averages, lookahead sync, which Adam/RAdam step) are
 # compile-time flags: Cython emits one branch-free loop per combination, which the C
 # compiler vectorises. Run-time dispatch picks the loop once per call.
 
@@ -40,9 +40,21 @@ ctypedef fused sync_flag:
     On
     Off
 
-ctypedef fused rect_flag:
-    On
-    Off
+# Which step adam_pass takes: Adam's; RAdam's rectified one (Adam's after pre_decay);
+# RAdam's un-rectified, momentum-only one (after pre_decay).
+cdef struct AdamStep:
+    char unused
+
+cdef struct RectifiedStep:
+    char unused
+
+cdef struct MomentumStep:
+    char unused
+
+ctypedef fused step_kind:
+    AdamStep
+    RectifiedStep
+    MomentumStep
 
 
 cdef inline real_t finish(real_t w_new, Py_ssize_t i, real_t* avg, real_t* slow,
@@ -74,8 +86,8 @@ cdef void sgd_pass(real_t* w, real_t* g, real_t* avg, real_t* slow, Py_ssize_t n
 
 cdef void adam_pass(real_t* w, real_t* g, real_t* m, real_t* v, real_t* avg, real_t* slow,
                     Py_ssize_t n, const Coefs* c, avg_flag has_avg, sync_flag has_sync,
-                    rect_flag rectified) noexcept nogil:
-    """Adam, and RAdam (pre_decay; rectified=Off is RAdam's momentum-only step)."""
+                    step_kind step) noexcept nogil:
+    """Adam, and RAdam (pre_decay, then the rectified or the momentum-only step)."""
     cdef real_t lr = <real_t>c.lr, l2 = <real_t>c.l2, clip = <real_t>c.clip_scale
     cdef real_t beta1 = <real_t>c.beta1, beta2 = <real_t>c.beta2, eps = <real_t>c.eps
     cdef real_t one_minus_beta1 = <real_t>(1.0 - c.beta1)  # in double: no float32 bias
@@ -88,11 +100,14 @@ cdef void adam_pass(real_t* w, real_t* g, real_t* m, real_t* v, real_t* avg, rea
         g_eff = (g[i] + l2 * w[i]) * clip
         m_new = beta1 * m[i] + one_minus_beta1 * g_eff
         v_new = beta2 * v[i] + one_minus_beta2 * g_eff * g_eff
-        w_new = w[i] - pre_decay * w[i]
-        if rect_flag is On:
-            w_new = w_new - lr * (m_new / (root(v_new) + eps))
+        if step_kind is AdamStep:
+            w_new = w[i]
         else:
+            w_new = w[i] - pre_decay * w[i]
+        if step_kind is MomentumStep:
             w_new = w_new - lr * m_new
+        else:
+            w_new = w_new - lr * (m_new / (root(v_new) + eps))
         w_new = w_new - post_decay * w_new
         m[i] = m_new
         v[i] = v_new
@@ -117,31 +132,31 @@ cdef void sgd_loop(real_t* w, real_t* g, real_t* avg, real_t* slow,
 
 cdef void adam_dispatch(real_t* w, real_t* g, real_t* m, real_t* v, real_t* avg,
                         real_t* slow, Py_ssize_t n, const Coefs* c,
-                        rect_flag rectified) noexcept nogil:
+                        step_kind step) noexcept nogil:
     cdef On on = On(0)
     cdef Off off = Off(0)
     if avg == NULL:
         if slow == NULL:
-            adam_pass(w, g, m, v, avg, slow, n, c, off, off, rectified)
+            adam_pass(w, g, m, v, avg, slow, n, c, off, off, step)
         else:
-            adam_pass(w, g, m, v, avg, slow, n, c, off, on, rectified)
+            adam_pass(w, g, m, v, avg, slow, n, c, off, on, step)
     elif slow == NULL:
-        adam_pass(w, g, m, v, avg, slow, n, c, on, off, rectified)
+        adam_pass(w, g, m, v, avg, slow, n, c, on, off, step)
     else:
-        adam_pass(w, g, m, v, avg, slow, n, c, on, on, rectified)
+        adam_pass(w, g, m, v, avg, slow, n, c, on, on, step)
 
 
 cdef void adam_loop(real_t* w, real_t* g, real_t* m, real_t* v, real_t* avg,
                     real_t* slow, Py_ssize_t n, const Coefs* c) noexcept nogil:
-    adam_dispatch(w, g, m, v, avg, slow, n, c, On(0))  # pre_decay is 0 for Adam
+    adam_dispatch(w, g, m, v, avg, slow, n, c, AdamStep(0))
 
 
 cdef void radam_loop(real_t* w, real_t* g, real_t* m, real_t* v, real_t* avg,
                      real_t* slow, Py_ssize_t n, const Coefs* c) noexcept nogil:
     if c.rectified:
-        adam_dispatch(w, g, m, v, avg, slow, n, c, On(0))
+        adam_dispatch(w, g, m, v, avg, slow, n, c, RectifiedStep(0))
     else:
-        adam_dispatch(w, g, m, v, avg, slow, n, c, Off(0))
+        adam_dispatch(w, g, m, v, avg, slow, n, c, MomentumStep(0))
 
 
 cdef double chunk_sum_squares(const real_t* g, const real_t* w, real_t l2,

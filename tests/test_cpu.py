@@ -282,3 +282,23 @@ def test_python_threads_updating_at_once_get_their_own_bits():
         for t in workers:
             t.join()
     assert together == alone
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_adam_on_signed_zeros_and_infinities_is_the_documented_formula(dtype):
+    """docs/numerics.md's per-element formula, literally, on special weights, at every
+    level: the step, then w_new - post_decay * w_new (which makes -0.0 +0.0, inf nan)."""
+    w0 = numpy.array([-0.0, 0.0, numpy.inf, -numpy.inf, numpy.nan, 1.5, -2.0], dtype=dtype)
+    t = w0.dtype.type
+    for level in LEVELS:
+        with cpu_settings(level, 1):
+            opt = Optimizer(learn_rate=0.01, grad_clip=0.0, use_averages=False)
+            w, g = w0.copy(), numpy.zeros_like(w0)
+            opt("k", w, g)
+        c = _kernels.coefs(opt._hyper, 1)
+        m = t(c["beta1"]) * t(0) + t(1 - c["beta1"]) * g
+        v = t(c["beta2"]) * t(0) + t(1 - c["beta2"]) * g * g
+        with numpy.errstate(invalid="ignore"):
+            expected = w0 - t(c["lr"]) * (m / (numpy.sqrt(v) + t(c["eps"])))
+            expected = expected - t(c["post_decay"]) * expected
+        assert w.tobytes() == expected.tobytes(), (level, w, expected)
