@@ -227,6 +227,7 @@ cdef struct Task:
     void* slow
     Py_ssize_t n
     int dtype
+    long t
     Coefs c
 
 
@@ -296,8 +297,10 @@ cdef void* state_data(object key, str what, object x, int typenum, object weight
 
 cdef int fill_task(Task* task, Hyper h, object key, object weights, object gradient,
                    object mom1, object mom2, object average, object slow, long t,
-                   double lr_scale) except -1:
-    """Validate one update's arguments and fill `task`; touches no array memory."""
+                   double lr_scale, const Task* previous=NULL) except -1:
+    """Validate one update's arguments and fill `task`; touches no array memory.
+    `previous`: a task filled for the same hyperparameters (its coefs are reused when
+    its t is this one's)."""
     cdef int typenum = check_pair_c(key, weights, gradient)
     check_call(key, t, lr_scale)
     cdef Kind kind = h._kind()
@@ -312,7 +315,11 @@ cdef int fill_task(Task* task, Hyper h, object key, object weights, object gradi
         task.slow = state_data(key, "lookahead weights", slow, typenum, weights, True)
     task.n = cnp.PyArray_SIZE(<cnp.ndarray>weights)
     task.dtype = typenum
-    task.c = make_coefs(h, t, lr_scale)
+    task.t = t
+    if previous != NULL and previous.t == t:
+        task.c = previous.c
+    else:
+        task.c = make_coefs(h, t, lr_scale)
     return 0
 
 
@@ -491,13 +498,34 @@ def step_many(Hyper hyper, list keys, list weights, list gradients, list mom1, l
     cdef Py_ssize_t* sizes = <Py_ssize_t*>mem.alloc(max(n, 1), sizeof(Py_ssize_t))
     for i in range(n):
         fill_task(&tasks[i], hyper, keys[i], weights[i], gradients[i], mom1[i], mom2[i],
-                  averages[i], slows[i], counts[i], lr_scale)
+                  averages[i], slows[i], counts[i], lr_scale, &tasks[i - 1] if i else NULL)
         sizes[i] = tasks[i].n
     cdef Kind kind = hyper._kind()
     cdef double grad_clip = hyper.grad_clip
     cdef int n_threads = N_THREADS
     with nogil:
         run_tasks(tasks, sizes, n, kind, grad_clip, n_threads)
+
+
+def known_shapes(list shapes, list weights, list gradients) -> bool:
+    """Whether every weights and gradient is a NumPy array, every gradient has elements
+    and every weights array has shapes[i] (a tuple; None fails): step_many's hot path."""
+    cdef Py_ssize_t i, d, ndim, n = len(shapes)
+    cdef object shape, w, g
+    if len(weights) != n or len(gradients) != n:
+        return False
+    for i in range(n):
+        shape, w, g = shapes[i], weights[i], gradients[i]
+        if (type(w) is not cnp.ndarray or type(g) is not cnp.ndarray
+                or cnp.PyArray_SIZE(<cnp.ndarray>g) == 0 or type(shape) is not tuple):
+            return False
+        ndim = cnp.PyArray_NDIM(<cnp.ndarray>w)
+        if len(<tuple>shape) != ndim:
+            return False
+        for d in range(ndim):
+            if <Py_ssize_t>(<tuple>shape)[d] != cnp.PyArray_DIM(<cnp.ndarray>w, d):
+                return False
+    return True
 
 
 def check_pair(object key, object weights, object gradient) -> None:
