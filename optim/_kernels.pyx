@@ -7,7 +7,6 @@ across threads in whole norm chunks. The math is docs/numerics.md.
 """
 import importlib
 import importlib.util
-import warnings
 
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_New
 from libc.math cimport pow, sqrt, isfinite

@@ -1,7 +1,7 @@
 # The C-level interface between optim/_kernels.pyx (validation, dispatch, threads) and
 # the hot loops of optim/_loops.pxi, which setup.py compiles once per SIMD level
 # (optim/_loops_baseline.pyx, _loops_avx2.pyx, _loops_avx512.pyx). Each level's module
-# exports one `Loops` table in a PyCapsule named LOOPS_CAPSULE; _kernels picks a table
+# exports one `Loops` table in a PyCapsule named OPTIM_LOOPS_CAPSULE; _kernels picks one
 # at import. Every loop makes ONE pass over memory: it reads and writes each array once.
 from libc.stdint cimport uint32_t, uint64_t
 

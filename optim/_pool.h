@@ -175,6 +175,8 @@ static void optim_parallel(optim_piece_fn fn, void *arg, Py_ssize_t n_pieces, in
             fn(arg, i);
         return;
     }
+    if (n_threads > n_pieces)
+        n_threads = (int)n_pieces;  /* no worker without a piece to take */
     optim_pool_grow(n_threads - 1);
     unsigned seq = atomic_load(&p->seq);
     unsigned job = (seq >> 1) + 1;
