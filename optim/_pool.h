@@ -27,11 +27,14 @@ typedef void (*optim_piece_fn)(void *arg, Py_ssize_t piece);
 #include <time.h>
 
 #define OPTIM_POOL_MAX_WORKERS 255
-/* How long a finished worker polls for the next job before it sleeps, and how long the
- * caller polls for claimed pieces before it yields its core (a preempted worker may be
- * waiting for it on a busy machine). */
-#define OPTIM_POOL_WORKER_SPIN_NS 30000
-#define OPTIM_POOL_CALLER_SPIN_NS 5000
+/* How long a finished worker polls for the next job before it sleeps (back-to-back
+ * updates then find it awake: waking a sleeping thread costs tens of microseconds,
+ * more in a virtual machine), and how long the caller polls for pieces that workers
+ * still run before it sleeps too (so that the OS can move a preempted worker onto its
+ * core): twice the time its own last piece took, within these bounds. */
+#define OPTIM_POOL_WORKER_SPIN_NS 100000
+#define OPTIM_POOL_CALLER_SPIN_MIN_NS 5000
+#define OPTIM_POOL_CALLER_SPIN_MAX_NS 200000
 
 #if defined(__x86_64__) || defined(__i386__)
 #define OPTIM_PAUSE() __builtin_ia32_pause()
@@ -81,17 +84,23 @@ static int optim_pool_claim(unsigned job, uint32_t n_pieces, uint32_t *piece) {
     }
 }
 
-static void optim_pool_work(unsigned job, optim_piece_fn fn, void *arg, uint32_t n_pieces) {
+/* Run pieces of the job until none is left; returns how long the last one took. */
+static int64_t optim_pool_work(unsigned job, optim_piece_fn fn, void *arg,
+                               uint32_t n_pieces) {
     optim_pool_t *p = &optim_pool;
     uint32_t piece;
+    int64_t last_ns = 0;
     while (optim_pool_claim(job, n_pieces, &piece)) {
+        int64_t start = optim_pool_now_ns();
         fn(arg, (Py_ssize_t)piece);
+        last_ns = optim_pool_now_ns() - start;
         if (atomic_fetch_add(&p->done, 1) + 1 == n_pieces && atomic_load(&p->caller_waiting)) {
             pthread_mutex_lock(&p->lock);
             pthread_cond_broadcast(&p->finished);
             pthread_mutex_unlock(&p->lock);
         }
     }
+    return last_ns;
 }
 
 static void *optim_pool_worker(void *index_ptr) {
@@ -193,10 +202,14 @@ static void optim_parallel(optim_piece_fn fn, void *arg, Py_ssize_t n_pieces, in
         pthread_cond_broadcast(&p->wake);
         pthread_mutex_unlock(&p->lock);
     }
-    optim_pool_work(job, fn, arg, (uint32_t)n_pieces);
-    /* Wait for the pieces workers claimed: briefly spinning, then asleep, so that the
-     * OS can move a preempted worker onto this core. */
-    int64_t until = optim_pool_now_ns() + OPTIM_POOL_CALLER_SPIN_NS;
+    int64_t spin = 2 * optim_pool_work(job, fn, arg, (uint32_t)n_pieces);
+    /* Wait for the pieces workers claimed: spinning about as long as a piece takes,
+     * then asleep, so that the OS can move a preempted worker onto this core. */
+    if (spin < OPTIM_POOL_CALLER_SPIN_MIN_NS)
+        spin = OPTIM_POOL_CALLER_SPIN_MIN_NS;
+    if (spin > OPTIM_POOL_CALLER_SPIN_MAX_NS)
+        spin = OPTIM_POOL_CALLER_SPIN_MAX_NS;
+    int64_t until = optim_pool_now_ns() + spin;
     while (atomic_load(&p->done) < (uint_fast64_t)n_pieces && optim_pool_now_ns() < until)
         OPTIM_PAUSE();
     if (atomic_load(&p->done) < (uint_fast64_t)n_pieces) {
