@@ -1,4 +1,5 @@
 """optim: fused Cython optimizers (SGD, Adam, RAdam) for Thinc and spaCy pipelines."""
+from .cpu import get_num_threads, set_num_threads, show_config
 from .optimizer import ADAM_DEFAULTS, RADAM_DEFAULTS, SGD_DEFAULTS, SGD, Adam, Optimizer, RAdam
 from .registry import Config, registry
 from .schedules import (
@@ -27,4 +28,5 @@ __all__ = [
     "Optimizer", "SGD", "Adam", "RAdam", "ADAM_DEFAULTS", "SGD_DEFAULTS", "RADAM_DEFAULTS",
     "registry", "Config", "Schedule", "constant", "constant_then", "decaying", "compounding",
     "warmup_linear", "slanted_triangular", "cyclic_triangular", "plateau", "sequence", "load",
+    "set_num_threads", "get_num_threads", "show_config",
 ]

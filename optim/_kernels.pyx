@@ -1,29 +1,108 @@
 """CPU kernels: one fused pass over memory per update, for float32 and float64.
 
-The loops run without bounds checks, so the Python entry points (`step`, `step_many`)
-validate every array before any loop starts. The math is docs/numerics.md.
+The loops themselves are in optim/_loops.pxi, built once per SIMD level; this module
+picks the level's table (optim/cpu.py chooses which at import), validates every array
+before any loop starts (the loops run without bounds checks), and splits large updates
+across threads in whole norm chunks. The math is docs/numerics.md.
 """
-from libc.math cimport pow, sqrt, sqrtf, isfinite
+import importlib
+import importlib.util
+
+from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_New
+from libc.math cimport pow, sqrt, isfinite
 from cymem.cymem cimport Pool
+
+from optim._loops cimport (
+    KIND_ADAM, KIND_RADAM, KIND_SGD, MAX_PIECES, MAX_THREADS, NORM_CHUNK, NORM_LANES,
+    OPTIM_LOOPS_CAPSULE, PIECE_MIN, Coefs, Kind, Loops, deal, lane_tree, piece_start,
+    pieces_for, real_t,
+)
+from optim._pool cimport OPTIM_POOL, optim_parallel
 
 cimport numpy as cnp
 
 cnp.import_array()
 
-cdef enum Kind:
-    KIND_SGD = 0
-    KIND_ADAM = 1
-    KIND_RADAM = 2
-
 KIND_NAMES = ("sgd", "adam", "radam")
 cdef Py_ssize_t GIL_FREE_SIZE = 1 << 15  # release the GIL for tensors at least this large
 
-# The clip norm's fixed summation order (docs/numerics.md), shared with the GPU kernels.
-cdef enum:
-    NORM_CHUNK = 4096  # elements per chunk
-    NORM_LANES = 32    # partial sums per chunk (a GPU warp's lanes)
-
 NORM_ORDER = {"chunk": NORM_CHUNK, "lanes": NORM_LANES}
+THREAD_PIECE_MIN = PIECE_MIN  # a threaded pass cuts no piece smaller than this
+
+
+# ---------------------------------------------------------------- SIMD level and threads
+
+cdef extern from *:
+    """
+    #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+    static int optim_cpu_level(void) {
+        __builtin_cpu_init();
+        int v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        int v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
+            && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")
+            && __builtin_cpu_supports("avx512cd");
+        return v4 ? 2 : (v3 ? 1 : 0);
+    }
+    #else
+    static int optim_cpu_level(void) { return 0; }
+    #endif
+    """
+    int optim_cpu_level() noexcept nogil
+
+# SIMD levels, lowest first: each is a module optim._loops_<level> with its LOOPS table.
+# setup.py's flags per level are what optim_cpu_level checks the CPU for.
+ISA_LEVELS = ("baseline", "avx2", "avx512")
+
+cdef Loops LOOPS            # the active level's loops (a copy of its table)
+cdef int N_THREADS = 1      # threads a large update may use
+ACTIVE_LOOPS = PyCapsule_New(&LOOPS, OPTIM_LOOPS_CAPSULE, NULL)
+"""The active `Loops` table, read by optim._roofline at each run."""
+
+
+def isa_built() -> tuple:
+    """The SIMD levels this build has loops for (setup.py skips what the compiler lacks)."""
+    return tuple(level for level in ISA_LEVELS
+                 if importlib.util.find_spec(f"optim._loops_{level}") is not None)
+
+
+def isa_supported() -> tuple:
+    """The SIMD levels this CPU (and OS) can run, built or not."""
+    return ISA_LEVELS[:optim_cpu_level() + 1]
+
+
+def isa() -> str:
+    """The SIMD level whose loops run now."""
+    return LOOPS.isa.decode()
+
+
+def use_isa(str level) -> None:
+    """Run the loops built for `level` from now on (optim/cpu.py validates the name)."""
+    if level not in isa_supported():
+        raise ValueError(f"SIMD level {level!r}: this CPU supports {', '.join(isa_supported())}")
+    # import only what the CPU runs: a level's module may use its instructions anywhere
+    module = importlib.import_module(f"optim._loops_{level}")
+    global LOOPS
+    LOOPS = (<Loops*>PyCapsule_GetPointer(module.LOOPS, OPTIM_LOOPS_CAPSULE))[0]
+
+
+def has_pool() -> bool:
+    """Whether this build has its thread pool (without POSIX threads, one thread)."""
+    return bool(OPTIM_POOL)
+
+
+def set_threads(int n) -> None:
+    """Let large updates use up to n threads (1 .. MAX_THREADS; 1 without the pool)."""
+    global N_THREADS
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"number of threads must be in 1..{MAX_THREADS}, got {n}")
+    N_THREADS = n if OPTIM_POOL else 1
+
+
+def get_threads() -> int:
+    return N_THREADS
+
+
+use_isa("baseline")  # optim/cpu.py picks the best level at import
 
 
 cdef class Hyper:
@@ -124,207 +203,16 @@ def clip_sum_squares(object gradient, object weights, double l2=0.0) -> float:
     cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>weights)
     cdef void* g = cnp.PyArray_DATA(<cnp.ndarray>gradient)
     cdef void* w = cnp.PyArray_DATA(<cnp.ndarray>weights)
-    if typenum == cnp.NPY_FLOAT32:
-        return sum_squares(<float*>g, <float*>w, l2, n)
-    return sum_squares(<double*>g, <double*>w, l2, n)
+    cdef int n_threads = N_THREADS
+    cdef double sumsq
+    with nogil:
+        sumsq = sum_squares(typenum, g, w, l2, n, n_threads)
+    return sumsq
 
 
 def clip_scale(double sumsq, double grad_clip) -> float:
     """The gradient multiplier for a gradient whose squared L2 norm is `sumsq`."""
     return clip_factor(sumsq, grad_clip)
-
-
-# ---------------------------------------------------------------- the loops
-
-cdef inline real_t root(real_t x) noexcept nogil:
-    """Square root in the array's own precision (sqrtf keeps float32 loops vectorised)."""
-    if real_t is float:
-        return sqrtf(x)
-    else:
-        return sqrt(x)
-
-
-# Optional parts of a pass (averages, lookahead sync, RAdam's rectified step) are
-# compile-time flags: Cython emits one branch-free loop per combination, which the C
-# compiler vectorises. Run-time dispatch picks the loop once per call.
-
-cdef struct On:
-    char unused
-
-cdef struct Off:
-    char unused
-
-ctypedef fused avg_flag:
-    On
-    Off
-
-ctypedef fused sync_flag:
-    On
-    Off
-
-ctypedef fused rect_flag:
-    On
-    Off
-
-
-cdef inline real_t finish(real_t w_new, Py_ssize_t i, real_t* avg, real_t* slow,
-                          real_t la_alpha, real_t avg_rate, avg_flag has_avg,
-                          sync_flag has_sync) noexcept nogil:
-    """Lookahead sync and the average update for one element; returns the new weight."""
-    if sync_flag is On:
-        slow[i] = slow[i] + la_alpha * (w_new - slow[i])
-        w_new = slow[i]
-    if avg_flag is On:
-        avg[i] = avg[i] - avg_rate * (avg[i] - w_new)
-    return w_new
-
-
-cdef void sgd_pass(real_t* w, real_t* g, real_t* avg, real_t* slow, Py_ssize_t n,
-                   const Coefs* c, avg_flag has_avg, sync_flag has_sync) noexcept nogil:
-    cdef real_t lr = <real_t>c.lr, l2 = <real_t>c.l2, clip = <real_t>c.clip_scale
-    cdef real_t post_decay = <real_t>c.post_decay, la_alpha = <real_t>c.la_alpha
-    cdef real_t avg_rate = <real_t>(1.0 - c.avg_keep)
-    cdef real_t g_eff, w_new
-    cdef Py_ssize_t i
-    for i in range(n):
-        g_eff = (g[i] + l2 * w[i]) * clip
-        w_new = w[i] - lr * g_eff
-        w_new = w_new - post_decay * w_new
-        g[i] = 0
-        w[i] = finish(w_new, i, avg, slow, la_alpha, avg_rate, has_avg, has_sync)
-
-
-cdef void adam_pass(real_t* w, real_t* g, real_t* m, real_t* v, real_t* avg, real_t* slow,
-                    Py_ssize_t n, const Coefs* c, avg_flag has_avg, sync_flag has_sync,
-                    rect_flag rectified) noexcept nogil:
-    """Adam, and RAdam (pre_decay; rectified=Off is RAdam's momentum-only step)."""
-    cdef real_t lr = <real_t>c.lr, l2 = <real_t>c.l2, clip = <real_t>c.clip_scale
-    cdef real_t beta1 = <real_t>c.beta1, beta2 = <real_t>c.beta2, eps = <real_t>c.eps
-    cdef real_t one_minus_beta1 = <real_t>(1.0 - c.beta1)  # in double: no float32 bias
-    cdef real_t one_minus_beta2 = <real_t>(1.0 - c.beta2)
-    cdef real_t pre_decay = <real_t>c.pre_decay, post_decay = <real_t>c.post_decay
-    cdef real_t la_alpha = <real_t>c.la_alpha, avg_rate = <real_t>(1.0 - c.avg_keep)
-    cdef real_t g_eff, m_new, v_new, w_new
-    cdef Py_ssize_t i
-    for i in range(n):
-        g_eff = (g[i] + l2 * w[i]) * clip
-        m_new = beta1 * m[i] + one_minus_beta1 * g_eff
-        v_new = beta2 * v[i] + one_minus_beta2 * g_eff * g_eff
-        w_new = w[i] - pre_decay * w[i]
-        if rect_flag is On:
-            w_new = w_new - lr * (m_new / (root(v_new) + eps))
-        else:
-            w_new = w_new - lr * m_new
-        w_new = w_new - post_decay * w_new
-        m[i] = m_new
-        v[i] = v_new
-        g[i] = 0
-        w[i] = finish(w_new, i, avg, slow, la_alpha, avg_rate, has_avg, has_sync)
-
-
-cdef void sgd_loop(real_t* w, real_t* g, real_t* avg, real_t* slow,
-                   Py_ssize_t n, const Coefs* c) noexcept nogil:
-    cdef On on = On(0)
-    cdef Off off = Off(0)
-    if avg == NULL:
-        if slow == NULL:
-            sgd_pass(w, g, avg, slow, n, c, off, off)
-        else:
-            sgd_pass(w, g, avg, slow, n, c, off, on)
-    elif slow == NULL:
-        sgd_pass(w, g, avg, slow, n, c, on, off)
-    else:
-        sgd_pass(w, g, avg, slow, n, c, on, on)
-
-
-cdef void adam_dispatch(real_t* w, real_t* g, real_t* m, real_t* v, real_t* avg,
-                        real_t* slow, Py_ssize_t n, const Coefs* c,
-                        rect_flag rectified) noexcept nogil:
-    cdef On on = On(0)
-    cdef Off off = Off(0)
-    if avg == NULL:
-        if slow == NULL:
-            adam_pass(w, g, m, v, avg, slow, n, c, off, off, rectified)
-        else:
-            adam_pass(w, g, m, v, avg, slow, n, c, off, on, rectified)
-    elif slow == NULL:
-        adam_pass(w, g, m, v, avg, slow, n, c, on, off, rectified)
-    else:
-        adam_pass(w, g, m, v, avg, slow, n, c, on, on, rectified)
-
-
-cdef void adam_loop(real_t* w, real_t* g, real_t* m, real_t* v, real_t* avg,
-                    real_t* slow, Py_ssize_t n, const Coefs* c) noexcept nogil:
-    adam_dispatch(w, g, m, v, avg, slow, n, c, On(0))  # pre_decay is 0 for Adam
-
-
-cdef void radam_loop(real_t* w, real_t* g, real_t* m, real_t* v, real_t* avg,
-                     real_t* slow, Py_ssize_t n, const Coefs* c) noexcept nogil:
-    if c.rectified:
-        adam_dispatch(w, g, m, v, avg, slow, n, c, On(0))
-    else:
-        adam_dispatch(w, g, m, v, avg, slow, n, c, Off(0))
-
-
-cdef inline double lane_tree(double* lanes) noexcept nogil:
-    """Fold NORM_LANES partial sums pairwise: lanes[j] += lanes[j + half], half = 16..1.
-
-    A warp's __shfl_down_sync tree on the GPU adds in exactly this order.
-    """
-    cdef int half = NORM_LANES // 2, j
-    while half > 0:
-        for j in range(half):
-            lanes[j] = lanes[j] + lanes[j + half]
-        half //= 2
-    return lanes[0]
-
-
-cdef double chunk_sum_squares(const real_t* g, const real_t* w, real_t l2,
-                              Py_ssize_t n) noexcept nogil:
-    """One chunk (n <= NORM_CHUNK) of the clip norm: lane j sums the squares of elements
-    j, j + 32, j + 64, ... in double, then lane_tree. Each term is formed in real_t."""
-    cdef double lanes[NORM_LANES]
-    cdef double x
-    cdef Py_ssize_t i, j, full = n - n % NORM_LANES
-    for j in range(NORM_LANES):
-        lanes[j] = 0.0
-    for i in range(full // NORM_LANES):
-        for j in range(NORM_LANES):
-            x = <double>(g[i * NORM_LANES + j] + l2 * w[i * NORM_LANES + j])
-            lanes[j] += x * x
-    for j in range(n - full):
-        x = <double>(g[full + j] + l2 * w[full + j])
-        lanes[j] += x * x
-    return lane_tree(lanes)
-
-
-cdef double sum_squares(const real_t* g, const real_t* w, double l2,
-                        Py_ssize_t n) noexcept nogil:
-    """sum((g + l2*w)**2) in the fixed order of docs/numerics.md ("The clip norm"):
-    chunks of NORM_CHUNK elements, each summed by chunk_sum_squares; the chunk sums are
-    combined by the same lane rule (chunk c goes to lane c % 32), then lane_tree."""
-    cdef double lanes[NORM_LANES]
-    cdef Py_ssize_t c, start, n_chunks = (n + NORM_CHUNK - 1) // NORM_CHUNK
-    for c in range(NORM_LANES):
-        lanes[c] = 0.0
-    for c in range(n_chunks):
-        start = c * NORM_CHUNK
-        lanes[c % NORM_LANES] += chunk_sum_squares(g + start, w + start, <real_t>l2,
-                                                   min(<Py_ssize_t>NORM_CHUNK, n - start))
-    return lane_tree(lanes)
-
-
-cdef void run_update(Kind kind, real_t* w, real_t* g, real_t* m, real_t* v, real_t* avg,
-                     real_t* slow, Py_ssize_t n, Coefs* c, double grad_clip) noexcept nogil:
-    """Clip factor (if clipping), then the fused loop of `kind`."""
-    if grad_clip > 0.0:
-        c.clip_scale = clip_factor(sum_squares(g, w, c.l2, n), grad_clip)
-    if kind == KIND_SGD:
-        sgd_loop(w, g, avg, slow, n, c)
-    elif kind == KIND_ADAM:
-        adam_loop(w, g, m, v, avg, slow, n, c)
-    else:
-        radam_loop(w, g, m, v, avg, slow, n, c)
 
 
 # ---------------------------------------------------------------- validation
@@ -338,6 +226,7 @@ cdef struct Task:
     void* slow
     Py_ssize_t n
     int dtype
+    long t
     Coefs c
 
 
@@ -407,8 +296,10 @@ cdef void* state_data(object key, str what, object x, int typenum, object weight
 
 cdef int fill_task(Task* task, Hyper h, object key, object weights, object gradient,
                    object mom1, object mom2, object average, object slow, long t,
-                   double lr_scale) except -1:
-    """Validate one update's arguments and fill `task`; touches no array memory."""
+                   double lr_scale, const Task* previous=NULL) except -1:
+    """Validate one update's arguments and fill `task`; touches no array memory.
+    `previous`: a task filled for the same hyperparameters (its coefs are reused when
+    its t is this one's)."""
     cdef int typenum = check_pair_c(key, weights, gradient)
     check_call(key, t, lr_scale)
     cdef Kind kind = h._kind()
@@ -423,17 +314,148 @@ cdef int fill_task(Task* task, Hyper h, object key, object weights, object gradi
         task.slow = state_data(key, "lookahead weights", slow, typenum, weights, True)
     task.n = cnp.PyArray_SIZE(<cnp.ndarray>weights)
     task.dtype = typenum
-    task.c = make_coefs(h, t, lr_scale)
+    task.t = t
+    if previous != NULL and previous.t == t:
+        task.c = previous.c
+    else:
+        task.c = make_coefs(h, t, lr_scale)
     return 0
 
 
-cdef void run_task(Task* task, Kind kind, double grad_clip) noexcept nogil:
+# ---------------------------------------------------------------- running the loops
+
+cdef enum:
+    PARTIALS = 1024  # chunk sums of the clip norm computed per round
+
+
+cdef inline double chunk_sum(int dtype, const void* g, const void* w, double l2,
+                             Py_ssize_t n, Py_ssize_t c) noexcept nogil:
+    """The sum of squares of chunk c of an n-element tensor, by the active loops."""
+    cdef Py_ssize_t start = c * NORM_CHUNK
+    cdef Py_ssize_t size = min(<Py_ssize_t>NORM_CHUNK, n - start)
+    if dtype == cnp.NPY_FLOAT32:
+        return LOOPS.chunk_sum_squares_f32(<const float*>g + start, <const float*>w + start,
+                                           <float>l2, size)
+    return LOOPS.chunk_sum_squares_f64(<const double*>g + start, <const double*>w + start,
+                                       l2, size)
+
+
+cdef struct NormRound:  # chunks first .. first + count - 1, cut into n_pieces pieces
+    int dtype
+    const void* g
+    const void* w
+    double l2
+    Py_ssize_t n
+    Py_ssize_t first
+    Py_ssize_t count
+    Py_ssize_t n_pieces
+    double* partials
+
+
+cdef void norm_piece(void* arg, Py_ssize_t i) noexcept nogil:
+    cdef NormRound* r = <NormRound*>arg
+    cdef Py_ssize_t c
+    for c in range(r.count * i // r.n_pieces, r.count * (i + 1) // r.n_pieces):
+        r.partials[c] = chunk_sum(r.dtype, r.g, r.w, r.l2, r.n, r.first + c)
+
+
+cdef double sum_squares(int dtype, const void* g, const void* w, double l2, Py_ssize_t n,
+                        int n_threads) noexcept nogil:
+    """sum((g + l2*w)**2) in the fixed order of docs/numerics.md ("The clip norm"): the
+    chunk sums (PARTIALS at a time, by up to n_threads threads) are combined once, in
+    chunk order: chunk c goes to lane c % 32, then lane_tree. The thread count changes
+    who computes a chunk sum, never which numbers are added in which order."""
+    cdef double lanes[NORM_LANES]
+    cdef double partials[PARTIALS]
+    cdef NormRound r = NormRound(dtype, g, w, l2, n, 0, 0, 1, &partials[0])
+    cdef Py_ssize_t c, n_chunks = (n + NORM_CHUNK - 1) // NORM_CHUNK
+    for c in range(NORM_LANES):
+        lanes[c] = 0.0
+    while r.first < n_chunks:
+        r.count = min(<Py_ssize_t>PARTIALS, n_chunks - r.first)
+        r.n_pieces = pieces_for(r.count * NORM_CHUNK, n_threads)
+        optim_parallel(norm_piece, &r, r.n_pieces, n_threads)
+        for c in range(r.count):
+            lanes[(r.first + c) % NORM_LANES] += partials[c]
+        r.first += r.count
+    return lane_tree(lanes)
+
+
+cdef inline real_t* at(real_t* p, Py_ssize_t i) noexcept nogil:
+    return p + i if p != NULL else NULL
+
+
+cdef void run_range(const Task* task, Kind kind, Py_ssize_t start,
+                    Py_ssize_t stop) noexcept nogil:
+    """The fused pass of `kind` over elements [start, stop) of the task's arrays."""
     if task.dtype == cnp.NPY_FLOAT32:
-        run_update(kind, <float*>task.w, <float*>task.g, <float*>task.m, <float*>task.v,
-                   <float*>task.avg, <float*>task.slow, task.n, &task.c, grad_clip)
+        LOOPS.update_f32(kind, at(<float*>task.w, start), at(<float*>task.g, start),
+                         at(<float*>task.m, start), at(<float*>task.v, start),
+                         at(<float*>task.avg, start), at(<float*>task.slow, start),
+                         stop - start, &task.c)
     else:
-        run_update(kind, <double*>task.w, <double*>task.g, <double*>task.m, <double*>task.v,
-                   <double*>task.avg, <double*>task.slow, task.n, &task.c, grad_clip)
+        LOOPS.update_f64(kind, at(<double*>task.w, start), at(<double*>task.g, start),
+                         at(<double*>task.m, start), at(<double*>task.v, start),
+                         at(<double*>task.avg, start), at(<double*>task.slow, start),
+                         stop - start, &task.c)
+
+
+cdef struct Split:  # one task's pass cut into n_pieces pieces of whole norm chunks
+    Task* task
+    Kind kind
+    Py_ssize_t n_pieces
+
+
+cdef void split_piece(void* arg, Py_ssize_t i) noexcept nogil:
+    cdef Split* s = <Split*>arg
+    run_range(s.task, s.kind, piece_start(s.task.n, s.n_pieces, i),
+              piece_start(s.task.n, s.n_pieces, i + 1))
+
+
+cdef void run_task(Task* task, Kind kind, double grad_clip, int n_threads) noexcept nogil:
+    """Clip factor (if clipping), then the fused pass. A large task is cut into pieces
+    of whole norm chunks for up to n_threads threads: each element's arithmetic is the
+    same in any piece, so the bits do not depend on n_threads."""
+    cdef Split s = Split(task, kind, pieces_for(task.n, n_threads))
+    if grad_clip > 0.0:
+        task.c.clip_scale = clip_factor(
+            sum_squares(task.dtype, task.g, task.w, task.c.l2, task.n, n_threads), grad_clip)
+    if s.n_pieces == 1:
+        run_range(task, kind, 0, task.n)
+    else:
+        optim_parallel(split_piece, &s, s.n_pieces, n_threads)
+
+
+cdef struct Groups:  # step_many's small tasks: group b is tasks first[b] .. first[b+1]-1
+    Task* tasks
+    const Py_ssize_t* first
+    Kind kind
+    double grad_clip
+    int n_threads
+
+
+cdef void group_piece(void* arg, Py_ssize_t b) noexcept nogil:
+    """Run group b's tasks whole on this thread (the large ones were run split)."""
+    cdef Groups* gr = <Groups*>arg
+    cdef Py_ssize_t i
+    for i in range(gr.first[b], gr.first[b + 1]):
+        if pieces_for(gr.tasks[i].n, gr.n_threads) == 1:
+            run_task(&gr.tasks[i], gr.kind, gr.grad_clip, 1)
+
+
+cdef void run_tasks(Task* tasks, const Py_ssize_t* sizes, Py_ssize_t n_tasks, Kind kind,
+                    double grad_clip, int n_threads) noexcept nogil:
+    """step_many's loop. Tasks large enough to split run one after another as in `step`;
+    the others are cut into contiguous groups of about equal size, each task run whole
+    by one thread. The tasks must not share memory."""
+    cdef Py_ssize_t i, n_groups
+    cdef Py_ssize_t first[MAX_PIECES + 1]
+    cdef Groups gr = Groups(tasks, &first[0], kind, grad_clip, n_threads)
+    for i in range(n_tasks):
+        if pieces_for(sizes[i], n_threads) > 1:
+            run_task(&tasks[i], kind, grad_clip, n_threads)
+    n_groups = deal(sizes, n_tasks, n_threads, first)
+    optim_parallel(group_piece, &gr, n_groups, n_threads)
 
 
 # ---------------------------------------------------------------- Python entry points
@@ -449,11 +471,12 @@ def step(Hyper hyper, object key, object weights, object gradient, object mom1,
     fill_task(&task, hyper, key, weights, gradient, mom1, mom2, average, slow, t, lr_scale)
     cdef Kind kind = hyper._kind()
     cdef double grad_clip = hyper.grad_clip
+    cdef int n_threads = N_THREADS
     if task.n >= GIL_FREE_SIZE:
         with nogil:
-            run_task(&task, kind, grad_clip)
+            run_task(&task, kind, grad_clip, n_threads)
     else:
-        run_task(&task, kind, grad_clip)
+        run_task(&task, kind, grad_clip, 1)
 
 
 def step_many(Hyper hyper, list keys, list weights, list gradients, list mom1, list mom2,
@@ -471,14 +494,37 @@ def step_many(Hyper hyper, list keys, list weights, list gradients, list mom1, l
             raise ValueError(f"step_many: {len(seq)} {name} for {n} keys")
     cdef Pool mem = Pool()
     cdef Task* tasks = <Task*>mem.alloc(max(n, 1), sizeof(Task))
+    cdef Py_ssize_t* sizes = <Py_ssize_t*>mem.alloc(max(n, 1), sizeof(Py_ssize_t))
     for i in range(n):
         fill_task(&tasks[i], hyper, keys[i], weights[i], gradients[i], mom1[i], mom2[i],
-                  averages[i], slows[i], counts[i], lr_scale)
+                  averages[i], slows[i], counts[i], lr_scale, &tasks[i - 1] if i else NULL)
+        sizes[i] = tasks[i].n
     cdef Kind kind = hyper._kind()
     cdef double grad_clip = hyper.grad_clip
+    cdef int n_threads = N_THREADS
     with nogil:
-        for i in range(n):
-            run_task(&tasks[i], kind, grad_clip)
+        run_tasks(tasks, sizes, n, kind, grad_clip, n_threads)
+
+
+def known_shapes(list shapes, list weights, list gradients) -> bool:
+    """Whether every weights and gradient is a NumPy array, every gradient has elements
+    and every weights array has shapes[i] (a tuple; None fails): step_many's hot path."""
+    cdef Py_ssize_t i, d, ndim, n = len(shapes)
+    cdef object shape, w, g
+    if len(weights) != n or len(gradients) != n:
+        return False
+    for i in range(n):
+        shape, w, g = shapes[i], weights[i], gradients[i]
+        if (type(w) is not cnp.ndarray or type(g) is not cnp.ndarray
+                or cnp.PyArray_SIZE(<cnp.ndarray>g) == 0 or type(shape) is not tuple):
+            return False
+        ndim = cnp.PyArray_NDIM(<cnp.ndarray>w)
+        if len(<tuple>shape) != ndim:
+            return False
+        for d in range(ndim):
+            if <Py_ssize_t>(<tuple>shape)[d] != cnp.PyArray_DIM(<cnp.ndarray>w, d):
+                return False
+    return True
 
 
 def check_pair(object key, object weights, object gradient) -> None:

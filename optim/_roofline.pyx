@@ -1,4 +1,3 @@
-# cython: language_level=3
 """The speed of light for an optimizer update: ``python -m optim bench``'s roofline.
 
 An update of n parameters has to read and write a fixed set of arrays once (weights,
@@ -17,83 +16,29 @@ A :class:`Plan` holds pointers to arrays of the same sizes and dtype as the upda
   float sum would be latency-bound and slower than memory.
 
 Both loops are plain C with ``restrict``-qualified parameters (so they vectorise without
-alias checks), written in the extern block below and compiled with the same flags as the
-optimizer kernels. ``Plan.run()`` releases the GIL and walks its pointer table, so the
-many-small-tensors layout pays no Python cost per tensor either: the roofline is a limit
-on memory traffic, not on call overhead.
+alias checks), in optim/_loops.pxi: they are built at every SIMD level with the optimizer
+loops, and a run uses the level optim runs now (a fair limit). ``Plan.run()`` releases the
+GIL and walks its pointer table, so the many-small-tensors layout pays no Python cost per
+tensor either: the roofline is a limit on memory traffic, not on call overhead. With
+``threads > 1`` it splits the work as optim's updates do: a large tensor into blocks of
+whole norm chunks, small tensors dealt to threads in groups of about equal size.
 """
+from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 
-cdef extern from *:
-    """
-    #include <stddef.h>
-    #include <stdint.h>
-    #if defined(_MSC_VER)
-    #  define OPTIM_RL_R __restrict
-    #else
-    #  define OPTIM_RL_R __restrict__
-    #endif
+from optim._loops cimport (
+    MAX_PIECES, MAX_THREADS, OPTIM_LOOPS_CAPSULE, Loops, deal, piece_start, pieces_for,
+)
+from optim._pool cimport optim_parallel
 
-    #define OPTIM_RL_LOOP(body) \\
-        for (ptrdiff_t i = 0; i < n; i++) { body }
+from optim import _kernels
 
-    #define OPTIM_RL_DEFINE(T, S) \\
-    static void optim_rl_rw1_##S(T* OPTIM_RL_R a, ptrdiff_t n) { \\
-        OPTIM_RL_LOOP(a[i] = -a[i];) } \\
-    static void optim_rl_rw2_##S(T* OPTIM_RL_R a, T* OPTIM_RL_R b, ptrdiff_t n) { \\
-        OPTIM_RL_LOOP(T t = a[i]; a[i] = b[i]; b[i] = t;) } \\
-    static void optim_rl_rw3_##S(T* OPTIM_RL_R a, T* OPTIM_RL_R b, T* OPTIM_RL_R c, \\
-                                 ptrdiff_t n) { \\
-        OPTIM_RL_LOOP(T t = a[i]; a[i] = b[i]; b[i] = c[i]; c[i] = t;) } \\
-    static void optim_rl_rw4_##S(T* OPTIM_RL_R a, T* OPTIM_RL_R b, T* OPTIM_RL_R c, \\
-                                 T* OPTIM_RL_R d, ptrdiff_t n) { \\
-        OPTIM_RL_LOOP(T t = a[i]; a[i] = b[i]; b[i] = c[i]; c[i] = d[i]; d[i] = t;) } \\
-    static void optim_rl_rw5_##S(T* OPTIM_RL_R a, T* OPTIM_RL_R b, T* OPTIM_RL_R c, \\
-                                 T* OPTIM_RL_R d, T* OPTIM_RL_R e, ptrdiff_t n) { \\
-        OPTIM_RL_LOOP(T t = a[i]; a[i] = b[i]; b[i] = c[i]; c[i] = d[i]; d[i] = e[i]; \\
-                      e[i] = t;) } \\
-    static void optim_rl_rw6_##S(T* OPTIM_RL_R a, T* OPTIM_RL_R b, T* OPTIM_RL_R c, \\
-                                 T* OPTIM_RL_R d, T* OPTIM_RL_R e, T* OPTIM_RL_R f, \\
-                                 ptrdiff_t n) { \\
-        OPTIM_RL_LOOP(T t = a[i]; a[i] = b[i]; b[i] = c[i]; c[i] = d[i]; d[i] = e[i]; \\
-                      e[i] = f[i]; f[i] = t;) } \\
-    static int optim_rl_rw_##S(void** p, int k, ptrdiff_t n) { \\
-        switch (k) { \\
-        case 1: optim_rl_rw1_##S((T*)p[0], n); return 0; \\
-        case 2: optim_rl_rw2_##S((T*)p[0], (T*)p[1], n); return 0; \\
-        case 3: optim_rl_rw3_##S((T*)p[0], (T*)p[1], (T*)p[2], n); return 0; \\
-        case 4: optim_rl_rw4_##S((T*)p[0], (T*)p[1], (T*)p[2], (T*)p[3], n); return 0; \\
-        case 5: optim_rl_rw5_##S((T*)p[0], (T*)p[1], (T*)p[2], (T*)p[3], (T*)p[4], n); \\
-                return 0; \\
-        case 6: optim_rl_rw6_##S((T*)p[0], (T*)p[1], (T*)p[2], (T*)p[3], (T*)p[4], \\
-                                 (T*)p[5], n); return 0; \\
-        default: return -1; \\
-        } \\
-    }
-
-    OPTIM_RL_DEFINE(float, f32)
-    OPTIM_RL_DEFINE(double, f64)
-
-    static uint64_t optim_rl_read_u32(const uint32_t* OPTIM_RL_R a, ptrdiff_t n) {
-        uint32_t acc = 0;
-        for (ptrdiff_t i = 0; i < n; i++) acc |= a[i];
-        return acc;
-    }
-
-    static uint64_t optim_rl_read_u64(const uint64_t* OPTIM_RL_R a, ptrdiff_t n) {
-        uint64_t acc = 0;
-        for (ptrdiff_t i = 0; i < n; i++) acc |= a[i];
-        return acc;
-    }
-    """
-    int optim_rl_rw_f32(void** p, int k, Py_ssize_t n) nogil
-    int optim_rl_rw_f64(void** p, int k, Py_ssize_t n) nogil
-    uint64_t optim_rl_read_u32(const uint32_t* a, Py_ssize_t n) nogil
-    uint64_t optim_rl_read_u64(const uint64_t* a, Py_ssize_t n) nogil
+cdef enum:
+    MAX_ARRAYS_C = 6
 
 
-MAX_ARRAYS = 6
+MAX_ARRAYS = MAX_ARRAYS_C
 
 
 cdef class Plan:
@@ -106,8 +51,8 @@ cdef class Plan:
     read_index: index, within each tensor, of an array read once more *before* the
         read/write pass (clipping's gradient norm); ``None`` for no such pass.
 
-    ``run(repeat)`` makes ``repeat`` passes over every tensor without the GIL. It changes
-    the arrays' contents (rotates them), never their values' set.
+    ``run(repeat, threads)`` makes ``repeat`` passes over every tensor without the GIL.
+    It changes the arrays' contents (rotates them), never their values' set.
     """
     cdef void** ptrs
     cdef Py_ssize_t* sizes
@@ -169,24 +114,108 @@ cdef class Plan:
         free(self.ptrs)
         free(self.sizes)
 
-    def run(self, Py_ssize_t repeat=1):
-        """Make ``repeat`` passes over all tensors; returns None."""
-        cdef Py_ssize_t r, t
-        cdef uint64_t acc = 0
-        cdef void** p
-        cdef int k = self.k, ri = self.read_index, f32 = self.itemsize == 4
-        cdef Py_ssize_t n_tensors = self.n_tensors
+    def run(self, Py_ssize_t repeat=1, int threads=1):
+        """Make ``repeat`` passes over all tensors on up to ``threads`` threads."""
+        if not 1 <= threads <= MAX_THREADS:
+            raise ValueError(f"threads must be in 1..{MAX_THREADS}, got {threads}")
+        cdef Job job
+        job.loops = <const Loops*>PyCapsule_GetPointer(_kernels.ACTIVE_LOOPS,
+                                                       OPTIM_LOOPS_CAPSULE)
+        job.ptrs = self.ptrs
+        job.sizes = self.sizes
+        job.k = self.k
+        job.itemsize = self.itemsize
+        job.read_index = self.read_index
+        job.threads = threads
+        job.acc = 0
+        cdef Py_ssize_t r
         with nogil:
             for r in range(repeat):
-                for t in range(n_tensors):
-                    p = self.ptrs + t * k
-                    if ri >= 0:
-                        if f32:
-                            acc |= optim_rl_read_u32(<const uint32_t*>p[ri], self.sizes[t])
-                        else:
-                            acc |= optim_rl_read_u64(<const uint64_t*>p[ri], self.sizes[t])
-                    if f32:
-                        optim_rl_rw_f32(p, k, self.sizes[t])
-                    else:
-                        optim_rl_rw_f64(p, k, self.sizes[t])
-        self.sink |= acc
+                run_pass(&job, self.n_tensors)
+        self.sink |= job.acc
+
+
+cdef struct Job:
+    const Loops* loops
+    void** ptrs
+    const Py_ssize_t* sizes
+    int k
+    int itemsize
+    int read_index
+    int threads
+    uint64_t acc  # the read passes' OR, written only by the calling thread
+    Py_ssize_t tensor  # the tensor being split (Job.pieces pieces)
+    Py_ssize_t pieces
+    const Py_ssize_t* first  # the groups of small tensors
+    uint64_t* piece_acc
+
+
+cdef void run_pass(Job* job, Py_ssize_t n_tensors) noexcept nogil:
+    """One pass over all tensors, split as optim splits an update (optim/_kernels.pyx
+    run_tasks): large tensors cut into pieces, small ones dealt out in groups."""
+    cdef Py_ssize_t t, i, n_groups
+    cdef Py_ssize_t first[MAX_PIECES + 1]
+    cdef uint64_t piece_acc[MAX_PIECES]
+    job.first = &first[0]
+    job.piece_acc = &piece_acc[0]
+    for t in range(n_tensors):
+        job.pieces = pieces_for(job.sizes[t], job.threads)
+        if job.pieces > 1:
+            job.tensor = t
+            if job.read_index >= 0:
+                optim_parallel(read_piece, job, job.pieces, job.threads)
+                for i in range(job.pieces):
+                    job.acc |= piece_acc[i]
+            optim_parallel(rotate_piece, job, job.pieces, job.threads)
+    n_groups = deal(job.sizes, n_tensors, job.threads, first)
+    for i in range(n_groups):
+        piece_acc[i] = 0
+    optim_parallel(group_piece, job, n_groups, job.threads)
+    for i in range(n_groups):
+        job.acc |= piece_acc[i]
+
+
+cdef void read_piece(void* arg, Py_ssize_t i) noexcept nogil:
+    cdef Job* job = <Job*>arg
+    cdef Py_ssize_t n = job.sizes[job.tensor]
+    job.piece_acc[i] = move(job, job.tensor, piece_start(n, job.pieces, i),
+                            piece_start(n, job.pieces, i + 1), True)
+
+
+cdef void rotate_piece(void* arg, Py_ssize_t i) noexcept nogil:
+    cdef Job* job = <Job*>arg
+    cdef Py_ssize_t n = job.sizes[job.tensor]
+    move(job, job.tensor, piece_start(n, job.pieces, i), piece_start(n, job.pieces, i + 1),
+         False)
+
+
+cdef void group_piece(void* arg, Py_ssize_t b) noexcept nogil:
+    """The small tensors of group b, each read (if any) and rotated on this thread."""
+    cdef Job* job = <Job*>arg
+    cdef Py_ssize_t t
+    cdef uint64_t acc = 0
+    for t in range(job.first[b], job.first[b + 1]):
+        if pieces_for(job.sizes[t], job.threads) == 1:
+            if job.read_index >= 0:
+                acc |= move(job, t, 0, job.sizes[t], True)
+            move(job, t, 0, job.sizes[t], False)
+    job.piece_acc[b] = acc
+
+
+cdef uint64_t move(const Job* job, Py_ssize_t t, Py_ssize_t start, Py_ssize_t stop,
+                   bint read) noexcept nogil:
+    """Elements [start, stop) of tensor t: the read pass (read=True) or the rotation."""
+    cdef void* p[MAX_ARRAYS_C]
+    cdef int j
+    for j in range(job.k):
+        p[j] = <char*>job.ptrs[t * job.k + j] + start * job.itemsize
+    if read:
+        if job.itemsize == 4:
+            return job.loops.roofline_read_u32(<const uint32_t*>p[job.read_index],
+                                               stop - start)
+        return job.loops.roofline_read_u64(<const uint64_t*>p[job.read_index], stop - start)
+    if job.itemsize == 4:
+        job.loops.roofline_rw_f32(p, job.k, stop - start)
+    else:
+        job.loops.roofline_rw_f64(p, job.k, stop - start)
+    return 0

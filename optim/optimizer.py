@@ -361,12 +361,14 @@ class Optimizer:
                              f"{len(gradients)} gradients")
         if len(set(keys)) != len(keys):
             raise ValueError("step_many: each key may appear once per call")
+        if self._step_many_known(keys, weights, gradients, lr_scale):
+            return  # (it takes no empty gradient)
         if _any_empty(gradients):  # no-ops, as in single calls
             todo = [i for i, g in enumerate(gradients) if not _is_empty(g)]
             keys, weights = [keys[i] for i in todo], [weights[i] for i in todo]
             gradients = [gradients[i] for i in todo]
-        if self._step_many_known(keys, weights, gradients, lr_scale):
-            return
+            if self._step_many_known(keys, weights, gradients, lr_scale):
+                return
         if self._step_many_device_known(keys, weights, gradients, lr_scale):
             return
         backends = [self._check_pair(k, w, g) for k, w, g in zip(keys, weights, gradients)]
@@ -445,21 +447,21 @@ class Optimizer:
         The kernels validate dtypes, contiguity and every array's shape; returns False
         (having touched nothing) when the general path is needed.
         """
-        shapes, ndarray = self._shapes, numpy.ndarray
         if self._stale or self._on_gpu:
             return False
-        for key, w, g in zip(keys, weights, gradients):
-            if (type(w) is not ndarray or type(g) is not ndarray
-                    or shapes.get(key) != w.shape):
-                return False
-        averages = self.averages if self.averages is not None else {}
-        counts = [self.nr_update[key] + 1 for key in keys]
+        # One pass per dict, each in C (map): the cost per key is its hash lookups.
+        if not _kernels.known_shapes(list(map(self._shapes.get, keys)), weights, gradients):
+            return False
+        nr_update = self.nr_update
+        counts = [t + 1 for t in map(nr_update.__getitem__, keys)]
+        no_state = [None] * len(keys)
         _kernels.step_many(self._hyper, keys, weights, gradients,
-                           [self.mom1.get(k) for k in keys], [self.mom2.get(k) for k in keys],
-                           [averages.get(k) for k in keys],
-                           [self.lookahead.get(k) for k in keys], counts, lr_scale)
-        for key, t in zip(keys, counts):
-            self.nr_update[key] = t
+                           list(map(self.mom1.get, keys)) if self.mom1 else no_state,
+                           list(map(self.mom2.get, keys)) if self.mom2 else no_state,
+                           list(map(self.averages.get, keys)) if self.averages else no_state,
+                           list(map(self.lookahead.get, keys)) if self.lookahead else no_state,
+                           counts, lr_scale)
+        nr_update.update(zip(keys, counts))
         return True
 
     def _check_pair(self, key: KeyT, weights: Any, gradient: Any) -> Any:

@@ -19,7 +19,7 @@ RESULT_KEYS = {
     "section", "optimizer", "label", "dtype", "n_params", "layout", "n_tensors", "impl",
     "variant", "time_s", "times_s", "calls_per_sample", "params_per_s", "bytes_per_param",
     "gb_per_s", "roofline_s", "roofline_times_s", "ratio", "optim_speedup", "wall_time_s",
-    "clock",
+    "clock", "threads", "roofline_1t_s", "ratio_1t",
 }
 POSITIVE = ("time_s", "wall_time_s", "params_per_s", "gb_per_s", "roofline_s", "ratio")
 
@@ -64,6 +64,8 @@ def check_result(data, optimizers, sizes, tensor_size, repeats=3):
         assert _positive(r["optim_speedup"])
         if r["impl"] == "optim":
             assert r["optim_speedup"] == 1.0
+        assert math.isclose(r["ratio_1t"], r["roofline_1t_s"] / r["time_s"])
+        assert r["threads"] == (1 if r["impl"] == "optim-1t" else data["config"]["threads"])
     # optim ran every configuration: overhead rows, one tensor at every size, and many
     # tensors where there are at least 10 of them.
     ours = {(r["section"], r["optimizer"], r["n_params"], r["layout"], r["n_tensors"])
@@ -115,6 +117,31 @@ def test_bench_in_process_missing_peer(tmp_path, monkeypatch, capsys):
     for r in data["results"]:
         for key in POSITIVE:
             assert _positive(r[key]), (key, r)
+
+
+def test_threaded_run_times_one_thread_beside(tmp_path, capsys):
+    """--threads 2 runs optim and the roofline on 2 threads (wall clock), and both on
+    one thread in the same run, on sizes large enough to split."""
+    import optim
+
+    before = optim.get_num_threads()
+    n = 4 * optim._kernels.THREAD_PIECE_MIN
+    out = tmp_path / "bench.json"
+    status = bench.main(["--quick", "--no-progress", "--threads", "2", "--optimizer",
+                         "adam-thinc", "--sizes", str(n), "--tensor-size", str(n // 40),
+                         "--json", str(out)])
+    assert status == 0
+    assert optim.get_num_threads() == before  # the bench sets it back
+    printed = capsys.readouterr().out
+    assert "optim CPU kernels: SIMD " in printed and "threads 2" in printed
+    assert "roof 1t" in printed and "ratio 1t" in printed and "optim-1t" in printed
+    data = _strict_json(out)
+    assert data["config"]["threads"] == 2 and data["config"]["clock"] == "wall"
+    assert data["machine"]["optim_cpu"]["threads"] == 2
+    check_result(data, ["adam-thinc"], [n], n // 40)
+    one_thread = [r for r in data["results"] if r["impl"] == "optim-1t"]
+    assert len(one_thread) == len([r for r in data["results"] if r["impl"] == "optim"])
+    assert all(r["clock"] == "wall" for r in data["results"])
 
 
 @pytest.mark.parametrize("clock", ["auto", "wall", "cpu"])

@@ -83,7 +83,7 @@ def test_every_variant_has_a_kernel():
 
 
 def coef_fields() -> set:
-    text = (ROOT / "optim" / "_kernels.pxd").read_text()
+    text = (ROOT / "optim" / "_loops.pxd").read_text()
     struct = re.search(r"cdef struct Coefs:(.*?)\n\n", text, re.S).group(1)
     return set(re.findall(r"^\s+(?:double|bint)\s+(\w+)", struct, re.M))
 

@@ -87,9 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "1e5 parameters, 15 to 1e6, 7 above; --quick: 3)")
     parser.add_argument(
         "--threads", type=_positive_int, default=1, metavar="N",
-        help="threads for the peers (torch.set_num_threads, BLAS through threadpoolctl "
-             "when installed). optim's CPU kernels and the roofline run on one thread. "
-             "(default: 1)")
+        help="threads for optim's CPU kernels (optim.set_num_threads), the roofline and "
+             "the peers (torch.set_num_threads, BLAS through threadpoolctl when "
+             "installed). With N > 1 the roofline is also run on one thread, optim too "
+             "(optim-1t), in the same run; timings use the wall clock (default: 1)")
     parser.add_argument(
         "--device", choices=("cpu", "gpu"), default="cpu",
         help="cpu (default) or gpu (needs CuPy and a CUDA device)")

@@ -32,7 +32,12 @@ class Device:
     def roofline(self, tensors: List[List[Any]], read_index: Optional[int]) -> Callable:
         from .._roofline import Plan
 
-        return Plan(tensors, read_index=read_index).run
+        plan = Plan(tensors, read_index=read_index)
+
+        def run(number: int = 1, threads: int = 1) -> None:
+            plan.run(number, threads=threads)
+
+        return run
 
     def describe(self) -> str:
         return cpu_name()
@@ -64,7 +69,7 @@ class CupyDevice(Device):
         args = tuple(arrays + extra + [n])
         grid = (max(1, min((n + 255) // 256, 2**31 - 1)),)
 
-        def run(number: int = 1) -> None:
+        def run(number: int = 1, threads: int = 1) -> None:
             for _ in range(number):
                 kernel(grid, (256,), args)
 
@@ -139,8 +144,11 @@ def machine_info(dev: Device, cfg: Config) -> Dict[str, Any]:
     }
     try:
         import optim
+        from optim import cpu
 
         info["optim"] = getattr(optim, "__version__", None)
+        info["optim_cpu"] = cpu.config()
+        info["optim_cpu"]["threads"] = cfg.threads
     except ImportError:
         info["optim"] = None
     for peer, module in (("thinc", "thinc"), ("torch", "torch")):

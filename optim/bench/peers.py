@@ -33,6 +33,13 @@ def build_optim(dev: Device, case: Case) -> Callable[[], Any]:
     return partial(opt.step_many, keys, ws, gs)
 
 
+def build_optim_one_thread(dev: Device, case: Case) -> Callable[[], Any]:
+    """optim's update on one thread, beside a run with --threads N (the scaling)."""
+    step = build_optim(dev, case)
+    step.threads = 1
+    return step
+
+
 def build_thinc(dev: Device, case: Case) -> Callable[[], Any]:
     import thinc.api
 
@@ -174,10 +181,14 @@ def build_numpy(dev: Device, case: Case) -> Callable[[], Any]:
     return step
 
 
-def build_roofline(dev: Device, case: Case) -> Callable[[int], Any]:
+def build_roofline(dev: Device, case: Case,
+                   threads: Tuple[int, ...] = (1,)) -> Dict[int, Callable[[int], Any]]:
+    """The roofline on the same bytes as the update, one runner per thread count (the
+    CPU roofline splits the work as optim does; the GPU one ignores threads)."""
     k = case.spec.n_arrays
     tensors = [[dev.filled(s, case.dtype, 0.5 + j) for j in range(k)] for s in case.sizes]
-    return dev.roofline(tensors, read_index=1 if case.spec.clips else None)
+    run = dev.roofline(tensors, read_index=1 if case.spec.clips else None)
+    return {n: partial(run, threads=n) for n in threads}
 
 
 PEER_IMPORTS = {"thinc": "thinc.api", "torch": "torch", "numpy": "numpy"}

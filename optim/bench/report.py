@@ -20,9 +20,14 @@ def notes(cfg: Config) -> List[str]:
         "gradient anyway; arithmetic on zeros costs the same on CPU, and the moments "
         "stay exactly 0, so no denormals). Thinc and NumPy skip the clip multiply when "
         "the norm is below grad_clip, which zero gradients always are.",
-        ("roofline: optim._roofline on arrays of the same number, sizes and dtype as the "
-         "update (same bytes, read and written once; + one read of g when clipping), "
-         "one thread; ratio = roofline / time (1.0 = at the speed of memory)."
+        (("roofline: optim._roofline on arrays of the same number, sizes and dtype as the "
+          "update (same bytes, read and written once; + one read of g when clipping), "
+          "built for the SIMD level optim runs and split over threads as optim splits an "
+          f"update; on {cfg.threads} thread(s); ratio = roofline / time (1.0 = at the speed "
+          "of memory)."
+          + (" roof 1t and ratio 1t: the same on one thread. optim-1t: optim on one thread "
+             "in the same run; its 'optim x' is the speedup of the threads."
+             if cfg.threads > 1 else ""))
          if cfg.device == "cpu" else
          "roofline: ONE kernel launch moving the update's bytes (every array read and "
          "written once over all parameters of all tensors, laid end to end; + one read "
@@ -35,7 +40,9 @@ def notes(cfg: Config) -> List[str]:
         "in a Python loop.",
         "overhead rows: one update of 8 float parameters, lean unless the optimizer is "
         "adam-thinc: per-call cost, not memory.",
-        f"threads: {cfg.threads} for the peers; optim and the roofline use one thread.",
+        f"threads: {cfg.threads} for optim's CPU kernels, the roofline and the peers "
+        "(--threads)."
+        + (" Threaded timings use the wall clock." if cfg.threads > 1 else ""),
         BYTES_MODEL,
     ]
 
@@ -75,33 +82,43 @@ def _impl_name(row: Dict[str, Any]) -> str:
 
 COLUMNS = ("optimizer", "dtype", "params", "layout", "impl", "time/update", "params/s",
            "GB/s", "B/param", "roofline", "ratio", "optim x")
+THREADED_COLUMNS = COLUMNS[:11] + ("roof 1t", "ratio 1t") + COLUMNS[11:]
+
+
+def _threaded(rows: List[Dict[str, Any]]) -> bool:
+    return any(r.get("threads", 1) > 1 for r in rows)
 
 
 def table_rows(rows: List[Dict[str, Any]]) -> List[Tuple[str, ...]]:
+    threaded = _threaded(rows)
     out = []
     for r in rows:
         layout = r["layout"] if r["n_tensors"] == 1 else f"{r['n_tensors']}x{_fmt_count(r['n_params'] // r['n_tensors'])}"
         speedup = r.get("optim_speedup")
-        out.append((
+        cells = (
             r["label"], r["dtype"], _fmt_count(r["n_params"]), layout, _impl_name(r),
             _fmt_time(r["time_s"]), _fmt_si(r["params_per_s"]), f"{r['gb_per_s']:.3g}",
             str(r["bytes_per_param"]), _fmt_time(r["roofline_s"]), _fmt_ratio(r["ratio"]),
-            "" if r["impl"] == "optim" or speedup is None else _fmt_ratio(speedup) + "x",
-        ))
+        )
+        if threaded:
+            cells += (_fmt_time(r["roofline_1t_s"]), _fmt_ratio(r["ratio_1t"]))
+        cells += ("" if r["impl"] == "optim" or speedup is None else _fmt_ratio(speedup) + "x",)
+        out.append(cells)
     return out
 
 
 def format_table(rows: List[Dict[str, Any]], group_by: Sequence[str] = ("optimizer", "dtype")) -> str:
     body = table_rows(rows)
+    columns = THREADED_COLUMNS if _threaded(rows) else COLUMNS
     widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c)
-              for i, c in enumerate(COLUMNS)]
-    right = {5, 6, 7, 8, 9, 10, 11}
+              for i, c in enumerate(columns)]
+    right = set(range(5, len(columns)))
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w)
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
-    lines = [line(COLUMNS), line(["-" * w for w in widths])]
+    lines = [line(columns), line(["-" * w for w in widths])]
     previous = None
     for r, b in zip(rows, body):
         group = tuple(r[k] for k in group_by)
@@ -119,7 +136,13 @@ def format_report(result: Dict[str, Any]) -> str:
             f"{m['cpu_count']} CPUs | threads {cfg['threads']} | python {m['python']}, "
             f"numpy {m['numpy']}"
             + "".join(f", {p} {m[p]}" for p in ("thinc", "torch") if m.get(p)))
-    parts = [head, ""]
+    parts = [head]
+    if m.get("optim_cpu") and m["device"] == "cpu":
+        c = m["optim_cpu"]
+        parts.append(f"optim CPU kernels: SIMD {c['isa']} (available: "
+                     f"{', '.join(c['isa_available'])}), threads {c['threads']}"
+                     + ("" if c["thread_pool"] else " (single-threaded build)"))
+    parts.append("")
     over = [r for r in result["results"] if r["section"] == "overhead"]
     main = [r for r in result["results"] if r["section"] != "overhead"]
     if over:

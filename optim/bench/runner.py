@@ -12,8 +12,8 @@ import numpy
 from .cases import BYTES_MODEL, PROG, SCHEMA_VERSION, Case, Config, _cases
 from .devices import Device, get_device, machine_info
 from .errors import NotReady, Skip
-from .peers import (build_numpy, build_optim, build_roofline, build_thinc, build_torch,
-                    peer_missing)
+from .peers import (build_numpy, build_optim, build_optim_one_thread, build_roofline,
+                    build_thinc, build_torch, peer_missing)
 from .report import _fmt_count, notes
 from .timing import _loop, _threadpool_limits, measure
 
@@ -22,7 +22,7 @@ def run(cfg: Config) -> Dict[str, Any]:
     """Run the bench; returns the result dict (what ``--json`` writes)."""
     dev = get_device(cfg.device)
     try:
-        import optim  # noqa: F401
+        import optim
         for cls in ("SGD", "Adam", "RAdam"):
             getattr(optim, cls)
     except (ImportError, AttributeError) as err:
@@ -38,6 +38,8 @@ def run(cfg: Config) -> Dict[str, Any]:
         else:
             peers.append(peer)
     builders: Dict[str, Callable[[Device, Case], Callable]] = {"optim": build_optim}
+    if cfg.threads > 1 and cfg.device == "cpu":
+        builders["optim-1t"] = build_optim_one_thread
     for peer in peers:
         builders[peer] = {"thinc": build_thinc, "numpy": build_numpy,
                           "torch": partial(build_torch, threads=cfg.threads)}[peer]
@@ -45,6 +47,8 @@ def run(cfg: Config) -> Dict[str, Any]:
     cases = _cases(cfg)
     results: List[Dict[str, Any]] = []
     limits = _threadpool_limits(cfg.threads)
+    saved_threads = optim.get_num_threads()
+    optim.set_num_threads(cfg.threads)  # --threads applies to optim's CPU kernels too
     started = time.perf_counter()
     try:
         from tqdm import tqdm
@@ -61,6 +65,7 @@ def run(cfg: Config) -> Dict[str, Any]:
         finally:
             bar.close()
     finally:
+        optim.set_num_threads(saved_threads)
         if limits is not None:
             limits.unregister()
     return {
@@ -103,12 +108,17 @@ def _run_case(dev: Device, cfg: Config, case: Case, builders: Dict[str, Callable
         blocks[impl] = _loop(step)
     if not blocks:
         return []
-    blocks["roofline"] = build_roofline(dev, case)
+    roof_threads = (1, cfg.threads) if cfg.threads > 1 and dev.name == "cpu" else (1,)
+    roof_runs = build_roofline(dev, case, roof_threads)
+    blocks["roofline"] = roof_runs[roof_threads[-1]]
+    if len(roof_threads) > 1:
+        blocks["roofline-1t"] = roof_runs[1]
     timed = measure(blocks, cfg.repeats_for(case.n), cfg.min_block_s, dev.sync,
                     clock=cfg.resolved_clock)
     itemsize = numpy.dtype(case.dtype).itemsize
     bpp = case.spec.bytes_per_param(itemsize)
     roof = timed.pop("roofline")
+    roof_1t = timed.pop("roofline-1t", roof)
     ours = timed.get("optim", {}).get("time_s")
     rows = []
     for impl, t in timed.items():
@@ -123,6 +133,7 @@ def _run_case(dev: Device, cfg: Config, case: Case, builders: Dict[str, Callable
             "n_tensors": len(case.sizes),
             "impl": impl,
             "variant": variants.get(impl, ""),
+            "threads": 1 if impl == "optim-1t" else cfg.threads,
             "time_s": secs,
             "times_s": t["times_s"],
             "wall_time_s": t["wall_time_s"],
@@ -134,6 +145,8 @@ def _run_case(dev: Device, cfg: Config, case: Case, builders: Dict[str, Callable
             "roofline_s": roof["time_s"],
             "roofline_times_s": roof["times_s"],
             "ratio": roof["time_s"] / secs,
+            "roofline_1t_s": roof_1t["time_s"],
+            "ratio_1t": roof_1t["time_s"] / secs,
             "optim_speedup": secs / ours if ours else None,
         })
     return rows

@@ -9,11 +9,28 @@ from typing import Any, Callable, Dict, List, Tuple
 
 
 def _loop(step: Callable[[], Any]) -> Callable[[int], None]:
-    def block(number: int) -> None:
-        for _ in _repeat(None, number):
-            step()
+    """A block of `number` updates. A step with a `threads` attribute runs with optim's
+    thread count set to it for the block (and set back after)."""
+    threads = getattr(step, "threads", None)
+    if threads is None:
+        def block(number: int) -> None:
+            for _ in _repeat(None, number):
+                step()
 
-    return block
+        return block
+
+    def block_on_threads(number: int) -> None:
+        import optim
+
+        saved = optim.get_num_threads()
+        optim.set_num_threads(threads)
+        try:
+            for _ in _repeat(None, number):
+                step()
+        finally:
+            optim.set_num_threads(saved)
+
+    return block_on_threads
 
 
 CLOCKS = ("auto", "cpu", "wall")
