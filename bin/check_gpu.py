@@ -147,7 +147,8 @@ def check_kernel(dev: Device, name: str, dtype: Any, size: int, repeat: int
 
 
 def check_norm(dev: Device, dtype: Any, size: int, repeat: int) -> Tuple[bool, float, float]:
-    """(device clip factor == CPU's, device s/call, host s/call)."""
+    """(device clip factors == CPU's, coupled L2 and l2 == 0; device s/call and host
+    s/call with coupled L2)."""
     rng = numpy.random.default_rng(1)
     g, w = (rng.standard_normal(size).astype(dtype) for _ in range(2))
     dg, dw = dev.backend.from_host(g), dev.backend.from_host(w)
@@ -163,7 +164,13 @@ def check_norm(dev: Device, dtype: Any, size: int, repeat: int) -> Tuple[bool, f
     got = float(dev.backend.to_host(ws.clip)[0])
     t_dev = dev.timed(launch, repeat)
     t_host = dev.timed(lambda: _kernels.clip_sum_squares(g, w, 1e-4), max(1, repeat // 10))
-    return got == want, t_dev, t_host
+    # l2 == 0: the terms are g alone, so weights full of NaN give the CPU's factor of g
+    nan_w = dev.backend.from_host(numpy.full(size, numpy.nan, dtype=dtype))
+    norm((kc.norm_grid(kc.n_chunks(size)),), (kc.BLOCK,),
+         (dg, nan_w, 0.0, 1.0, size, ws.partials, ws.counter, ws.clip))
+    got_g = float(dev.backend.to_host(ws.clip)[0])
+    want_g = _kernels.clip_scale(_kernels.clip_sum_squares(g, w, 0.0), 1.0)
+    return got == want and got_g == want_g, t_dev, t_host
 
 
 def check_step_many(dev: Device, dtype: Any, size: int, repeat: int

@@ -198,7 +198,8 @@ def coefs(Hyper hyper, long t, double lr_scale=1.0, object key=None) -> dict:
 
 
 def clip_sum_squares(object gradient, object weights, double l2=0.0) -> float:
-    """The clip norm's sum of squares, sum((g + l2*w)**2), in the kernels' fixed order."""
+    """The clip norm's sum of squares, sum((g + l2*w)**2) (sum(g**2) when l2 == 0: the
+    weights are not read), in the kernels' fixed order."""
     cdef int typenum = check_pair_c("clip_sum_squares", weights, gradient)
     cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>weights)
     cdef void* g = cnp.PyArray_DATA(<cnp.ndarray>gradient)
@@ -330,14 +331,17 @@ cdef enum:
 
 cdef inline double chunk_sum(int dtype, const void* g, const void* w, double l2,
                              Py_ssize_t n, Py_ssize_t c) noexcept nogil:
-    """The sum of squares of chunk c of an n-element tensor, by the active loops."""
+    """The sum of squares of chunk c of an n-element tensor, by the active loops (w NULL:
+    the terms are g alone)."""
     cdef Py_ssize_t start = c * NORM_CHUNK
     cdef Py_ssize_t size = min(<Py_ssize_t>NORM_CHUNK, n - start)
     if dtype == cnp.NPY_FLOAT32:
-        return LOOPS.chunk_sum_squares_f32(<const float*>g + start, <const float*>w + start,
-                                           <float>l2, size)
-    return LOOPS.chunk_sum_squares_f64(<const double*>g + start, <const double*>w + start,
-                                       l2, size)
+        return LOOPS.chunk_sum_squares_f32(
+            <const float*>g + start, (<const float*>w + start) if w != NULL else <const float*>NULL,
+            <float>l2, size)
+    return LOOPS.chunk_sum_squares_f64(
+        <const double*>g + start, (<const double*>w + start) if w != NULL else <const double*>NULL,
+        l2, size)
 
 
 cdef struct NormRound:  # chunks first .. first + count - 1, cut into n_pieces pieces
@@ -361,14 +365,17 @@ cdef void norm_piece(void* arg, Py_ssize_t i) noexcept nogil:
 
 cdef double sum_squares(int dtype, const void* g, const void* w, double l2, Py_ssize_t n,
                         int n_threads) noexcept nogil:
-    """sum((g + l2*w)**2) in the fixed order of docs/numerics.md ("The clip norm"): the
-    chunk sums (PARTIALS at a time, by up to n_threads threads) are combined once, in
-    chunk order: chunk c goes to lane c % 32, then lane_tree. The thread count changes
-    who computes a chunk sum, never which numbers are added in which order."""
+    """sum((g + l2*w)**2), or sum(g**2) without reading w when l2 == 0, in the fixed
+    order of docs/numerics.md ("The clip norm"): the chunk sums (PARTIALS at a time, by
+    up to n_threads threads) are combined once, in chunk order: chunk c goes to lane
+    c % 32, then lane_tree. The thread count changes who computes a chunk sum, never
+    which numbers are added in which order."""
     cdef double lanes[NORM_LANES]
     cdef double partials[PARTIALS]
     cdef NormRound r = NormRound(dtype, g, w, l2, n, 0, 0, 1, &partials[0])
     cdef Py_ssize_t c, n_chunks = (n + NORM_CHUNK - 1) // NORM_CHUNK
+    if l2 == 0.0:
+        r.w = NULL  # the terms are g alone: the loops read no weights
     for c in range(NORM_LANES):
         lanes[c] = 0.0
     while r.first < n_chunks:

@@ -262,16 +262,30 @@ __device__ __forceinline__ double optim_lane_tree(double v) {{
   return v;
 }}
 
-// One chunk (len <= OPTIM_CHUNK) of sum((g + l2*w)**2): lane j adds the squares of
-// elements j, j + 32, ... in order, each term formed in T and squared in double.
-__device__ __forceinline__ double optim_chunk_sum_squares(
-    const T* g, const T* w, const T l2, long long len) {{
+// One chunk (len <= OPTIM_CHUNK) of the sum of squares of the terms g + l2*w (coupled),
+// or g alone: lane j adds the squares of elements j, j + 32, ... in order, each term
+// formed in T and squared in double.
+template <bool coupled>
+__device__ __forceinline__ double optim_chunk_lanes(const T* g, const T* w, const T l2,
+                                                    long long len) {{
   double lane_sum = 0.0;
   for (long long i = optim_lane(); i < len; i += OPTIM_LANES) {{
-    const double x = static_cast<double>(g[i] + l2 * w[i]);
+    const T term = coupled ? T(g[i] + l2 * w[i]) : g[i];
+    const double x = static_cast<double>(term);
     lane_sum = lane_sum + x * x;
   }}
   return optim_lane_tree(lane_sum);
+}}
+
+// One chunk of the clip norm. l2 == 0 (L2 off or decoupled): the terms are g alone and
+// w is not read, as Thinc adds L2 * weights only when L2 is coupled and not 0. l2 is
+// the same in all of a warp's lanes (one tensor's), so the branch does not diverge.
+__device__ __forceinline__ double optim_chunk_sum_squares(
+    const T* g, const T* w, const double l2, long long len) {{
+  if (l2 == 0.0) {{
+    return optim_chunk_lanes<false>(g, w, T(0), len);
+  }}
+  return optim_chunk_lanes<true>(g, w, T(l2), len);
 }}
 
 // Count a finished chunk of a tensor (its sum already stored by lane 0); true in the
@@ -314,7 +328,7 @@ _NORM_KERNELS = r"""
   const long long n_chunks = (n + OPTIM_CHUNK - 1) / OPTIM_CHUNK;
   for (long long k = optim_warp(); k < n_chunks; k += optim_warps()) {{
     const long long start = k * OPTIM_CHUNK;
-    const double sum = optim_chunk_sum_squares(g + start, w + start, T(l2),
+    const double sum = optim_chunk_sum_squares(g + start, w + start, l2,
                                                optim_chunk_len(n, start));
     if (optim_lane() == 0) {{
       partials[k] = sum;
@@ -339,7 +353,7 @@ _NORM_KERNELS = r"""
     const long long tensor_chunks = (n + OPTIM_CHUNK - 1) / OPTIM_CHUNK;
     const long long start = (k - first) * OPTIM_CHUNK;
     double* row = coefs + static_cast<long long>(t) * OPTIM_ROW;
-    const double sum = optim_chunk_sum_squares(g + start, w + start, T(row[OPTIM_C_L2]),
+    const double sum = optim_chunk_sum_squares(g + start, w + start, row[OPTIM_C_L2],
                                                optim_chunk_len(n, start));
     if (optim_lane() == 0) {{
       partials[k] = sum;

@@ -41,7 +41,8 @@ cdef struct Coefs:
 
 # One level's loops. update_*: the fused pass of `kind` over n elements (avg and slow
 # may be NULL: averages off, no lookahead sync). chunk_sum_squares_*: one chunk (n <=
-# NORM_CHUNK) of the clip norm. roofline_*: optim._roofline's memory-traffic loops.
+# NORM_CHUNK) of the clip norm, terms g + l2*w, or g alone (w not read) when w is NULL.
+# roofline_*: optim._roofline's memory-traffic loops.
 cdef struct Loops:
     const char* isa
     void (*update_f32)(Kind kind, float* w, float* g, float* m, float* v, float* avg,

@@ -159,10 +159,33 @@ cdef void radam_loop(real_t* w, real_t* g, real_t* m, real_t* v, real_t* avg,
         adam_dispatch(w, g, m, v, avg, slow, n, c, MomentumStep(0))
 
 
-cdef double chunk_sum_squares(const real_t* g, const real_t* w, real_t l2,
-                              Py_ssize_t n) noexcept nogil:
-    """One chunk (n <= NORM_CHUNK) of the clip norm: lane j sums the squares of elements
-    j, j + 32, j + 64, ... in double, then lane_tree. Each term is formed in real_t."""
+# The clip norm's term: g + l2*w with coupled L2, g alone when l2 == 0, a loop that never
+# reads the weights (Thinc adds L2 * weights to the gradient only when L2 is coupled and
+# not 0; docs/numerics.md).
+cdef struct Coupled:
+    char unused
+
+cdef struct GradientOnly:
+    char unused
+
+ctypedef fused norm_term:
+    Coupled
+    GradientOnly
+
+
+cdef inline real_t term(const real_t* g, const real_t* w, real_t l2, Py_ssize_t i,
+                        norm_term kind) noexcept nogil:
+    """Element i's clip norm term, in real_t."""
+    if norm_term is Coupled:
+        return g[i] + l2 * w[i]
+    else:
+        return g[i]
+
+
+cdef double chunk_lanes(const real_t* g, const real_t* w, real_t l2, Py_ssize_t n,
+                        norm_term kind) noexcept nogil:
+    """One chunk (n <= NORM_CHUNK) of the clip norm: lane j sums the squares of the terms
+    of elements j, j + 32, j + 64, ... in double, then lane_tree."""
     cdef double lanes[NORM_LANES]
     cdef double x
     cdef Py_ssize_t i, j, full = n - n % NORM_LANES
@@ -170,12 +193,20 @@ cdef double chunk_sum_squares(const real_t* g, const real_t* w, real_t l2,
         lanes[j] = 0.0
     for i in range(full // NORM_LANES):
         for j in range(NORM_LANES):
-            x = <double>(g[i * NORM_LANES + j] + l2 * w[i * NORM_LANES + j])
+            x = <double>term(g, w, l2, i * NORM_LANES + j, kind)
             lanes[j] += x * x
     for j in range(n - full):
-        x = <double>(g[full + j] + l2 * w[full + j])
+        x = <double>term(g, w, l2, full + j, kind)
         lanes[j] += x * x
     return lane_tree(lanes)
+
+
+cdef double chunk_sum_squares(const real_t* g, const real_t* w, real_t l2,
+                              Py_ssize_t n) noexcept nogil:
+    """One chunk of the clip norm: terms g + l2*w, or g alone when w is NULL."""
+    if w == NULL:
+        return chunk_lanes(g, w, l2, n, GradientOnly(0))
+    return chunk_lanes(g, w, l2, n, Coupled(0))
 
 
 cdef void update(Kind kind, real_t* w, real_t* g, real_t* m, real_t* v, real_t* avg,

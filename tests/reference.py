@@ -77,10 +77,12 @@ def _lane_sums(values: numpy.ndarray) -> numpy.ndarray:
 
 
 def clip_sum_squares(g: numpy.ndarray, w: numpy.ndarray, l2: float) -> float:
-    """sum((g + l2*w)**2) in the order the kernels fix: each term formed in g's dtype,
-    squared in double; chunks of 4096 elements, 32 lanes per chunk, a pairwise lane tree;
-    the chunk sums combined by the same lane rule and tree."""
-    terms = (g.ravel() + g.dtype.type(l2) * w.ravel()).astype(numpy.float64)
+    """sum((g + l2*w)**2), or sum(g**2) when l2 == 0 (w is not read), in the order the
+    kernels fix: each term formed in g's dtype, squared in double; chunks of 4096
+    elements, 32 lanes per chunk, a pairwise lane tree; the chunk sums combined by the
+    same lane rule and tree."""
+    terms = g.ravel() if l2 == 0 else g.ravel() + g.dtype.type(l2) * w.ravel()
+    terms = terms.astype(numpy.float64)
     squares = terms * terms
     n_chunks = -(-squares.size // NORM_CHUNK)
     if n_chunks == 0:

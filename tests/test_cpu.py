@@ -6,6 +6,7 @@ call must be bit-for-bit the one the baseline level on one thread gives.
 """
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -135,6 +136,121 @@ def test_clip_norm_is_the_documented_order_at_every_level_and_thread_count(n, dt
         for threads in (1,) + THREAD_COUNTS:
             with cpu_settings(level, threads):
                 assert _kernels.clip_sum_squares(g, w, 0.01) == expected, (level, threads)
+
+
+def poisoned(w, value):
+    """A copy of w with `value` (inf or nan) at one element; returns (copy, index)."""
+    bad = w.copy()
+    k = int(numpy.random.default_rng(w.size).integers(w.size))
+    bad[k] = value
+    return bad, k
+
+
+@pytest.mark.parametrize("n", [2 * BLOCK + 5, 3 * CHUNK + 17])
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+def test_clip_norm_reads_the_weights_only_when_l2_is_coupled(n, dtype):
+    """l2 == 0: the terms are g alone (Thinc's rule), so an inf or NaN weight leaves the
+    sum unchanged; l2 != 0: it makes the sum inf or NaN. At every level and thread count,
+    the same as the NumPy spelling."""
+    rng = numpy.random.default_rng(n)
+    g = rng.standard_normal(n).astype(dtype)
+    w = rng.standard_normal(n).astype(dtype)
+    clean = clip_sum_squares(g, w, 0.0)
+    assert clean == clip_sum_squares(g, numpy.zeros_like(w), 0.0) > 0.0
+    for value in (numpy.inf, -numpy.inf, numpy.nan):
+        bad, _ = poisoned(w, value)
+        for level in LEVELS:
+            for threads in (1,) + THREAD_COUNTS:
+                with cpu_settings(level, threads):
+                    assert _kernels.clip_sum_squares(g, bad, 0.0) == clean, (level, threads)
+                    coupled = _kernels.clip_sum_squares(g, bad, 0.01)
+                if numpy.isnan(value):
+                    assert numpy.isnan(coupled) and numpy.isnan(clip_sum_squares(g, bad, 0.01))
+                else:
+                    assert coupled == clip_sum_squares(g, bad, 0.01) == numpy.inf
+
+
+# Python source defining unreadable(n, dtype): an array on pages that fault on any
+# access, to show a loop does not read it (run in a child: a read kills the process).
+UNREADABLE = """
+import ctypes, mmap, numpy
+def unreadable(n, dtype):
+    size = -(-n * numpy.dtype(dtype).itemsize // mmap.PAGESIZE) * mmap.PAGESIZE
+    x = numpy.frombuffer(mmap.mmap(-1, size), dtype, n)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mprotect(ctypes.c_void_p(x.ctypes.data), ctypes.c_size_t(size), 0) != 0:
+        raise OSError(ctypes.get_errno(), "mprotect")
+    return x
+"""
+
+
+needs_mprotect = pytest.mark.skipif(os.name != "posix", reason="needs mmap and mprotect")
+
+
+def run_unreadable(code: str):
+    """Run `code` after UNREADABLE in a child; check that reading such an array kills."""
+    faults = run_python(UNREADABLE + "print(unreadable(4, 'float32')[1])")
+    assert faults.returncode == -signal.SIGSEGV, faults
+    return run_python(UNREADABLE + textwrap.dedent(code))
+
+
+@needs_mprotect
+def test_clip_norm_does_not_read_the_weights_when_l2_is_0():
+    """The weights live on pages that fault on any access: every level and thread count
+    still gives the norm of g (the update itself reads them, so only the norm runs)."""
+    done = run_unreadable(f"""
+        import optim
+        from optim import _kernels, cpu
+        for dtype in ("float32", "float64"):
+            n = {2 * BLOCK + 5}
+            g = numpy.random.default_rng(0).standard_normal(n).astype(dtype)
+            want = _kernels.clip_sum_squares(g, numpy.zeros_like(g), 0.0)
+            w = unreadable(n, dtype)
+            for level in cpu.available_isas():
+                cpu._set_isa(level)
+                for threads in (1, 2, 3):
+                    optim.set_num_threads(threads)
+                    assert _kernels.clip_sum_squares(g, w, 0.0) == want, (level, threads)
+        print("ok")
+    """)
+    assert done.returncode == 0 and done.stdout.split() == ["ok"], done
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("L2,coupled", [(0.0, False), (1e-3, False), (1e-3, True)])
+def test_an_inf_or_nan_weight_spoils_only_its_element_unless_l2_is_coupled(dtype, L2, coupled):
+    """A clipped Adam update of weights holding one inf or NaN: with L2 off or decoupled
+    every other element gets the bits it gets with a finite weight there (the clip factor
+    is the gradient's alone); with coupled L2 the clip factor changes (inf: 0, NaN: the
+    norm compares false, 1), so the other elements change too. Every level and thread
+    count, single calls and step_many."""
+    rng = numpy.random.default_rng(7)
+    n = 2 * BLOCK + 5
+    w0 = rng.standard_normal(n).astype(dtype)
+    g0 = rng.standard_normal(n).astype(dtype)  # norm ~ 360: clipped to 1.0
+    hp = dict(learn_rate=0.01, L2=L2, L2_is_weight_decay=not coupled, grad_clip=1.0,
+              use_averages=True)
+
+    def update(w, many):
+        opt = Optimizer(**hp)
+        w = w.copy()
+        if many:
+            opt.step_many(["k"], [w], [g0.copy()])
+        else:
+            opt("k", w, g0.copy())
+        return [w, opt.mom1["k"], opt.mom2["k"], opt.averages["k"]]
+
+    for value in (numpy.inf, numpy.nan):
+        bad, k = poisoned(w0, value)
+        keep = numpy.arange(n) != k
+        for level in LEVELS:
+            for threads in (1,) + THREAD_COUNTS:
+                with cpu_settings(level, threads):
+                    many = threads == 2
+                    clean, got = update(w0, many), update(bad, many)
+                same = [a[keep].tobytes() == b[keep].tobytes() for a, b in zip(clean, got)]
+                assert all(same) != coupled, (value, level, threads, same)
+                assert not numpy.isfinite(got[0][k])
 
 
 @pytest.mark.parametrize("threads", THREAD_COUNTS)

@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 
 import cuda_harness as ch
 import reference
+from test_cpu import needs_mprotect, run_unreadable
 from optim import _kernels
 from optim import _kernels_cuda as kc
 
@@ -344,6 +345,79 @@ def test_clip_norm_kernel_random(dtype, n, l2, seed, scale, grid):
     assert got == want and counter == 0
 
 
+@needs_gxx
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+def test_clip_norm_kernel_reads_the_weights_only_when_l2_is_coupled(dtype):
+    """l2 == 0: weights all NaN give the factor of finite weights (the kernel does not
+    fold w into the terms); l2 != 0: one inf weight gives 0, one NaN 1 (a NaN norm never
+    clips). Each is the CPU's factor on the same arrays."""
+    n = 2 * 4096 + 5
+    rng = numpy.random.default_rng(n)
+    g = rng.standard_normal(n).astype(dtype)  # norm ~ 90: clipped
+    w = rng.standard_normal(n).astype(dtype)
+    nan_w = numpy.full(n, numpy.nan, dtype=dtype)
+    inf_w = w.copy()
+    inf_w[n - 3] = numpy.inf
+    one_nan_w = w.copy()
+    one_nan_w[7] = numpy.nan
+    cases = [(w, 0.0, None), (nan_w, 0.0, None), (inf_w, 0.0, None), (w, 0.03, None),
+             (inf_w, 0.03, 0.0), (one_nan_w, 0.03, 1.0)]
+    clean = _kernels.clip_scale(_kernels.clip_sum_squares(g, w, 0.0), 1.0)
+    assert clean < 1.0
+    for weights, l2, special in cases:
+        want = _kernels.clip_scale(_kernels.clip_sum_squares(g, weights, l2), 1.0)
+        got, counter = launch_norm(dtype, g, weights, l2, 1.0, 2, 64)
+        assert got == want and counter == 0, (l2, got, want)
+        if l2 == 0.0:
+            assert got == clean
+        if special is not None:
+            assert got == special
+
+
+@needs_gxx
+@needs_mprotect
+def test_clip_norm_kernels_do_not_read_the_weights_when_l2_is_0():
+    """optim_clip_norm and optim_clip_norm_many (beside a tensor with l2 != 0) on the
+    emulated device, the l2 == 0 tensor's weights on pages that fault on any access:
+    the factors are the CPU's."""
+    done = run_unreadable(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        import cuda_harness as ch
+        from optim import _kernels
+        from optim import _kernels_cuda as kc
+        for dtype in (numpy.float32, numpy.float64):
+            rng = numpy.random.default_rng(1)
+            sizes = (2 * kc.NORM_CHUNK + 5, 300)
+            gs = [rng.standard_normal(n).astype(dtype) for n in sizes]
+            ws = [unreadable(sizes[0], dtype), rng.standard_normal(sizes[1]).astype(dtype)]
+            l2s = (0.0, 0.03)
+            want = [_kernels.clip_scale(_kernels.clip_sum_squares(
+                        g, numpy.zeros_like(g) if l2 == 0.0 else w, l2), 1.0)
+                    for g, w, l2 in zip(gs, ws, l2s)]
+            assert want[0] < 1.0 and want[1] < 1.0
+            h = ch.harness(dtype)
+            chunks = [kc.n_chunks(n) for n in sizes]
+            clip = numpy.full(1, numpy.nan)
+            h.launch("optim_clip_norm", 2, 64, [gs[0], ws[0], 0.0, 1.0, sizes[0],
+                     numpy.zeros(chunks[0]), numpy.zeros(1, numpy.uint32), clip])
+            assert clip[0] == want[0], (clip, want)
+            tensors = numpy.zeros((2, len(kc.TENSOR_FIELDS)), numpy.int64)
+            tensors[:, 0] = [w.ctypes.data for w in ws]
+            tensors[:, 1] = [g.ctypes.data for g in gs]
+            tensors[:, 6] = sizes
+            tensors[:, 7] = [0, chunks[0]]
+            chunk_tensor = numpy.repeat(numpy.arange(2, dtype=numpy.int32), chunks)
+            rows = numpy.full((2, kc.ROW), numpy.nan)
+            rows[:, kc.COEFS.index("l2")] = l2s
+            h.launch("optim_clip_norm_many", 2, 64, [tensors, chunk_tensor, rows, 1.0,
+                     sum(chunks), numpy.zeros(sum(chunks)), numpy.zeros(2, numpy.uint32)])
+            assert list(rows[:, kc.CLIP_SLOT]) == want, (rows, want)
+        print("ok")
+    """)
+    assert done.returncode == 0 and done.stdout.split() == ["ok"], done
+
+
 # ---------------------------------------------------------------- vs the Cython kernels
 
 
@@ -457,3 +531,43 @@ def test_launch_many_matches_cython_kernels(dtype, kind, sizes, h, grad_clip, se
         for a in arrays:
             numpy.testing.assert_array_equal(d[a].view(numpy.ndarray), c[a],
                                              err_msg=f"key {key} {a}")
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("coupled", [False, True])
+def test_launch_many_with_inf_and_nan_weights_matches_cython_kernels(dtype, coupled):
+    """step_many on the emulated device (optim_clip_norm_many, then the update) for
+    tensors holding an inf or a NaN weight: bitwise the CPU's. With L2 decoupled only
+    the poisoned element differs from an update of finite weights; with coupled L2 the
+    tensor's clip factor changes, so its other elements do too."""
+    hyper = make_hyper("adam", {"lr": 0.01, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
+                                "L2": 1e-3, "decoupled": not coupled, "weight_decay": 0.0,
+                                "la_alpha": 0.5}, False, 0.5)
+    sizes, poison, where = [4097, 300, 9000], [numpy.inf, numpy.nan, None], [4000, 5, 0]
+    rng = numpy.random.default_rng(3)
+    arrays = ("w", "g", "m", "v")
+    clean = [random_arrays(arrays, (n,), dtype, int(rng.integers(2**31)), 1.0) for n in sizes]
+    cpu = [{a: x.copy() for a, x in c.items()} for c in clean]
+    for c, value, k in zip(cpu, poison, where):
+        if value is not None:
+            c["w"][k] = value
+    dev = [{a: ch.to_fake_device(x) for a, x in c.items()} for c in cpu]
+    keys = list(range(len(sizes)))
+    for c, c_clean in zip(cpu, clean):
+        for arrs in (c, c_clean):
+            _kernels.step(hyper, "k", arrs["w"], arrs["g"], arrs["m"], arrs["v"], None, None,
+                          3, 1.0)
+    backend = BACKENDS[64]
+    plans = [backend.plan(key, "adam", False, d["w"], d["m"], d["v"], None, None)
+             for key, d in zip(keys, dev)]
+    backend.launch_many({}, hyper, keys, [d["w"] for d in dev], [d["g"] for d in dev], plans,
+                        [3] * len(sizes), 1.0)
+    for key, c, c_clean, d, value, k in zip(keys, cpu, clean, dev, poison, where):
+        for a in arrays:
+            numpy.testing.assert_array_equal(d[a].view(numpy.ndarray), c[a],
+                                             err_msg=f"key {key} {a}")
+        if value is not None:
+            keep = numpy.arange(sizes[key]) != k
+            same = all(numpy.array_equal(c[a][keep], c_clean[a][keep]) for a in arrays)
+            assert same != coupled, (key, coupled)

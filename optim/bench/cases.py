@@ -36,7 +36,8 @@ class Spec:
         return self.grad_clip > 0
 
     def bytes_per_param(self, itemsize: int) -> int:
-        """The bytes model: each array read+written once, + one read of g to clip."""
+        """The bytes model: each array read+written once, + one read of g to clip (L2 is
+        0 here, so the clip norm reads g alone, docs/numerics.md)."""
         return itemsize * (2 * self.n_arrays + (1 if self.clips else 0))
 
 
@@ -59,7 +60,8 @@ OVERHEAD_PARAMS = 8
 BYTES_MODEL = (
     "bytes/param = itemsize x (2 x arrays read and written once + 1 if clipping reads g "
     "once more for its norm). float32: SGD (w, g) 16 B; Adam and RAdam (w, g, m, v) 32 B; "
-    "averages add 8 B (avg read+written); clipping adds 4 B; Adam with Thinc's defaults "
+    "averages add 8 B (avg read+written); clipping adds 4 B (with L2 0 or decoupled the "
+    "norm reads g alone); Adam with Thinc's defaults "
     "44 B. float64: twice that. GB/s uses this model for every implementation (the work "
     "the update has to do), not what each implementation actually moves (Thinc makes "
     "several passes; torch leaves g alone, 28 B for lean Adam)."
