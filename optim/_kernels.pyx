@@ -329,6 +329,13 @@ cdef enum:
     PARTIALS = 1024  # chunk sums of the clip norm computed per round
 
 
+cdef inline const real_t* shifted(const real_t* p, Py_ssize_t i) noexcept nogil:
+    """p + i, or NULL when p is NULL."""
+    if p == NULL:
+        return NULL
+    return p + i
+
+
 cdef inline double chunk_sum(int dtype, const void* g, const void* w, double l2,
                              Py_ssize_t n, Py_ssize_t c) noexcept nogil:
     """The sum of squares of chunk c of an n-element tensor, by the active loops (w NULL:
@@ -336,12 +343,10 @@ cdef inline double chunk_sum(int dtype, const void* g, const void* w, double l2,
     cdef Py_ssize_t start = c * NORM_CHUNK
     cdef Py_ssize_t size = min(<Py_ssize_t>NORM_CHUNK, n - start)
     if dtype == cnp.NPY_FLOAT32:
-        return LOOPS.chunk_sum_squares_f32(
-            <const float*>g + start, (<const float*>w + start) if w != NULL else <const float*>NULL,
-            <float>l2, size)
-    return LOOPS.chunk_sum_squares_f64(
-        <const double*>g + start, (<const double*>w + start) if w != NULL else <const double*>NULL,
-        l2, size)
+        return LOOPS.chunk_sum_squares_f32(<const float*>g + start,
+                                           shifted(<const float*>w, start), <float>l2, size)
+    return LOOPS.chunk_sum_squares_f64(<const double*>g + start,
+                                       shifted(<const double*>w, start), l2, size)
 
 
 cdef struct NormRound:  # chunks first .. first + count - 1, cut into n_pieces pieces
