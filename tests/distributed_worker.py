@@ -271,11 +271,6 @@ def scenario_resume(out):
              state_nbytes=opt.state_nbytes())
 
 
-def scenario_dead(out):
-    """Rank 1 dies at step 3; rank 0 must fail with a clear error, not hang."""
-    _fail_scenario(out, lambda: os._exit(3))
-
-
 def scenario_hang(out):
     """Rank 1 stops participating at step 3; rank 0 must time out with a clear error."""
     _fail_scenario(out, lambda: time.sleep(120), timeout=3.0)

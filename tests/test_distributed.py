@@ -61,37 +61,42 @@ def _env(**extra):
     return env
 
 
-def launch(scenario, out, world=2, timeout=150, wait_for=None):
-    """Run `scenario` on `world` ranks; [(returncode, stdout, stderr)] per rank.
-
-    wait_for: only these ranks must finish; the others are killed once they have.
-    """
+def start(command, world=2, env=None):
+    """Start `command` (a list; the worker if it names a scenario) on `world` ranks."""
+    if command[0] != sys.executable:
+        command = [sys.executable, str(WORKER), *map(str, command)]
     if world == 1:
-        procs = [subprocess.Popen([sys.executable, str(WORKER), scenario, str(out)],
-                                  env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True)]
+        envs = [_env(**(env or {}))]
     else:
         common = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-                      WORLD_SIZE=str(world), GLOO_SOCKET_IFNAME=_loopback_interface())
-        procs = [subprocess.Popen([sys.executable, str(WORKER), scenario, str(out)],
-                                  env=_env(RANK=str(r), LOCAL_RANK=str(r), **common),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for r in range(world)]
-    results = []
+                      WORLD_SIZE=str(world), GLOO_SOCKET_IFNAME=_loopback_interface(),
+                      **(env or {}))
+        envs = [_env(RANK=str(r), LOCAL_RANK=str(r), **common) for r in range(world)]
+    return [subprocess.Popen(command, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for e in envs]
+
+
+def finish(procs, timeout=150, wait_for=None):
+    """[(returncode, stdout, stderr)] per rank. wait_for: the ranks that must end by
+    themselves; the others are killed once those have (a hung rank, for example)."""
+    results = {}
     try:
         for rank, proc in enumerate(procs):
-            if wait_for is not None and rank not in wait_for:
-                continue
-            out_, err = proc.communicate(timeout=timeout)
-            results.append((rank, proc.returncode, out_, err))
+            if wait_for is None or rank in wait_for:
+                out, err = proc.communicate(timeout=timeout)
+                results[rank] = (proc.returncode, out, err)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            out_, err = proc.communicate()
-            if all(r[0] != procs.index(proc) for r in results):
-                results.append((procs.index(proc), proc.returncode, out_, err))
-    return [r[1:] for r in sorted(results)]
+        for rank, proc in enumerate(procs):
+            if rank not in results:
+                if proc.poll() is None:
+                    proc.kill()
+                out, err = proc.communicate()
+                results[rank] = (proc.returncode, out, err)
+    return [results[rank] for rank in range(len(procs))]
+
+
+def launch(scenario, out, world=2, timeout=150):
+    return finish(start([scenario, out], world), timeout)
 
 
 def _check_ok(results):
@@ -229,24 +234,218 @@ def test_bad_input_raises_naming_the_key_before_any_collective(runs):
     assert info["accuracy"] > 0.9
 
 
-def test_dead_rank_fails_the_others_with_a_clear_error(tmp_path):
-    results = launch("dead", tmp_path, timeout=60)
-    assert results[1][0] == 3  # rank 1 died
-    assert results[0][0] == 0, results[0][2][-3000:]
-    result = json.loads((tmp_path / "fail-rank0.json").read_text())
+def test_dead_or_hung_rank_fails_the_others_with_a_clear_error(tmp_path):
+    # Two groups at once: in one, rank 1 of a spaCy run through the launcher dies at step 3
+    # (os._exit in a before_update callback); in the other, rank 1 of the MLP run stops
+    # participating at step 3 (sleeps). Neither may hang the rank that is left.
+    (tmp_path / "hang").mkdir()
+    hung = start(["hang", tmp_path / "hang"])
+    paths = _spacy_files(tmp_path, n_train=96, die=True)
+    code = tmp_path / "die.py"
+    code.write_text(DIE_AT_STEP_3)
+    dead = start(_launcher(paths, tmp_path / "out", "--code", str(code), "--timeout", "60"))
+    (code0, out0, err0), (code1, _, err1) = finish(dead, timeout=120)
+    assert code1 == 3, err1[-3000:]  # rank 1 died
+    assert code0 == 1, err0[-3000:]  # rank 0 stopped with an error, not a hang
+    assert "optim.spacy_train: rank 0: optim.distributed: rank 0 of 2 failed in" in err0
+    assert "another rank died" in err0
+    assert "Traceback" not in err0  # one clear line, not a stack trace
+
+    (code0, _, err0), _ = finish(hung, timeout=120, wait_for={0})
+    assert code0 == 0, err0[-3000:]
+    result = json.loads((tmp_path / "hang" / "fail-rank0.json").read_text())
     assert result["type"] == "DistributedError"
     assert "rank 0 of 2 failed in the gradient all-reduce of step 3" in result["error"]
-    assert "another rank died" in result["error"]
-    assert result["seconds"] < 30  # the peer's closed connection, well before the timeout
-
-
-def test_hung_rank_fails_the_others_within_the_timeout(tmp_path):
-    results = launch("hang", tmp_path, timeout=60, wait_for={0})
-    assert results[0][0] == 0, results[0][2][-3000:]
-    result = json.loads((tmp_path / "fail-rank0.json").read_text())
-    assert result["type"] == "DistributedError"
     assert "within the 3 s timeout" in result["error"]
     assert 2.5 < result["seconds"] < 30
+
+
+# ---------------------------------------------------------------- spaCy
+
+SPACY_CONFIG = """
+[paths]
+train = null
+dev = null
+
+[system]
+seed = 0
+gpu_allocator = null
+
+[nlp]
+lang = "en"
+pipeline = ["textcat"]
+batch_size = 256
+
+[components]
+
+[components.textcat]
+factory = "textcat"
+
+[components.textcat.model]
+@architectures = "spacy.TextCatBOW.v3"
+exclusive_classes = true
+ngram_size = 1
+no_output_layer = false
+length = 4096
+
+[corpora]
+
+[corpora.train]
+@readers = "optim.sharded_corpus.v1"
+
+[corpora.train.corpus]
+@readers = "spacy.Corpus.v1"
+path = ${paths.train}
+gold_preproc = false
+
+[corpora.dev]
+@readers = "spacy.Corpus.v1"
+path = ${paths.dev}
+gold_preproc = false
+
+[training]
+seed = ${system.seed}
+gpu_allocator = ${system.gpu_allocator}
+dropout = 0.0
+accumulate_gradient = 1
+patience = 0
+max_epochs = 4
+max_steps = 0
+eval_frequency = 10
+frozen_components = []
+annotating_components = []
+dev_corpus = "corpora.dev"
+train_corpus = "corpora.train"
+before_to_disk = null
+%(before_update)s
+
+[training.logger]
+@loggers = "spacy.ConsoleLogger.v1"
+progress_bar = false
+
+[training.batcher]
+@batchers = "spacy.batch_by_sequence.v1"
+size = 16
+get_length = null
+
+[training.optimizer]
+@optimizers = "optim.distributed.Adam.v1"
+learn_rate = 0.01
+reduce = "sum"
+sharded = %(sharded)s
+use_averages = true
+
+[training.score_weights]
+cats_macro_f = 1.0
+
+[initialize]
+"""
+
+DIE_AT_STEP_3 = """
+import os
+from spacy import registry
+
+@registry.callbacks("optim_test.die_at_step_3.v1")
+def die_at_step_3():
+    def before_update(nlp, info):
+        if os.environ.get("RANK") == "1" and info["step"] == 3:
+            os._exit(3)
+    return before_update
+"""
+
+
+def _spacy_files(tmp_path, n_train, sharded=False, die=False):
+    """train.spacy, dev.spacy (the generated texts of test_spacy_integration) and a config."""
+    from spacy.tokens import DocBin
+    from test_spacy_integration import _texts
+
+    spacy = pytest.importorskip("spacy")
+    nlp = spacy.blank("en")
+    paths = {}
+    for split, n, seed in (("train", n_train, 1), ("dev", 120, 2)):
+        docs = DocBin()
+        for text, cats in _texts(n, seed):
+            doc = nlp.make_doc(text)
+            doc.cats = cats
+            docs.add(doc)
+        paths[split] = tmp_path / f"{split}.spacy"
+        docs.to_disk(paths[split])
+    before_update = ('[training.before_update]\n@callbacks = "optim_test.die_at_step_3.v1"'
+                     if die else "before_update = null")
+    paths["config"] = tmp_path / "config.cfg"
+    paths["config"].write_text(SPACY_CONFIG % {"before_update": before_update,
+                                               "sharded": str(sharded).lower()})
+    return paths
+
+
+def _launcher(paths, output, *extra, torchrun=False):
+    command = [sys.executable, "-m", "optim.spacy_train", str(paths["config"]),
+               "--output", str(output), "--paths.train", str(paths["train"]),
+               "--paths.dev", str(paths["dev"]), *extra]
+    if torchrun:
+        command[1:3] = ["-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                        "-m", "optim.spacy_train"]
+    return command
+
+
+def _textcat_f(model_dir, dev_path):
+    import spacy
+    from spacy.training import Corpus
+
+    nlp = spacy.load(model_dir)
+    return nlp.evaluate(list(Corpus(dev_path)(nlp)))["cats_macro_f"]
+
+
+def test_spacy_textcat_through_the_launcher_on_two_ranks(tmp_path):
+    # The same config on 1 process and, through torchrun, on 2 ranks (sharded state, each
+    # rank half of the corpus, so a step sees twice the examples and an epoch has half the
+    # steps). 2 ranks reach the accuracy of 1 process; only rank 0 prints and writes.
+    paths = _spacy_files(tmp_path, n_train=320, sharded=True)
+    one = start(_launcher(paths, tmp_path / "one"), world=1)
+    two = start(_launcher(paths, tmp_path / "two", torchrun=True), world=1,
+                env={"GLOO_SOCKET_IFNAME": _loopback_interface()})
+    [(code1, out1, err1)] = finish(one, timeout=150)
+    [(code2, out2, err2)] = finish(two, timeout=150)
+    assert code1 == 0, out1[-2000:] + err1[-4000:]
+    assert code2 == 0, out2[-2000:] + err2[-4000:]
+    assert out2.count("Pipeline: ['textcat']") == 1  # rank 0 alone prints
+    assert out2.count("Saved pipeline to output directory") == 1
+    # 320 examples, 160 a rank, 10 batches of 16 an epoch, 4 epochs: steps 0 to 39
+    assert "\n  3      30" in out2 and "\n  4" not in out2.split("Saved pipeline")[0]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["model-best", "model-last"]
+    f_one = _textcat_f(tmp_path / "one" / "model-last", paths["dev"])
+    f_two = _textcat_f(tmp_path / "two" / "model-last", paths["dev"])
+    assert f_one > 0.9
+    assert f_two >= f_one - 0.01, (f_one, f_two)
+
+
+def test_sharded_corpus_and_lockstep_batches_in_one_process():
+    pytest.importorskip("spacy")
+    from optim.distributed import training
+
+    corpus = lambda nlp: iter(range(11))  # noqa: E731
+    shards = [list(training.sharded_corpus(corpus, rank=r, world_size=3)(None))
+              for r in range(3)]
+    assert shards == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
+    with training.unsharded():
+        assert list(training.sharded_corpus(corpus, rank=1, world_size=3)(None)) == \
+            list(range(11))
+    assert list(training.sharded_corpus(corpus)(None)) == list(range(11))  # world of one
+    with pytest.raises(ValueError, match="rank"):
+        training.sharded_corpus(corpus, rank=3, world_size=3)
+    with pytest.raises(ValueError, match="both"):
+        training.sharded_corpus(corpus, rank=0)
+    batches = training.lockstep_batches(lambda items: ([x, x] for x in items))
+    assert list(batches(range(3))) == [[0, 0], [1, 1], [2, 2]]
+    from spacy import registry
+
+    assert registry.readers.get("optim.sharded_corpus.v1") is training.sharded_corpus
+    assert registry.batchers.get("optim.lockstep_batches.v1") is training.lockstep_batches
+    points = _entry_points("spacy_readers")
+    assert _resolve(points["optim.sharded_corpus.v1"]) is training.sharded_corpus
+    points = _entry_points("spacy_batchers")
+    assert _resolve(points["optim.lockstep_batches.v1"]) is training.lockstep_batches
 
 
 # ---------------------------------------------------------------- one process
