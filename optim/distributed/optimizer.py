@@ -64,7 +64,7 @@ class DistributedOptimizer:
 
     __slots__ = ("optimizer", "reduce", "sharded", "bucket_mb", "timeout", "_group",
                  "_pending", "_pending_keys", "_plan", "_shapes", "_dtypes", "_owner",
-                 "_loads", "_order", "_buffers", "_averages", "__weakref__")
+                 "_loads", "_order", "_buffers", "_averages", "_xp", "__weakref__")
 
     def __init__(self, optimizer: Optimizer, *, reduce: str = "mean", sharded: bool = False,
                  bucket_mb: float = DEFAULT_BUCKET_MB, group: Any = None,
@@ -100,6 +100,7 @@ class DistributedOptimizer:
         self._order: List[KeyT] = []                      # keys in first-seen order
         self._buffers = flat.Buffers()
         self._averages: Optional[Dict[KeyT, Any]] = None  # sharded: gathered, until a step
+        self._xp: Any = numpy  # where the state lives: numpy, or cupy after GPU steps
         if optimizer.nr_update:  # it holds state already: spread it like a checkpoint
             self._adopt(serialize.optimizer_to_dict(optimizer), fresh=False)
 
@@ -241,19 +242,21 @@ class DistributedOptimizer:
             raise TypeError("optim.distributed: one step's tensors must all live on one "
                             "device (all NumPy or all CuPy arrays)")
         xp = numpy if not backends or backends[0] is NUMPY else _cupy()
+        if xp is not numpy:
+            self._xp = xp
         group = self.group
         new_keys = []
         for key, g in zip(keys, gradients):
             if g.size and key not in self._owner and key not in new_keys:
                 new_keys.append(key)
-        owners = self._assign(new_keys, {k: (g.size * g.dtype.itemsize)
-                                         for k, g in zip(keys, gradients)})
+        nbytes = {k: int(g.size * g.dtype.itemsize) for k, g in zip(keys, gradients)}
+        owners = self._assign(new_keys, nbytes)
         group.check_same(flat.describe((k, g.shape, g.dtype) for k, g in zip(keys, gradients)),
                          "the keys, shapes and dtypes of a step")
         # agreed: commit the new keys
         for key in new_keys:
             self._owner[key] = owners[key]
-            self._loads[owners[key]] += self._nbytes_of(keys, gradients, key)
+            self._loads[owners[key]] += nbytes[key]
             self._order.append(key)
         for key, g in zip(keys, gradients):
             if g.size:
@@ -273,11 +276,6 @@ class DistributedOptimizer:
                      local, new_keys)
         self._plan = plan
         return plan
-
-    @staticmethod
-    def _nbytes_of(keys: List[KeyT], gradients: List[Any], key: KeyT) -> int:
-        g = gradients[keys.index(key)]
-        return int(g.size * g.dtype.itemsize)
 
     def _assign(self, new_keys: List[KeyT], nbytes: Dict[KeyT, int]) -> Dict[KeyT, int]:
         """Owners for new keys: largest first (ties by repr), each to the least-loaded
@@ -326,9 +324,7 @@ class DistributedOptimizer:
     def _gather_averages(self) -> Dict[KeyT, Any]:
         group, inner = self.group, self.optimizer.averages
         keys = [k for k in self._order if self._dtypes.get(k) is not None]
-        xp = numpy
-        if self.optimizer._on_gpu:
-            xp = _cupy()
+        xp = self._xp
         arrays = {}
         for key in keys:
             if self._owner[key] == group.rank:
@@ -450,11 +446,13 @@ class DistributedOptimizer:
 
     def to_gpu(self) -> "DistributedOptimizer":
         self.optimizer.to_gpu()
+        self._xp = _cupy()
         self._averages = None
         return self
 
     def to_cpu(self) -> "DistributedOptimizer":
         self.optimizer.to_cpu()
+        self._xp = numpy
         self._averages = None
         return self
 
