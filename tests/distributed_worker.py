@@ -154,6 +154,39 @@ def scenario_train(out):
     X, Y = data[0], data[1]
     tag = f"rank{rank}"
 
+    # rank 0's weights everywhere
+    model = mlp(X, Y)
+    if rank == 1:
+        for key, _, node in params(model):
+            node.get_param(key[1])[...] += 1.0
+    dist_opt.broadcast_arrays([node.get_param(key[1]) for key, _, node in params(model)])
+    numpy.savez(out / f"broadcast-rank{rank}.npz", **weights_of(model))
+
+    # float32 and float64 tensors in one step, lr_scales, small buckets: against one
+    # process's optimizer fed the mean of both ranks' gradients (rank 0's + rank 1's, / 2)
+    mixed = {}
+    for sharded in (False, True):
+        rng = numpy.random.default_rng(7)
+        shapes = [(int(rng.integers(1, 60)), int(rng.integers(1, 60))) for _ in range(12)]
+        dtypes = ["float32", "float64"] * 6
+        keys = [("mixed", i) for i in range(12)]
+        start = [rng.standard_normal(s).astype(d) for s, d in zip(shapes, dtypes)]
+        ours, ref = [w.copy() for w in start], [w.copy() for w in start]
+        opt = dist_opt.Adam(0.01, sharded=sharded, bucket_mb=0.01)
+        local = optim.Adam(0.01)
+        for step in range(3):
+            grads = [[numpy.random.default_rng(100 * step + 10 * r + i).standard_normal(s)
+                      .astype(d) for i, (s, d) in enumerate(zip(shapes, dtypes))]
+                     for r in range(world)]
+            for i, key in enumerate(keys):
+                opt(key, ours[i], grads[rank][i].copy(), lr_scale=0.5 if i % 3 else 1.0)
+            opt.step_schedules()
+            for i, key in enumerate(keys):
+                mean = (grads[0][i] + grads[1][i]) / grads[0][i].dtype.type(2)
+                local(key, ref[i], mean, lr_scale=0.5 if i % 3 else 1.0)
+            local.step_schedules()
+        mixed[str(sharded)] = all(numpy.array_equal(a, b) for a, b in zip(ours, ref))
+
     # (a) replicated, Thinc's per-tensor calls, with the bad-input checks at one step
     errors = {}
 
@@ -202,7 +235,7 @@ def scenario_train(out):
     opt = dist_opt.Adam(**hyper())
     train(model, opt, data, range(TOTAL), rank, world, at_step={BAD_INPUT_STEP: bad_inputs})
     save(out, f"bad-replicated-{tag}", model, opt, errors=errors,
-         state_nbytes=opt.state_nbytes())
+         state_nbytes=opt.state_nbytes(), mixed=mixed)
 
     # (b) the same run without the extra flush at BAD_INPUT_STEP: replicated and sharded,
     # per-tensor and step_many, mean and sum; a checkpoint at CHECKPOINT_A

@@ -170,6 +170,22 @@ def test_modes_bitwise_equal_replicated(runs, mode):
     _assert_bitwise(a, a_ref, f"{mode} vs replicated (averages)")
 
 
+def test_mixed_dtypes_and_lr_scales_match_the_mean_gradient_update(runs):
+    # float32 and float64 keys in one step, per-key lr_scale, buckets of ~1000 values:
+    # bitwise one process's optimizer fed (rank 0's gradient + rank 1's) / 2.
+    for rank in range(2):
+        _, _, info = _load(runs, f"bad-replicated-rank{rank}")
+        assert info["mixed"] == {"False": True, "True": True}, rank
+
+
+def test_broadcast_arrays_gives_every_rank_rank_0s_weights(runs):
+    w0 = dict(numpy.load(runs / "broadcast-rank0.npz"))
+    w1 = dict(numpy.load(runs / "broadcast-rank1.npz"))
+    # rank 1 had added 1.0 to every weight before the broadcast
+    _assert_bitwise(w0, w1, "after broadcast_arrays")
+    assert len(w0) == 6
+
+
 def test_sharded_state_memory_and_owners(runs):
     infos = [_load(runs, f"sharded-rank{r}")[2] for r in range(2)]
     replicated = [_load(runs, f"replicated-rank{r}")[2]["state_nbytes"] for r in range(2)]

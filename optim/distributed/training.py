@@ -15,6 +15,7 @@ entry points, groups `spacy_readers` and `spacy_batchers`).
 import contextlib
 from typing import Any, Callable, Iterable, Iterator, List, Optional
 
+import numpy
 from spacy import registry as _spacy_registry
 
 from .flat import broadcast_arrays
@@ -58,16 +59,23 @@ def sharded_corpus(corpus: Callable[[Any], Iterable[Any]], rank: Optional[int] =
 
 def lockstep_batches(batcher: Callable[[Iterable[Any]], Iterable[Any]]
                      ) -> Callable[[Iterable[Any]], Iterator[Any]]:
-    """`batcher`'s batches while every rank has one: a one-integer all-reduce a batch."""
+    """`batcher`'s batches while every rank has one: a one-integer all-reduce a batch,
+    started one batch ahead so that it runs while the current batch trains."""
 
     def batch(items: Iterable[Any]) -> Iterator[Any]:
         group = join()
         batches = iter(batcher(items))
-        while True:
-            nxt = next(batches, None)
-            if group.all_min(0 if nxt is None else 1, "the lockstep batch check") == 0:
-                return
-            yield nxt
+
+        def ask() -> tuple:
+            following = next(batches, None)
+            have = numpy.array([0 if following is None else 1], dtype=numpy.int64)
+            return following, group.start_all_reduce(have, "the lockstep batch check")
+
+        current, check = ask()
+        while int(check.wait()[0]) == group.world_size:
+            following, next_check = ask()
+            yield current
+            current, check = following, next_check
 
     return batch
 
