@@ -56,7 +56,8 @@ cdef int check_range(list arrays, const int64_t[:] starts, Py_ssize_t lo, Py_ssi
     if not (0 <= lo <= hi <= starts[n]):
         raise ValueError(f"range [{lo}, {hi}) is outside [0, {starts[n]})")
     if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
-        raise TypeError(f"buckets hold float32 or float64, not {cnp.PyArray_DescrFromType(typenum)}")
+        raise TypeError("buckets hold float32 or float64, not "
+                        f"{cnp.PyArray_DescrFromType(typenum)}")
     if lo == hi:
         return 0
     i = first_index(starts, lo)

@@ -102,7 +102,8 @@ def train(model, opt, data, steps, rank, world, *, emulate=1, via="finish_update
                 grads_now = [node.get_grad(key[1]).copy() for key, _, node in params(model)]
                 for key, _, node in params(model):
                     node.get_grad(key[1])[...] = 0
-                summed = grads_now if summed is None else [a + b for a, b in zip(summed, grads_now)]
+                summed = grads_now if summed is None else [
+                    a + b for a, b in zip(summed, grads_now)]
             for (key, _, node), g in zip(params(model), summed):
                 node.get_grad(key[1])[...] = g / numpy.float32(emulate)
         else:
@@ -162,7 +163,7 @@ def scenario_train(out):
     dist_opt.broadcast_arrays([node.get_param(key[1]) for key, _, node in params(model)])
     numpy.savez(out / f"broadcast-rank{rank}.npz", **weights_of(model))
 
-    # float32 and float64 tensors in one step, lr_scales, small buckets: against one
+    # float32 and float64 tensors in one step, lr_scales, lookahead, small buckets: against one
     # process's optimizer fed the mean of both ranks' gradients (rank 0's + rank 1's, / 2)
     mixed = {}
     for sharded in (False, True):
@@ -172,9 +173,9 @@ def scenario_train(out):
         keys = [("mixed", i) for i in range(12)]
         start = [rng.standard_normal(s).astype(d) for s, d in zip(shapes, dtypes)]
         ours, ref = [w.copy() for w in start], [w.copy() for w in start]
-        opt = dist_opt.Adam(0.01, sharded=sharded, bucket_mb=0.01)
-        local = optim.Adam(0.01)
-        for step in range(3):
+        opt = dist_opt.Adam(0.01, sharded=sharded, bucket_mb=0.01, lookahead_k=2)
+        local = optim.Adam(0.01, lookahead_k=2)
+        for step in range(4):
             grads = [[numpy.random.default_rng(100 * step + 10 * r + i).standard_normal(s)
                       .astype(d) for i, (s, d) in enumerate(zip(shapes, dtypes))]
                      for r in range(world)]

@@ -171,7 +171,8 @@ def test_modes_bitwise_equal_replicated(runs, mode):
 
 
 def test_mixed_dtypes_and_lr_scales_match_the_mean_gradient_update(runs):
-    # float32 and float64 keys in one step, per-key lr_scale, buckets of ~1000 values:
+    # float32 and float64 keys in one step, per-key lr_scale, lookahead (whose sync steps
+    # move the weights on the owner only, when sharded), buckets of ~1000 values:
     # bitwise one process's optimizer fed (rank 0's gradient + rank 1's) / 2.
     for rank in range(2):
         _, _, info = _load(runs, f"bad-replicated-rank{rank}")
@@ -202,8 +203,9 @@ def test_sharded_state_memory_and_owners(runs):
 def test_checkpoint_is_single_process_format_from_any_mode(runs):
     # The two runs built their models in one process, so Thinc's keys (model id, name)
     # differ: map the sharded run's keys onto the replicated run's by walk order.
-    keys = {mode: [tuple(k) for k in json.loads(
-        (runs / f"checkpoint-{mode}-keys.json").read_text())] for mode in ("replicated", "sharded")}
+    keys = {mode: [tuple(k) for k in json.loads((runs / f"checkpoint-{mode}-keys.json")
+                                                .read_text())]
+            for mode in ("replicated", "sharded")}
     replicated = (runs / "checkpoint-replicated.bin").read_bytes()
     sharded = optim.load(runs / "checkpoint-sharded.bin")
     sharded.remap_keys(dict(zip(keys["sharded"], keys["replicated"])))

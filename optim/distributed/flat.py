@@ -5,7 +5,7 @@ rank's tensors form one contiguous region). Collectives run over buckets: ranges
 most `bucket_elems` elements of that concatenation, copied into a reusable buffer by
 `optim._flat` (C loops; a NumPy/CuPy fallback for device arrays).
 """
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy
 
@@ -125,29 +125,33 @@ class Buffers:
 # ---------------------------------------------------------------- collectives
 
 def reduce(group: Group, layout: Layout, arrays: List[Any], buffers: Buffers,
-           bucket_elems: int, divisor: int, keep: Tuple[int, int], what: str) -> None:
+           bucket_elems: int, divisor: int, keep: Tuple[int, int], what: str,
+           ready: Optional[Callable[[int], None]] = None) -> None:
     """Sum `arrays` (in layout order) over the group, bucket by bucket, and write the sum
     divided by `divisor` back into the range `keep` of their concatenation (the rest is
-    left as it was). While one bucket's all-reduce runs, the next is packed."""
+    left as it was). While one bucket's all-reduce runs, the next is packed, and
+    `ready(hi)` is called once [0, hi) is written back (to update those tensors)."""
     in_flight = None
     for k, (lo, hi) in enumerate(chunks(0, layout.total, bucket_elems)):
         buf = buffers.get(layout, hi - lo, slot=k % 2)
         copy_in(arrays, layout, lo, hi, buf)
         pending = group.start_all_reduce(buf, f"{what}, bucket {k + 1}")
         if in_flight is not None:
-            _finish(in_flight, arrays, layout, divisor, keep)
+            _finish(in_flight, arrays, layout, divisor, keep, ready)
         in_flight = (pending, lo, hi)
     if in_flight is not None:
-        _finish(in_flight, arrays, layout, divisor, keep)
+        _finish(in_flight, arrays, layout, divisor, keep, ready)
 
 
 def _finish(in_flight: Any, arrays: List[Any], layout: Layout, divisor: int,
-            keep: Tuple[int, int]) -> None:
+            keep: Tuple[int, int], ready: Optional[Callable[[int], None]]) -> None:
     pending, lo, hi = in_flight
     buf = pending.wait()
     a, b = max(lo, keep[0]), min(hi, keep[1])
     if b > a:
         copy_out(arrays, layout, a, b, buf[a - lo:], divisor)
+    if ready is not None:
+        ready(hi)
 
 
 def share(group: Group, layout: Layout, arrays: List[Any], buffers: Buffers,

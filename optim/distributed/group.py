@@ -231,9 +231,14 @@ def join(timeout: Optional[float] = None, backend: Optional[str] = None) -> Grou
             "not set; start the processes with torchrun, or call "
             "torch.distributed.init_process_group yourself"
         )
-    import torch
-    import torch.distributed as dist
-
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError as err:
+        raise ImportError(
+            f"optim.distributed: WORLD_SIZE is {world_size}, and a group of processes needs "
+            "torch: pip install 'optim[distributed]'"
+        ) from err
     if backend is None:
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     try:

@@ -37,16 +37,18 @@ DEFAULT_BUCKET_MB = 25.0  # torch DDP's default bucket size
 class _Plan:
     """How one step's tensors travel: cached while the keys and shapes repeat."""
 
-    __slots__ = ("keys", "shapes", "typenums", "layouts", "local", "new_keys")
+    __slots__ = ("keys", "shapes", "typenums", "layouts", "local", "local_ends")
 
     def __init__(self, keys: List[KeyT], shapes: List[Tuple[int, ...]], typenums: Any,
-                 layouts: List[flat.Layout], local: List[int], new_keys: List[KeyT]) -> None:
+                 layouts: List[flat.Layout], local: List[int]) -> None:
         self.keys = keys          # the step's keys, in call order
         self.shapes = shapes      # their shapes
         self.typenums = typenums  # their NumPy type numbers (int32 array)
         self.layouts = layouts    # one per dtype: the non-empty tensors, grouped by owner
         self.local = local        # positions this rank updates (call order)
-        self.new_keys = new_keys  # keys first seen in this plan
+        mine = set(local)         # per layout: (where each local tensor ends, its position)
+        self.local_ends = [[(int(layout.starts[j + 1]), i) for j, i in enumerate(layout.index)
+                            if i in mine] for layout in layouts]
 
 
 class DistributedOptimizer:
@@ -180,14 +182,27 @@ class DistributedOptimizer:
              scales: List[float], checked: bool) -> None:
         plan = self._plan_for(keys, weights, gradients, checked)
         group = self.group
-        if group.world_size > 1:
+        if group.world_size == 1:
+            self._update_local(plan.local, keys, weights, gradients, scales)
+        else:
             divisor = group.world_size if self.reduce == "mean" else 1
-            for layout in plan.layouts:
+            for layout, ends in zip(plan.layouts, plan.local_ends):
                 keep = layout.regions[group.rank] if self.sharded else (0, layout.total)
+                updated = [0]
+
+                def ready(done: int, ends: List[Tuple[int, int]] = ends) -> None:
+                    """Update the local tensors whose sums are all written back, while
+                    the next bucket's all-reduce runs."""
+                    first = last = updated[0]
+                    while last < len(ends) and ends[last][0] <= done:
+                        last += 1
+                    updated[0] = last
+                    self._update_local([i for _, i in ends[first:last]], keys, weights,
+                                       gradients, scales)
+
                 flat.reduce(group, layout, layout.take(gradients), self._buffers,
                             self._bucket_elems(layout.dtype), divisor, keep,
-                            f"the gradient all-reduce of step {self.optimizer.step}")
-        self._update_local(plan, keys, weights, gradients, scales)
+                            f"the gradient all-reduce of step {self.optimizer.step}", ready)
         if group.world_size > 1 and self.sharded:
             for layout in plan.layouts:
                 grads = layout.take(gradients)
@@ -199,12 +214,12 @@ class DistributedOptimizer:
                            f"the weight broadcast of step {self.optimizer.step}")
         self._averages = None
 
-    def _update_local(self, plan: _Plan, keys: List[KeyT], weights: List[Any],
+    def _update_local(self, positions: List[int], keys: List[KeyT], weights: List[Any],
                       gradients: List[Any], scales: List[float]) -> None:
-        """One local step_many per distinct lr_scale (one, normally), in call order."""
-        local = plan.local
+        """One local step_many per distinct lr_scale (one, normally), in the given order.
+        Keys update independently, so splitting a step into several calls changes no bit."""
         by_scale: Dict[float, List[int]] = {}
-        for i in local:
+        for i in positions:
             by_scale.setdefault(scales[i], []).append(i)
         for scale, index in by_scale.items():
             self.optimizer.step_many([keys[i] for i in index], [weights[i] for i in index],
@@ -247,7 +262,7 @@ class DistributedOptimizer:
         group = self.group
         new_keys = []
         for key, g in zip(keys, gradients):
-            if g.size and key not in self._owner and key not in new_keys:
+            if g.size and key not in self._owner:
                 new_keys.append(key)
         nbytes = {k: int(g.size * g.dtype.itemsize) for k, g in zip(keys, gradients)}
         owners = self._assign(new_keys, nbytes)
@@ -272,8 +287,7 @@ class DistributedOptimizer:
         local = [i for i, g in enumerate(gradients)
                  if g.size and (not self.sharded or owner_of[i] == group.rank)]
         typenums = numpy.array([numpy.dtype(g.dtype).num for g in gradients], dtype=numpy.intc)
-        plan = _Plan(list(keys), [tuple(g.shape) for g in gradients], typenums, layouts,
-                     local, new_keys)
+        plan = _Plan(list(keys), [tuple(g.shape) for g in gradients], typenums, layouts, local)
         self._plan = plan
         return plan
 
