@@ -10,7 +10,6 @@ part's gradient, sums them in rank order and divides by W, which is what the all
 computes (for W = 2: a + b is commutative, so the sum is the same bits).
 """
 import json
-import os
 import sys
 import time
 from pathlib import Path

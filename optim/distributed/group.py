@@ -9,7 +9,7 @@ import datetime
 import hashlib
 import os
 import sys
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional
 
 import numpy
 

@@ -17,7 +17,7 @@ import functools
 import inspect
 import math
 import numbers
-from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy
 import srsly
@@ -188,21 +188,10 @@ class DistributedOptimizer:
             divisor = group.world_size if self.reduce == "mean" else 1
             for layout, ends in zip(plan.layouts, plan.local_ends):
                 keep = layout.regions[group.rank] if self.sharded else (0, layout.total)
-                updated = [0]
-
-                def ready(done: int, ends: List[Tuple[int, int]] = ends) -> None:
-                    """Update the local tensors whose sums are all written back, while
-                    the next bucket's all-reduce runs."""
-                    first = last = updated[0]
-                    while last < len(ends) and ends[last][0] <= done:
-                        last += 1
-                    updated[0] = last
-                    self._update_local([i for _, i in ends[first:last]], keys, weights,
-                                       gradients, scales)
-
                 flat.reduce(group, layout, layout.take(gradients), self._buffers,
                             self._bucket_elems(layout.dtype), divisor, keep,
-                            f"the gradient all-reduce of step {self.optimizer.step}", ready)
+                            f"the gradient all-reduce of step {self.optimizer.step}",
+                            self._updater(ends, keys, weights, gradients, scales))
         if group.world_size > 1 and self.sharded:
             for layout in plan.layouts:
                 grads = layout.take(gradients)
@@ -213,6 +202,22 @@ class DistributedOptimizer:
                            self._bucket_elems(layout.dtype),
                            f"the weight broadcast of step {self.optimizer.step}")
         self._averages = None
+
+    def _updater(self, ends: List[Tuple[int, int]], keys: List[KeyT], weights: List[Any],
+                 gradients: List[Any], scales: List[float]) -> Callable[[int], None]:
+        """`ready(done)` for flat.reduce: update the local tensors that end by `done`
+        (their sums are back) while the next bucket's all-reduce runs."""
+        updated = 0
+
+        def ready(done: int) -> None:
+            nonlocal updated
+            first = updated
+            while updated < len(ends) and ends[updated][0] <= done:
+                updated += 1
+            self._update_local([i for _, i in ends[first:updated]], keys, weights, gradients,
+                               scales)
+
+        return ready
 
     def _update_local(self, positions: List[int], keys: List[KeyT], weights: List[Any],
                       gradients: List[Any], scales: List[float]) -> None:
