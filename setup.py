@@ -14,6 +14,7 @@ import platform
 import sys
 import sysconfig
 import tempfile
+from pathlib import Path
 
 import numpy
 from Cython.Build import cythonize
@@ -68,8 +69,11 @@ def simd_levels() -> list:
 
 
 def extensions() -> list:
-    names = ["_kernels", "_device", "_roofline", "_loops_baseline"]
-    names += [f"_loops_{level}" for level in simd_levels()]
+    # Every optim/*.pyx; of the per-level loop modules, baseline and what this machine
+    # type can build.
+    names = [p.stem for p in sorted((Path(__file__).parent / "optim").glob("*.pyx"))
+             if not p.stem.startswith("_loops_")]
+    names += ["_loops_baseline"] + [f"_loops_{level}" for level in simd_levels()]
     return [
         Extension(
             "optim." + name,
