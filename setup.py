@@ -68,7 +68,7 @@ def simd_levels() -> list:
 
 
 def extensions() -> list:
-    names = ["_kernels", "_roofline", "_loops_baseline"]
+    names = ["_kernels", "_device", "_roofline", "_loops_baseline"]
     names += [f"_loops_{level}" for level in simd_levels()]
     return [
         Extension(
