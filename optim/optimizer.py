@@ -111,7 +111,7 @@ class Optimizer:
 
     __slots__ = ("mom1", "mom2", "averages", "lookahead", "nr_update", "schedules",
                  "ops", "_hyper", "_shapes", "_schedule_start", "_step", "_last_score",
-                 "_on_gpu", "_stale", "_plans", "_batches", "__weakref__")
+                 "_on_gpu", "_stale", "_plans", "_batches", "_batch", "__weakref__")
 
     def __init__(self, learn_rate: FloatOrSeq, *, ops: Any = None,
                  L2: FloatOrSeq = ADAM_DEFAULTS["L2"],
@@ -142,6 +142,7 @@ class Optimizer:
         self._stale: set = set()  # keys whose state misses arrays the settings now need
         self._plans: Dict[KeyT, Any] = {}  # device keys: prepared launches (_kernels_cuda.Plan)
         self._batches: Dict[Any, Any] = {}  # step_many's device tables per group
+        self._batch: Optional[_kernels.Batch] = None  # the last CPU step_many, to rerun
         self._hyper.use_radam = bool(use_radam)
         self._hyper.L2_is_weight_decay = bool(L2_is_weight_decay)
         self.lookahead_k = lookahead_k
@@ -166,6 +167,7 @@ class Optimizer:
         the state arrays of the new kind: send them through the general path once."""
         if self._hyper.kind != previous:
             self._stale.update(self._shapes)
+            self._batch = None
 
     def _assign(self, name: str, value: Any) -> None:
         if isinstance(value, numbers.Real):
@@ -281,6 +283,7 @@ class Optimizer:
             raise ValueError(f"lookahead_k must be an integer >= 0, got {k!r}")
         self._hyper.lookahead_k = int(k)
         self._stale.update(self._shapes)
+        self._batch = None
 
     @property
     def use_radam(self) -> bool:
@@ -354,8 +357,16 @@ class Optimizer:
         """Update many tensors in one call (same numbers as calling one by one, in order).
 
         NumPy tensors are validated together, then updated in one loop outside the GIL.
+        A call with the same keys as the last one (a training loop's) reruns that call's
+        task table and gathered state once C code has checked the new arrays and that
+        the state is the same (`_kernels.Batch`).
         """
         keys, weights, gradients = list(keys), list(weights), list(gradients)
+        batch = self._batch
+        if (batch is not None and not self._stale and not self._on_gpu
+                and batch.again(self._hyper, keys, weights, gradients, self.nr_update,
+                                lr_scale, self._batch_sources())):
+            return
         if not len(keys) == len(weights) == len(gradients):
             raise ValueError(f"step_many: {len(keys)} keys, {len(weights)} weights and "
                              f"{len(gradients)} gradients")
@@ -381,12 +392,13 @@ class Optimizer:
             return
         states = [self._state_for(k, NUMPY, w) for k, w in zip(keys, weights)]
         counts = [self.nr_update.get(k, 0) + 1 for k in keys]
-        _kernels.step_many(self._hyper, keys, weights, gradients,
-                           [s["mom1"] for s in states], [s["mom2"] for s in states],
-                           [s["average"] for s in states], [s["slow"] for s in states],
-                           counts, lr_scale)
+        batch = _kernels.step_many(self._hyper, keys, weights, gradients,
+                                   [s["mom1"] for s in states], [s["mom2"] for s in states],
+                                   [s["average"] for s in states],
+                                   [s["slow"] for s in states], counts, lr_scale)
         for key, w, state, t in zip(keys, weights, states, counts):
             self._commit(key, w.shape, state, t)
+        self._keep(batch)
 
     def _step_many_device(self, backend: Any, keys: List[KeyT], weights: List[Any],
                           gradients: List[Any], lr_scale: float) -> None:
@@ -455,14 +467,28 @@ class Optimizer:
         nr_update = self.nr_update
         counts = [t + 1 for t in map(nr_update.__getitem__, keys)]
         no_state = [None] * len(keys)
-        _kernels.step_many(self._hyper, keys, weights, gradients,
-                           list(map(self.mom1.get, keys)) if self.mom1 else no_state,
-                           list(map(self.mom2.get, keys)) if self.mom2 else no_state,
-                           list(map(self.averages.get, keys)) if self.averages else no_state,
-                           list(map(self.lookahead.get, keys)) if self.lookahead else no_state,
-                           counts, lr_scale)
+        batch = _kernels.step_many(
+            self._hyper, keys, weights, gradients,
+            list(map(self.mom1.get, keys)) if self.mom1 else no_state,
+            list(map(self.mom2.get, keys)) if self.mom2 else no_state,
+            list(map(self.averages.get, keys)) if self.averages else no_state,
+            list(map(self.lookahead.get, keys)) if self.lookahead else no_state,
+            counts, lr_scale)
         nr_update.update(zip(keys, counts))
+        self._keep(batch)
         return True
+
+    def _batch_sources(self) -> Tuple[Any, ...]:
+        """The dicts a kept step_many batch took its state arrays from."""
+        return (self.mom1, self.mom2, self.averages, self.lookahead, self._shapes)
+
+    def _keep(self, batch: "_kernels.Batch") -> None:
+        """Keep a CPU step_many batch whose state arrays are the ones the dicts hold now,
+        to run again when the same keys come next. The optimizer's own changes of the
+        state drop it (_commit, remap_keys, to_gpu/to_cpu, from_bytes, the update kind,
+        lookahead_k); Batch.again also checks that the dicts still map the keys to its
+        arrays, so an entry a user replaced is seen too."""
+        self._batch = batch.bind(self._batch_sources(), self.nr_update)
 
     def _check_pair(self, key: KeyT, weights: Any, gradient: Any) -> Any:
         """Validate an update's arrays before anything is touched; return their backend."""
@@ -516,6 +542,7 @@ class Optimizer:
             if state[name] is not None and store is not None:
                 store[key] = state[name]
         self._shapes[key] = tuple(shape)
+        self._batch = None
         self.nr_update[key] = t
         self._stale.discard(key)
 
@@ -537,7 +564,7 @@ class Optimizer:
         compiled kernels: they are rebuilt at the copy's first update."""
         state = {name: getattr(self, name) for name in Optimizer.__slots__
                  if name != "__weakref__"}
-        state["_plans"], state["_batches"] = {}, {}
+        state["_plans"], state["_batches"], state["_batch"] = {}, {}, None
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -545,9 +572,10 @@ class Optimizer:
             setattr(self, name, value)
 
     def _forget_launches(self) -> None:
-        """Drop prepared device launches (state arrays moved or renamed)."""
+        """Drop prepared launches and the kept step_many batch (state moved or renamed)."""
         self._plans.clear()
         self._batches.clear()
+        self._batch = None
 
     # ------------------------------------------------------------ devices
 
@@ -602,6 +630,7 @@ class Optimizer:
         for name in Optimizer.__slots__:
             if name != "__weakref__":
                 setattr(self, name, getattr(loaded, name))
+        self._forget_launches()
         return self
 
     def to_disk(self, path: Any) -> None:
