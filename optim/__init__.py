@@ -15,7 +15,7 @@ from .schedules import (
     warmup_linear,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 @registry.optimizers("load.v1")
