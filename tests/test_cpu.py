@@ -424,8 +424,8 @@ def test_known_shapes_accepts_only_ndarrays_of_the_recorded_shapes():
     w, g = numpy.zeros((3, 4), "float32"), numpy.ones((3, 4), "float32")
     assert _kernels.known_shapes([(3, 4)], [w], [g])
     assert _kernels.known_shapes([], [], [])
-    for shapes, ws, gs in [([(4, 3)], [w], [g]), ([(12,)], [w], [g]), ([None], [w], [g]),
-                           ([(3, 4)], [w.view(numpy.matrix)], [g]),
-                           ([(3, 4)], [w], [[1.0]]), ([(0,)], [w[:0, 0]], [g[:0, 0]]),
-                           ([(3, 4)], [w, w], [g])]:
-        assert not _kernels.known_shapes(shapes, ws, gs)
+    for recorded, ws, gs in [([(4, 3)], [w], [g]), ([(12,)], [w], [g]), ([None], [w], [g]),
+                             ([(3, 4)], [w.view(numpy.matrix)], [g]),
+                             ([(3, 4)], [w], [[1.0]]), ([(0,)], [w[:0, 0]], [g[:0, 0]]),
+                             ([(3, 4)], [w, w], [g])]:
+        assert not _kernels.known_shapes(recorded, ws, gs)
