@@ -497,8 +497,8 @@ def test_world_of_one_is_the_plain_optimizer(sharded):
         before = [w.copy() for w in w_deferred]
         for k, w, g in zip(keys, w_deferred, g_deferred):
             assert deferred(k, w, g) == (w, g)
-        # the contract: nothing changes until the flush
-        assert deferred.pending == len(keys)
+        # the contract: nothing changes until the flush; the empty gradient is not recorded
+        assert deferred.pending == len(keys) - 1
         for w, b in zip(w_deferred, before):
             numpy.testing.assert_array_equal(w, b)
         deferred.step_schedules()
@@ -670,3 +670,23 @@ def test_entry_points_declare_distributed_optimizers():
         '[opt]\n@optimizers = "optim.distributed.Adam.v1"\nlearn_rate = 0.003\nsharded = true\n')
     resolved = thinc_api.registry.resolve(config)["opt"]
     assert resolved.optimizer.sharded and resolved.learn_rate == 0.003
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_empty_gradient_is_a_no_op_whatever_the_weights(sharded):
+    """Issue 11 through the wrapper: an empty gradient is dropped before any check, in
+    per-tensor calls (nothing recorded) and in step_many; other tensors update as alone."""
+    opt = dist_opt.RAdam(0.123, use_averages=False, L2=0.1, L2_is_weight_decay=False,
+                         sharded=sharded)
+    weights, gradient = numpy.zeros((1, 2)), numpy.zeros(0)
+    assert opt((0, "x"), weights, gradient) == (weights, gradient)
+    assert opt((0, "x"), weights, numpy.zeros((2, 0), dtype="float32")) is not None
+    assert opt.pending == 0
+    ref = optim.RAdam(0.123, use_averages=False, L2=0.1, L2_is_weight_decay=False)
+    w, w_ref = numpy.linspace(-1, 1, 6).reshape(2, 3), numpy.linspace(-1, 1, 6).reshape(2, 3)
+    opt.step_many([(0, "x"), (1, "W")], [weights, w], [gradient, numpy.full((2, 3), 0.5)])
+    ref((1, "W"), w_ref, numpy.full((2, 3), 0.5))
+    numpy.testing.assert_array_equal(w, w_ref)
+    assert (0, "x") not in opt.optimizer.nr_update
+    with pytest.raises(ValueError, match="shape"):  # non-empty gradients stay checked
+        opt((2, "b"), numpy.zeros((1, 2)), numpy.zeros(3))

@@ -133,8 +133,11 @@ class DistributedOptimizer:
         """Record one tensor's update, run at the next `flush()` / `step_schedules()`.
 
         Returns (weights, gradient) unchanged, as Thinc's `finish_update` expects; the
-        update writes into these same arrays later.
+        update writes into these same arrays later. An empty gradient is a no-op, as in
+        `Optimizer.__call__`: nothing is checked or recorded.
         """
+        if _optimizer._is_empty(gradient):
+            return weights, gradient
         if key in self._pending_keys:
             raise ValueError(
                 f"key {key!r} was given twice before its update ran. optim.distributed "
@@ -176,6 +179,10 @@ class DistributedOptimizer:
             raise ValueError(f"step_many: {len(keys)} keys, {len(weights)} weights and "
                              f"{len(gradients)} gradients")
         _check_lr_scale(lr_scale)
+        if _optimizer._any_empty(gradients):  # no-ops, as in Optimizer.step_many
+            todo = [i for i, g in enumerate(gradients) if not _optimizer._is_empty(g)]
+            keys, weights = [keys[i] for i in todo], [weights[i] for i in todo]
+            gradients = [gradients[i] for i in todo]
         self._run(keys, weights, gradients, [float(lr_scale)] * len(keys), checked=False)
 
     def _run(self, keys: List[KeyT], weights: List[Any], gradients: List[Any],
