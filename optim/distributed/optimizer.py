@@ -320,12 +320,11 @@ class DistributedOptimizer:
     def _check(self, key: KeyT, weights: Any, gradient: Any) -> Any:
         """Validate one update (dtypes, contiguity, device, shapes) before anything runs."""
         backend = self.optimizer._check_pair(key, weights, gradient)
-        shape = self._shapes.get(key)
-        if shape is not None and gradient.size and tuple(weights.shape) != shape:
-            raise ValueError(f"key {key!r}: weights have shape {tuple(weights.shape)}, but "
-                             f"this key was updated with shape {shape} before")
+        shape = self._shapes.get(key)  # (empty gradients never get here)
+        if shape is not None and tuple(weights.shape) != shape:
+            raise ValueError(_optimizer._shape_error(key, weights.shape, shape))
         dtype = self._dtypes.get(key)
-        if dtype is not None and gradient.size and numpy.dtype(gradient.dtype) != dtype:
+        if dtype is not None and numpy.dtype(gradient.dtype) != dtype:
             raise TypeError(f"key {key!r}: the gradient is {gradient.dtype}, but this key "
                             f"was updated as {dtype} before")
         return backend
