@@ -1,0 +1,369 @@
+"""Checkpoints that survive a SIGKILL: model weights, optimizer state under stable
+parameter names, random number generators, and whatever the loop adds.
+
+* Parameters are named by where they sit, not by Thinc's per-process ids:
+  `"<walk index>/<param>"` in a Thinc model (`"3/W"`), `"<component>/<walk index>/<param>"`
+  in a spaCy pipeline (`"tagger/2/W"`), PyTorch shims' parameters as
+  `".../shim<j>/<torch name>"`. The optimizer's state is saved under these names and put
+  back under the keys of the rebuilt model (`param_names`, `named_optimizer_state`,
+  `load_optimizer_state`).
+* `rng_state()` / `set_rng_state()`: Python's `random`, NumPy's global generator and
+  torch's (when torch is imported); the dropout draws and the data order.
+* `save_checkpoint(path, model, optimizer, **extra)` / `load_checkpoint(path, model, ...)`:
+  one file, written atomically, for a custom Thinc loop.
+* `write_dir` / `verify_dir` / `read_dir`: a directory of files that appears whole or not
+  at all (written under a temporary name, fsynced, renamed; a manifest of sizes and
+  SHA-256 digests written last tells an intact one from a damaged one).
+
+Nothing here imports Thinc or spaCy: models are walked by duck typing.
+"""
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy
+import srsly
+
+from .serialize import StateError, decode_key, encode_key, read_file, write_atomic
+
+FORMAT_NAME = "optim.checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_NAME_TAG = "optim.param"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or loaded (damaged, foreign, newer)."""
+
+
+# ------------------------------------------------------------------ parameter names
+
+def param_names(obj: Any) -> Dict[Any, str]:
+    """`{optimizer key: stable name}` for every parameter of a Thinc model or of every
+    component of a spaCy pipeline, in walk order (a node shared by two components is
+    named by the first)."""
+    names: Dict[Any, str] = {}
+    if hasattr(obj, "components") and hasattr(obj, "pipe_names"):
+        for component, proc in obj.components:
+            model = getattr(proc, "model", None)
+            if hasattr(model, "walk"):
+                _name_model(model, f"{component}/", names)
+    elif hasattr(obj, "walk"):
+        _name_model(obj, "", names)
+    else:
+        raise TypeError(f"param_names: expected a Thinc Model or a spaCy Language, got "
+                        f"{type(obj).__name__}")
+    return names
+
+
+def _name_model(model: Any, prefix: str, names: Dict[Any, str]) -> None:
+    for index, node in enumerate(model.walk()):
+        for j, shim in enumerate(getattr(node, "shims", ())):
+            torch_model = getattr(shim, "_model", None)
+            if hasattr(torch_model, "named_parameters"):
+                for pname, _ in torch_model.named_parameters():
+                    names.setdefault((shim.id, pname), f"{prefix}{index}/shim{j}/{pname}")
+        for pname in node.param_names:
+            if node.has_param(pname):
+                names.setdefault((node.id, pname), f"{prefix}{index}/{pname}")
+
+
+def param_shapes(obj: Any) -> Dict[str, List[int]]:
+    """`{stable name: shape}` of the node parameters of `obj` (what a checkpoint of it
+    holds), for telling a checkpoint of another model from one of this model."""
+    shapes: Dict[str, List[int]] = {}
+    nodes = []
+    if hasattr(obj, "components"):
+        for component, proc in obj.components:
+            model = getattr(proc, "model", None)
+            if hasattr(model, "walk"):
+                nodes.extend((f"{component}/", i, n) for i, n in enumerate(model.walk()))
+    else:
+        nodes.extend(("", i, n) for i, n in enumerate(obj.walk()))
+    seen = set()
+    for prefix, index, node in nodes:
+        for pname in node.param_names:
+            if node.has_param(pname) and (node.id, pname) not in seen:
+                seen.add((node.id, pname))
+                shapes[f"{prefix}{index}/{pname}"] = list(node.get_param(pname).shape)
+    return shapes
+
+
+def check_same_model(saved: Dict[str, List[int]], obj: Any, what: str) -> None:
+    """Raise CheckpointError naming the first differences if `obj`'s parameters are not
+    the saved ones (another architecture, other labels, other widths)."""
+    now = param_shapes(obj)
+    problems = [f"{n}: missing in this model" for n in saved if n not in now]
+    problems += [f"{n}: not in the checkpoint" for n in now if n not in saved]
+    problems += [f"{n}: shape {tuple(now[n])} here, {tuple(saved[n])} in the checkpoint"
+                 for n in saved if n in now and list(now[n]) != list(saved[n])]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise CheckpointError(f"{what} is not a checkpoint of this model: "
+                              + "; ".join(problems[:5]) + more)
+
+
+def named_optimizer_state(optimizer: Any, names: Dict[Any, str]) -> Dict[str, Any]:
+    """`optimizer.to_dict()` with each key the model names replaced by its name (a
+    collective for a sharded distributed optimizer: call it on every rank)."""
+    msg = optimizer.to_dict()
+    for record in msg["keys"]:
+        key = decode_key(record["key"])
+        if key in names:
+            record["key"] = encode_key((_NAME_TAG, names[key]))
+    return msg
+
+
+def load_optimizer_state(optimizer: Any, msg: Dict[str, Any], names: Dict[Any, str]) -> Any:
+    """Put a `named_optimizer_state` back under this model's keys, into `optimizer`
+    (any optim optimizer, wrapped or distributed) or, with None, a new `optim.Optimizer`."""
+    keys = {name: key for key, name in names.items()}
+    unknown = []
+    for record in msg["keys"]:
+        key = decode_key(record["key"])
+        if isinstance(key, tuple) and len(key) == 2 and key[0] == _NAME_TAG:
+            if key[1] not in keys:
+                unknown.append(key[1])
+                continue
+            record["key"] = encode_key(keys[key[1]])
+    if unknown:
+        raise CheckpointError(f"the checkpoint's optimizer holds state for parameters this "
+                              f"model does not have: {', '.join(unknown[:5])}")
+    data = srsly.msgpack_dumps(msg)
+    if optimizer is None:
+        from .serialize import optimizer_from_bytes
+
+        return optimizer_from_bytes(data)
+    optimizer.from_bytes(data)
+    return optimizer
+
+
+# ------------------------------------------------------------------ random generators
+
+def rng_state() -> Dict[str, Any]:
+    """The states of Python's `random`, NumPy's global generator and, where imported,
+    torch's CPU generator, as msgpack-friendly values."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = numpy.random.get_state()
+    state: Dict[str, Any] = {
+        "python": [version, list(mt), gauss],
+        "numpy": [name, numpy.asarray(keys, dtype=numpy.uint32), int(pos), int(has_gauss),
+                  float(cached)],
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        state["torch"] = torch.random.get_rng_state().numpy().tobytes()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    numpy.random.set_state((name, numpy.array(keys, dtype=numpy.uint32), pos, has_gauss,
+                            cached))
+    if "torch" in state:
+        import torch
+
+        raw = numpy.frombuffer(state["torch"], dtype=numpy.uint8).copy()
+        torch.random.set_rng_state(torch.from_numpy(raw))
+
+
+# ------------------------------------------------------------------ Thinc: one file
+
+def save_checkpoint(path: Any, model: Any, optimizer: Any, **extra: Any) -> None:
+    """Write `model`'s weights, `optimizer`'s whole state (under stable parameter names),
+    the random generators' states and `extra` (msgpack-able values: your step, epoch,
+    position in the data) to one file, atomically."""
+    names = param_names(model)
+    msg = {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION,
+        "params": param_shapes(model), "model": model.to_bytes(),
+        "optimizer": named_optimizer_state(optimizer, names),
+        "rng": rng_state(), "extra": extra,
+    }
+    try:
+        data = srsly.msgpack_dumps(msg)
+    except TypeError as err:
+        raise TypeError(f"save_checkpoint: extra values must be msgpack-able ({err})") from None
+    write_atomic(path, data)
+
+
+def load_checkpoint(path: Any, model: Any, optimizer: Any = None, *,
+                    restore_rng: bool = True) -> Tuple[Any, Dict[str, Any]]:
+    """Load weights into `model` (rebuilt the same way, in this process), the optimizer
+    state into `optimizer` (or a new `optim.Optimizer` if None) under this model's keys,
+    and the random generators' states; returns `(optimizer, extra)`."""
+    msg = _checked_message(read_file(path), str(path))
+    check_same_model(msg["params"], model, str(path))
+    optimizer = load_optimizer_state(optimizer, msg["optimizer"], param_names(model))
+    model.from_bytes(msg["model"])
+    if restore_rng:
+        set_rng_state(msg["rng"])
+    return optimizer, dict(msg["extra"])
+
+
+def _checked_message(data: bytes, what: str) -> Dict[str, Any]:
+    try:
+        msg = srsly.msgpack_loads(data)
+    except Exception as err:  # msgpack raises many types on corrupt input
+        raise CheckpointError(f"{what}: not a readable checkpoint ({type(err).__name__})") from None
+    if not isinstance(msg, dict) or msg.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{what}: not an optim checkpoint")
+    check_version(msg.get("version"), what)
+    return msg
+
+
+def check_version(version: Any, what: str) -> None:
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{what}: invalid checkpoint format version {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{what} was written by a newer optim (checkpoint format "
+                              f"{version}; this optim reads up to {FORMAT_VERSION}): upgrade optim")
+
+
+# ------------------------------------------------------------------ atomic directories
+
+def write_dir(final: Path, files: Dict[str, bytes]) -> None:
+    """Create directory `final` holding `files`, all or nothing: written under a
+    temporary name, each file fsynced, the manifest last, then renamed into place."""
+    final = Path(final)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        manifest = {}
+        for name, data in files.items():
+            _write_synced(tmp / name, data)
+            manifest[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        _write_synced(tmp / MANIFEST, json.dumps({"files": manifest}, indent=1).encode())
+        _fsync_dir(tmp)
+        if final.exists():  # a same-named leftover of a run killed after the rename
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def verify_dir(path: Path) -> Optional[str]:
+    """None if `path` is an intact directory written by `write_dir`, else why not."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_bytes())["files"]
+    except FileNotFoundError:
+        return "no manifest (the write did not finish)"
+    except (ValueError, KeyError, TypeError):
+        return "unreadable manifest"
+    for name, want in manifest.items():
+        try:
+            data = (path / name).read_bytes()
+        except FileNotFoundError:
+            return f"{name} is missing"
+        if len(data) != want["size"]:
+            return f"{name} has {len(data)} bytes, not {want['size']}"
+        if hashlib.sha256(data).hexdigest() != want["sha256"]:
+            return f"{name} is corrupt (checksum mismatch)"
+    return None
+
+
+def read_dir(path: Path) -> Dict[str, bytes]:
+    """The files of an intact directory (CheckpointError if damaged)."""
+    problem = verify_dir(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
+    manifest = json.loads((Path(path) / MANIFEST).read_bytes())["files"]
+    return {name: (Path(path) / name).read_bytes() for name in manifest}
+
+
+class CheckpointDir:
+    """`root/step-<N>` directories written by `write_dir`, the newest `keep` kept.
+
+    On ranks other than 0 (`writer=False`) `write` writes nothing: every rank calls
+    the same methods in the same order."""
+
+    def __init__(self, root: Any, *, keep: int = 2, writer: bool = True) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        self.root, self.keep, self.writer = Path(root), keep, writer
+
+    def steps(self) -> List[Tuple[int, Path]]:
+        """`(step, path)` of every checkpoint directory, intact or not, newest first."""
+        found = []
+        if self.root.is_dir():
+            for path in self.root.iterdir():
+                if path.name.startswith("step-") and path.name[5:].isdigit():
+                    found.append((int(path.name[5:]), path))
+        return sorted(found, reverse=True)
+
+    def check_writable(self) -> None:
+        """Raise CheckpointError now, not at the first checkpoint, if root can't be written."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise CheckpointError(f"cannot write checkpoints to {self.root}: "
+                                  f"{err.strerror or err}") from None
+
+    def write(self, step: int, files: Dict[str, bytes]) -> Optional[Path]:
+        if not self.writer:
+            return None
+        path = self.root / f"step-{step:08d}"
+        write_dir(path, files)
+        for _, older in self.steps()[self.keep:]:
+            shutil.rmtree(older, ignore_errors=True)
+        return path
+
+    def newest(self, warn: Any = None) -> Optional[Tuple[Path, Dict[str, bytes]]]:
+        """The newest intact checkpoint and its files; damaged newer ones are reported
+        through `warn(text)` and skipped. None if there is none at all; CheckpointError
+        if there are some and none is intact (nothing is deleted)."""
+        found = self.steps()
+        problems = []
+        for _, path in found:
+            problem = verify_dir(path)
+            if problem is None:
+                for text in problems:
+                    if warn is not None:
+                        warn(f"skipping a damaged checkpoint: {text}; using {path.name}")
+                return path, read_dir(path)
+            problems.append(f"{path.name}: {problem}")
+        if problems:
+            raise CheckpointError(f"no intact checkpoint in {self.root}: "
+                                  + "; ".join(problems))
+        return None
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+__all__ = ["CheckpointError", "StateError", "param_names", "param_shapes",
+           "named_optimizer_state", "load_optimizer_state", "rng_state", "set_rng_state",
+           "save_checkpoint", "load_checkpoint", "write_dir", "verify_dir", "read_dir",
+           "CheckpointDir"]

@@ -1,0 +1,333 @@
+"""spaCy's training loop (`spacy.training.loop.train` of spaCy 3.8), step for step, with
+checkpoints at step boundaries and an exact resume.
+
+The loop below does what `train` and `train_while_improving` do, in the same order, so an
+uninterrupted run gives spaCy's numbers bit for bit. What it adds:
+
+* at a step boundary (every `checkpoint_every` steps, or when `stop` says so) the state
+  that decides the rest of the run is written through `Checkpoints`: the raw weights, the
+  optimizer, the counters (step, epoch, words seen), the scores so far and the losses
+  since the last evaluation, every rank's random generators, and Python's `random` state
+  at the start of each epoch (the data order);
+* a resumed run rebuilds the pipeline and the resolved `[training]` block exactly as a
+  fresh one, loads the weights and the optimizer, then replays the data stream (the
+  corpus, the per-epoch shuffles, the batcher and its size schedule, the dropout
+  schedule) for the steps already taken, without training, and restores the generators:
+  every object that a generator holds ends where it was;
+* `model-last` and `model-best` are replaced atomically (`save_pipeline`).
+"""
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+from timeit import default_timer as timer
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import srsly
+
+from .checkpoint import (
+    FORMAT_VERSION,
+    load_optimizer_state,
+    named_optimizer_state,
+    param_names,
+    param_shapes,
+    rng_state,
+    set_rng_state,
+)
+
+STATE_FORMAT = "optim.spacy_train"
+DIR_MODEL_BEST = "model-best"
+DIR_MODEL_LAST = "model-last"
+
+
+class Stopped(Exception):
+    """Raised at a step boundary after a stop was asked for and the checkpoint written."""
+
+    def __init__(self, step: int, path: Optional[Path]) -> None:
+        super().__init__(f"stopped after step {step}")
+        self.step = step
+        self.path = path
+
+
+class LoopState:
+    """The loop's own counters: what, besides weights and optimizer, decides the rest."""
+
+    __slots__ = ("step", "epoch", "results", "losses", "words_seen", "seconds",
+                 "epoch_states", "finished")
+
+    def __init__(self) -> None:
+        self.step = 0                 # steps completed
+        self.epoch = 0
+        self.results: List[Tuple[float, int]] = []
+        self.losses: Dict[str, float] = {}
+        self.words_seen = 0
+        self.seconds = 0.0
+        self.epoch_states: List[Any] = []  # Python `random` state at each epoch's start
+        self.finished = False
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch,
+                "results": [[float(s), int(t)] for s, t in self.results],
+                "losses": dict(self.losses), "words_seen": self.words_seen,
+                "seconds": self.seconds, "finished": self.finished}
+
+    @classmethod
+    def from_dict(cls, msg: Dict[str, Any], epoch_states: List[Any]) -> "LoopState":
+        state = cls()
+        state.step, state.epoch = int(msg["step"]), int(msg["epoch"])
+        state.results = [(float(s), int(t)) for s, t in msg["results"]]
+        state.losses = dict(msg["losses"])
+        state.words_seen, state.seconds = int(msg["words_seen"]), float(msg["seconds"])
+        state.finished = bool(msg["finished"])
+        state.epoch_states = list(epoch_states)
+        return state
+
+
+def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any = None,
+          checkpoint_every: int = 0, resume: Optional[Dict[str, Any]] = None,
+          stop: Callable[[], bool] = lambda: False, config_text: Optional[str] = None,
+          use_gpu: int = -1,
+          stdout: IO = sys.stdout, stderr: IO = sys.stderr) -> LoopState:
+    """`spacy.training.loop.train(nlp, output_path)` with checkpoints (`checkpoints`, an
+    `optim.checkpoint.CheckpointDir` on every rank, writing on rank 0; None for none)
+    and, with `resume` (from `load_resume`), a continuation of a checkpointed run."""
+    from spacy.schemas import ConfigSchemaTraining
+    from spacy.training.loop import create_before_to_disk_callback, create_evaluation_callback
+    from spacy.training.loop import update_meta
+    from spacy.util import registry, resolve_dot_names
+    from thinc.api import constant, fix_random_seed, set_gpu_allocator
+    from wasabi import Printer
+
+    msg = Printer(no_print=True)
+    config = nlp.config.interpolate()
+    if config["training"]["seed"] is not None:
+        fix_random_seed(config["training"]["seed"])
+    allocator = config["training"]["gpu_allocator"]
+    if use_gpu >= 0 and allocator:
+        set_gpu_allocator(allocator)
+    T = registry.resolve(config["training"], schema=ConfigSchemaTraining)
+    train_corpus, dev_corpus = resolve_dot_names(config, [T["train_corpus"], T["dev_corpus"]])
+    optimizer = T["optimizer"]
+    before_to_disk = create_before_to_disk_callback(T["before_to_disk"])
+    before_update = T["before_update"]
+    exclude = T["frozen_components"]
+    annotating = T["annotating_components"]
+    evaluate = create_evaluation_callback(nlp, dev_corpus, T["score_weights"])
+    dropout = T["dropout"]
+    dropouts = constant(dropout) if isinstance(dropout, float) else dropout
+    names = param_names(nlp)
+
+    state = LoopState()
+    if resume is not None:
+        state = LoopState.from_dict(resume["loop"], resume["epoch_states"])
+        load_optimizer_state(optimizer, resume["optimizer"], names)
+    replaying = state.step
+    stream = enumerate(_train_batches(nlp, train_corpus, T["batcher"], T["max_epochs"],
+                                      state.epoch_states, replay_epochs=len(state.epoch_states)))
+    for _ in range(replaying):  # the data order and schedules of the steps already taken
+        next(stream)
+        next(dropouts)
+    if resume is not None and resume.get("rng") is not None:
+        set_rng_state(resume["rng"])
+
+    def save_pipeline(is_best: bool) -> None:
+        with nlp.use_params(optimizer.averages):
+            _replace_dir(output_path / DIR_MODEL_LAST,
+                         lambda tmp: before_to_disk(nlp).to_disk(tmp))
+        if is_best:
+            _replace_dir(output_path / DIR_MODEL_BEST,
+                         lambda tmp: shutil.copytree(output_path / DIR_MODEL_LAST, tmp))
+
+    def write_checkpoint() -> Optional[Path]:
+        """Every rank: its generators and epoch starts gathered, the optimizer's state
+        (a collective when sharded); rank 0 writes the checkpoint."""
+        opt_msg = named_optimizer_state(optimizer, names)
+        mine = srsly.msgpack_dumps({"rng": rng_state(), "epoch_states": state.epoch_states})
+        ranks = group.all_gather_bytes(mine, "the gathering of a checkpoint")
+        path = None
+        if checkpoints.writer:
+            state.seconds = seconds()
+            path = checkpoints.write(state.step, {
+                "state.msgpack": srsly.msgpack_dumps({
+                    "format": STATE_FORMAT, "version": FORMAT_VERSION,
+                    "loop": state.to_dict(), "optimizer": opt_msg, "ranks": ranks,
+                    "params": param_shapes(nlp), "world_size": group.world_size}),
+                "pipeline.bin": nlp.to_bytes(exclude=["vocab"]),
+                "strings.json": srsly.json_dumps(list(nlp.vocab.strings)).encode("utf8"),
+                "config.cfg": (config_text or nlp.config.to_str()).encode("utf8")})
+        group.barrier("the end of a checkpoint")
+        return path
+
+    start_time = timer() - state.seconds
+
+    def seconds() -> float:
+        return timer() - start_time
+
+    if resume is None and output_path is not None:
+        from spacy.training.loop import clean_output_dir
+
+        clean_output_dir(output_path)
+    if resume is not None:
+        stdout.write(msg.info(f"Resuming at step {state.step} (epoch {state.epoch}) from "
+                              f"{resume['path']}") + "\n")
+    stdout.write(msg.info(f"Pipeline: {nlp.pipe_names}") + "\n")
+    if exclude:
+        stdout.write(msg.info(f"Frozen components: {exclude}") + "\n")
+    if annotating:
+        stdout.write(msg.info(f"Set annotations on update for: {annotating}") + "\n")
+    stdout.write(msg.info(f"Initial learn rate: {optimizer.learn_rate}") + "\n")
+    with nlp.select_pipes(disable=exclude):
+        log_step, finalize_logger = T["logger"](nlp, stdout, stderr)
+    try:
+        for step, (epoch, batch) in stream:
+            if before_update:
+                before_update(nlp, {"step": step, "epoch": epoch})
+            drop = next(dropouts)
+            for subbatch in _subdivide_batch(batch, T["accumulate_gradient"]):
+                nlp.update(subbatch, drop=drop, losses=state.losses, sgd=False,
+                           exclude=exclude, annotates=annotating)
+            for name, proc in nlp.pipeline:
+                if (name not in exclude and hasattr(proc, "is_trainable")
+                        and proc.is_trainable and proc.model not in (True, False, None)):
+                    proc.finish_update(optimizer)
+            optimizer.step_schedules()
+            if not (step % T["eval_frequency"]):
+                if optimizer.averages:
+                    with nlp.use_params(optimizer.averages):
+                        score, other_scores = evaluate()
+                else:
+                    score, other_scores = evaluate()
+                state.results.append((score, step))
+                is_best = score == max(state.results)[0]
+            else:
+                score, other_scores, is_best = None, None, None
+            state.words_seen += sum(len(eg) for eg in batch)
+            info = {"epoch": epoch, "step": step, "score": score,
+                    "other_scores": other_scores, "losses": state.losses,
+                    "checkpoints": state.results, "seconds": int(seconds()),
+                    "words": state.words_seen}
+            if is_best is not None:
+                with nlp.select_pipes(disable=exclude):
+                    update_meta(T, nlp, info)
+                if output_path is not None:
+                    save_pipeline(is_best)
+                    info["output_path"] = str(output_path / DIR_MODEL_LAST)
+            log_step(info if is_best is not None else None)
+            if is_best is not None:
+                state.losses = {}
+            state.step, state.epoch = step + 1, epoch
+            best_step = -max((s, -t) for s, t in state.results)[1]  # earliest of the best
+            if T["patience"] and (step - best_step) >= T["patience"]:
+                break
+            if T["max_steps"] and step >= T["max_steps"]:
+                break
+            stopping = _any_rank(group, stop())
+            if checkpoints is not None and (
+                    stopping or (checkpoint_every and state.step % checkpoint_every == 0)):
+                path = write_checkpoint()
+            if stopping:
+                raise Stopped(state.step, path if checkpoints is not None else None)
+    except Stopped:
+        raise
+    except Exception as e:
+        if output_path is not None:
+            stdout.write(msg.warn(f"Aborting and saving the final best model. "
+                                  f"Encountered exception: {repr(e)}") + "\n")
+        raise
+    finally:
+        finalize_logger()
+        if output_path is not None:
+            save_pipeline(False)
+    state.finished = True
+    if checkpoints is not None:
+        write_checkpoint()  # marks the run finished: a rerun with --resume does nothing
+    if output_path is not None:
+        stdout.write(msg.good("Saved pipeline to output directory",
+                              output_path / DIR_MODEL_LAST) + "\n")
+    return state
+
+
+def _any_rank(group: Any, flag: bool) -> bool:
+    """Whether any rank asked to stop (every rank gets the same answer)."""
+    if group.world_size == 1:
+        return bool(flag)
+    return group.all_min(0 if flag else 1, "the stop check") == 0
+
+
+def _train_batches(nlp: Any, corpus: Callable, batcher: Callable, max_epochs: int,
+                   epoch_states: List[Any], replay_epochs: int) -> Iterator[Tuple[int, Any]]:
+    """`spacy.training.loop.create_train_batches`, recording Python's `random` state at
+    each epoch's start (restored instead for the first `replay_epochs` epochs)."""
+    epoch = 0
+    if max_epochs >= 0:
+        examples = list(corpus(nlp))
+        if not examples:
+            from spacy.errors import Errors
+
+            raise ValueError(Errors.E986)
+    while max_epochs < 1 or epoch != max_epochs:
+        if epoch < replay_epochs:
+            random.setstate(_python_state(epoch_states[epoch]))
+        else:
+            version, mt, gauss = random.getstate()
+            epoch_states.append([version, list(mt), gauss])
+        if max_epochs >= 0:
+            random.shuffle(examples)
+        else:
+            examples = corpus(nlp)
+        for batch in batcher(examples):
+            yield epoch, batch
+        epoch += 1
+
+
+def _python_state(saved: Any) -> Tuple[Any, ...]:
+    version, mt, gauss = saved
+    return (version, tuple(mt), gauss)
+
+
+def _subdivide_batch(batch: Any, accumulate_gradient: int) -> Iterator[List[Any]]:
+    """`spacy.training.loop.subdivide_batch`."""
+    batch = list(batch)
+    batch.sort(key=lambda eg: len(eg.predicted))
+    sub_len = len(batch) // accumulate_gradient
+    start = 0
+    for _ in range(accumulate_gradient):
+        subbatch = batch[start: start + sub_len]
+        if subbatch:
+            yield subbatch
+        start += len(subbatch)
+    subbatch = batch[start:]
+    if subbatch:
+        yield subbatch
+
+
+def _replace_dir(final: Path, write: Callable[[Path], Any]) -> None:
+    """Write a directory beside `final`, then swap it in: at any instant either the old
+    or the new one is at `final`, or (between two renames) at `final.old`, which
+    `repair_dirs` puts back."""
+    tmp = final.with_name(final.name + ".tmp")
+    old = final.with_name(final.name + ".old")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write(tmp)
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def repair_dirs(output_path: Path) -> None:
+    """Undo what a kill between `_replace_dir`'s steps left: a lone `.old` goes back."""
+    for name in (DIR_MODEL_LAST, DIR_MODEL_BEST):
+        final, old = output_path / name, output_path / (name + ".old")
+        tmp = output_path / (name + ".tmp")
+        if old.exists() and not final.exists():
+            os.rename(old, final)
+        for leftover in (old, tmp):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+
+

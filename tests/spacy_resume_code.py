@@ -1,0 +1,154 @@
+"""A small spaCy pipeline for the resume tests (imported through --code): a generated
+corpus with tags and categories, and the config of a tok2vec + tagger + textcat pipeline
+with dropout, compounding batch sizes, several epochs and gradient accumulation."""
+import random
+
+import spacy
+from spacy.training import Example
+
+NOUN = "film book day meal place story cat dog house road".split()
+VERB = "was is seemed felt looked became stayed grew".split()
+POSITIVE = "good great fine lovely superb nice happy bright warm pleasant".split()
+NEGATIVE = "bad awful poor nasty dreadful grim sad dark cold unpleasant".split()
+DET = "the a this that".split()
+
+
+def sentences(n, seed):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words, tags, score = [], [], 0
+        for _ in range(rng.randint(1, 3)):
+            adj = rng.choice(POSITIVE + NEGATIVE)
+            score += 1 if adj in POSITIVE else -1
+            for word, tag in ((rng.choice(DET), "DET"), (rng.choice(NOUN), "NOUN"),
+                              (rng.choice(VERB), "VERB"), (adj, "ADJ")):
+                words.append(word)
+                tags.append(tag)
+        pos = score > 0 or (score == 0 and rng.random() < 0.5)
+        out.append((words, tags, {"POSITIVE": float(pos), "NEGATIVE": float(not pos)}))
+    return out
+
+
+DATA = {"train": sentences(160, 1), "dev": sentences(48, 2)}
+
+
+@spacy.registry.readers("optim_resume_test.corpus.v1")
+def corpus(split: str, poison_step: int = -1):
+    def read(nlp):
+        for words, tags, cats in DATA[split]:
+            doc = spacy.tokens.Doc(nlp.vocab, words=words)
+            yield Example.from_dict(doc, {"tags": tags, "cats": cats})
+
+    return read
+
+
+CONFIG = """
+[paths]
+train = null
+dev = null
+
+[system]
+seed = 7
+gpu_allocator = null
+
+[nlp]
+lang = "en"
+pipeline = ["tok2vec", "tagger", "textcat"]
+batch_size = 64
+
+[components]
+
+[components.tok2vec]
+factory = "tok2vec"
+
+[components.tok2vec.model]
+@architectures = "spacy.HashEmbedCNN.v2"
+pretrained_vectors = null
+width = 32
+depth = 1
+embed_size = 300
+window_size = 1
+maxout_pieces = 2
+subword_features = true
+
+[components.tagger]
+factory = "tagger"
+
+[components.tagger.model]
+@architectures = "spacy.Tagger.v2"
+nO = null
+
+[components.tagger.model.tok2vec]
+@architectures = "spacy.Tok2VecListener.v1"
+width = 32
+upstream = "*"
+
+[components.textcat]
+factory = "textcat"
+
+[components.textcat.model]
+@architectures = "spacy.TextCatReduce.v1"
+exclusive_classes = true
+use_reduce_first = false
+use_reduce_last = false
+use_reduce_max = true
+use_reduce_mean = true
+nO = null
+
+[components.textcat.model.tok2vec]
+@architectures = "spacy.Tok2VecListener.v1"
+width = 32
+upstream = "*"
+
+[corpora]
+
+[corpora.train]
+@readers = "optim_resume_test.corpus.v1"
+split = "train"
+
+[corpora.dev]
+@readers = "optim_resume_test.corpus.v1"
+split = "dev"
+
+[training]
+seed = ${system.seed}
+gpu_allocator = ${system.gpu_allocator}
+dropout = 0.2
+accumulate_gradient = 2
+patience = 0
+max_epochs = 4
+max_steps = 0
+eval_frequency = 7
+frozen_components = []
+annotating_components = []
+dev_corpus = "corpora.dev"
+train_corpus = "corpora.train"
+before_to_disk = null
+before_update = null
+
+[training.logger]
+@loggers = "spacy.ConsoleLogger.v1"
+progress_bar = false
+
+[training.batcher]
+@batchers = "spacy.batch_by_words.v1"
+discard_oversize = false
+tolerance = 0.2
+get_length = null
+
+[training.batcher.size]
+@schedules = "compounding.v1"
+start = 60
+stop = 400
+compound = 1.05
+
+[training.optimizer]
+@optimizers = "optim.Adam.v1"
+
+[training.score_weights]
+tag_acc = 0.5
+cats_macro_f = 0.5
+
+[initialize]
+"""
