@@ -179,8 +179,10 @@ def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any
     stdout.write(msg.info(f"Initial learn rate: {optimizer.learn_rate}") + "\n")
     with nlp.select_pipes(disable=exclude):
         log_step, finalize_logger = T["logger"](nlp, stdout, stderr)
+    in_step = True  # False at a step boundary that every rank reached
     try:
         for step, (epoch, batch) in stream:
+            in_step = True
             if before_update:
                 before_update(nlp, {"step": step, "epoch": epoch})
             drop = next(dropouts)
@@ -217,6 +219,7 @@ def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any
             if is_best is not None:
                 state.losses = {}
             state.step, state.epoch = step + 1, epoch
+            in_step = False
             best_step = -max((s, -t) for s, t in state.results)[1]  # earliest of the best
             if T["patience"] and (step - best_step) >= T["patience"]:
                 break
@@ -237,8 +240,11 @@ def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any
         raise
     finally:
         finalize_logger()
-        if output_path is not None:
-            save_pipeline(False)
+        sharded = group.world_size > 1 and getattr(optimizer, "sharded", False)
+        if not in_step and sharded:
+            optimizer.averages  # gathered by every rank (a collective when sharded)
+        if output_path is not None and not (in_step and sharded):
+            save_pipeline(False)  # after an error, sharded averages can't be gathered
     state.finished = True
     if checkpoints is not None:
         write_checkpoint()  # marks the run finished: a rerun with --resume does nothing

@@ -95,10 +95,32 @@ def _kill_after(command, min_step, extra_delay, timeout=240):
             break
         time.sleep(0.01)
     killed = proc.poll() is None
-    if killed:
-        os.killpg(proc.pid, signal.SIGKILL)
+    if killed:  # torchrun's workers run in sessions of their own: kill the whole tree
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     out, err = proc.communicate(timeout=60)
     return (None if killed else proc.returncode), out, err
+
+
+def _descendants(pid):
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def _files(directory):
@@ -308,7 +330,7 @@ def test_two_gloo_ranks_killed_and_resumed_match_the_uninterrupted_run(tmp_path,
     rng = random.Random(3 + sharded)
     kills = 0
     for _ in range(8):
-        min_step = max(_checkpoint_steps(tmp_path / "out") or [0]) + rng.randint(5, 20)
+        min_step = max(_checkpoint_steps(tmp_path / "out") or [0]) + rng.randint(3, 12)
         code, out, err = _kill_after(command, min_step, rng.uniform(0.0, 0.3))
         if code is None:
             kills += 1
