@@ -15,6 +15,7 @@ from typing import Any, Callable, List, Tuple
 import thinc.api
 
 from . import optimizer as _optimizer
+from .checkpoint import load_checkpoint, save_checkpoint
 from .optimizer import Optimizer
 
 # Attributes read or set by Thinc and spaCy (and ours), forwarded to the optim optimizer.
@@ -151,4 +152,5 @@ SGD = _as_thinc(_optimizer.SGD)
 Adam = _as_thinc(_optimizer.Adam)
 RAdam = _as_thinc(_optimizer.RAdam)
 
-__all__ = ["ThincOptimizer", "SGD", "Adam", "RAdam", "load", "finish_update"]
+__all__ = ["ThincOptimizer", "SGD", "Adam", "RAdam", "load", "finish_update",
+           "save_checkpoint", "load_checkpoint"]
