@@ -11,17 +11,16 @@ parameter names, random number generators, and whatever the loop adds.
   torch's (when torch is imported); the dropout draws and the data order.
 * `save_checkpoint(path, model, optimizer, **extra)` / `load_checkpoint(path, model, ...)`:
   one file, written atomically, for a custom Thinc loop.
-* `write_dir` / `verify_dir` / `read_dir`: a directory of files that appears whole or not
-  at all (written under a temporary name, fsynced, renamed; a manifest of sizes and
-  SHA-256 digests written last tells an intact one from a damaged one).
+* `write_bundle` / `read_bundle`, `Checkpoints`: named byte strings in one file that
+  appears whole or not at all (a temporary file, fsynced, renamed) and carries a SHA-256
+  digest of its body, so a damaged one (truncated, corrupt) is told from an intact one;
+  a directory of them, the newest two kept.
 
 Nothing here imports Thinc or spaCy: models are walked by duck typing.
 """
 import hashlib
-import json
 import os
 import random
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -33,7 +32,7 @@ from .serialize import StateError, decode_key, encode_key, read_file, write_atom
 
 FORMAT_NAME = "optim.checkpoint"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+BUNDLE_FORMAT = "optim.checkpoint-file"
 _NAME_TAG = "optim.param"
 
 
@@ -227,64 +226,41 @@ def check_version(version: Any, what: str) -> None:
                               f"{version}; this optim reads up to {FORMAT_VERSION}): upgrade optim")
 
 
-# ------------------------------------------------------------------ atomic directories
+# ------------------------------------------------------------------ checkpoint files
 
-def write_dir(final: Path, files: Dict[str, bytes]) -> None:
-    """Create directory `final` holding `files`, all or nothing: written under a
-    temporary name, each file fsynced, the manifest last, then renamed into place."""
-    final = Path(final)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+def write_bundle(path: Any, files: Dict[str, bytes]) -> None:
+    """Write named byte strings as one checkpoint file, atomically (temporary file,
+    fsync, rename), with a SHA-256 digest of its body for `read_bundle` to check."""
+    body = srsly.msgpack_dumps({name: bytes(data) for name, data in files.items()})
+    write_atomic(path, srsly.msgpack_dumps({
+        "format": BUNDLE_FORMAT, "version": FORMAT_VERSION, "size": len(body),
+        "sha256": hashlib.sha256(body).hexdigest(), "body": body}))
+
+
+def read_bundle(path: Any) -> Dict[str, bytes]:
+    """The files of a checkpoint written by `write_bundle`; CheckpointError naming what
+    is wrong if it is damaged (truncated, corrupt) or not one."""
     try:
-        manifest = {}
-        for name, data in files.items():
-            _write_synced(tmp / name, data)
-            manifest[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        _write_synced(tmp / MANIFEST, json.dumps({"files": manifest}, indent=1).encode())
-        _fsync_dir(tmp)
-        if final.exists():  # a same-named leftover of a run killed after the rename
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def verify_dir(path: Path) -> Optional[str]:
-    """None if `path` is an intact directory written by `write_dir`, else why not."""
-    path = Path(path)
-    try:
-        manifest = json.loads((path / MANIFEST).read_bytes())["files"]
+        data = read_file(path)
     except FileNotFoundError:
-        return "no manifest (the write did not finish)"
-    except (ValueError, KeyError, TypeError):
-        return "unreadable manifest"
-    for name, want in manifest.items():
-        try:
-            data = (path / name).read_bytes()
-        except FileNotFoundError:
-            return f"{name} is missing"
-        if len(data) != want["size"]:
-            return f"{name} has {len(data)} bytes, not {want['size']}"
-        if hashlib.sha256(data).hexdigest() != want["sha256"]:
-            return f"{name} is corrupt (checksum mismatch)"
-    return None
+        raise CheckpointError(f"{path}: no such file") from None
+    try:
+        outer = srsly.msgpack_loads(data)
+    except Exception:  # msgpack raises many types on damaged input
+        raise CheckpointError(f"{path}: unreadable ({len(data)} bytes; truncated?)") from None
+    if not isinstance(outer, dict) or outer.get("format") != BUNDLE_FORMAT:
+        raise CheckpointError(f"{path}: not an optim checkpoint file")
+    check_version(outer.get("version"), str(path))
+    body = outer.get("body")
+    if not isinstance(body, bytes) or len(body) != outer.get("size"):
+        raise CheckpointError(f"{path}: truncated")
+    if hashlib.sha256(body).hexdigest() != outer.get("sha256"):
+        raise CheckpointError(f"{path}: corrupt (checksum mismatch)")
+    return srsly.msgpack_loads(body)
 
 
-def read_dir(path: Path) -> Dict[str, bytes]:
-    """The files of an intact directory (CheckpointError if damaged)."""
-    problem = verify_dir(path)
-    if problem is not None:
-        raise CheckpointError(f"{path}: {problem}")
-    manifest = json.loads((Path(path) / MANIFEST).read_bytes())["files"]
-    return {name: (Path(path) / name).read_bytes() for name in manifest}
-
-
-class CheckpointDir:
-    """`root/step-<N>` directories written by `write_dir`, the newest `keep` kept.
+class Checkpoints:
+    """`root/step-<N>.ckpt` files written by `write_bundle`, the newest `keep` kept.
 
     On ranks other than 0 (`writer=False`) `write` writes nothing: every rank calls
     the same methods in the same order."""
@@ -295,12 +271,12 @@ class CheckpointDir:
         self.root, self.keep, self.writer = Path(root), keep, writer
 
     def steps(self) -> List[Tuple[int, Path]]:
-        """`(step, path)` of every checkpoint directory, intact or not, newest first."""
+        """`(step, path)` of every checkpoint file, intact or not, newest first."""
         found = []
         if self.root.is_dir():
-            for path in self.root.iterdir():
-                if path.name.startswith("step-") and path.name[5:].isdigit():
-                    found.append((int(path.name[5:]), path))
+            for path in self.root.glob("step-*.ckpt"):
+                if path.stem[5:].isdigit():
+                    found.append((int(path.stem[5:]), path))
         return sorted(found, reverse=True)
 
     def check_writable(self) -> None:
@@ -317,53 +293,35 @@ class CheckpointDir:
     def write(self, step: int, files: Dict[str, bytes]) -> Optional[Path]:
         if not self.writer:
             return None
-        path = self.root / f"step-{step:08d}"
-        write_dir(path, files)
+        path = self.root / f"step-{step:08d}.ckpt"
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_bundle(path, files)
         for _, older in self.steps()[self.keep:]:
-            shutil.rmtree(older, ignore_errors=True)
+            older.unlink(missing_ok=True)
         return path
 
     def newest(self, warn: Any = None) -> Optional[Tuple[Path, Dict[str, bytes]]]:
         """The newest intact checkpoint and its files; damaged newer ones are reported
         through `warn(text)` and skipped. None if there is none at all; CheckpointError
         if there are some and none is intact (nothing is deleted)."""
-        found = self.steps()
         problems = []
-        for _, path in found:
-            problem = verify_dir(path)
-            if problem is None:
-                for text in problems:
-                    if warn is not None:
-                        warn(f"skipping a damaged checkpoint: {text}; using {path.name}")
-                return path, read_dir(path)
-            problems.append(f"{path.name}: {problem}")
+        for _, path in self.steps():
+            try:
+                files = read_bundle(path)
+            except CheckpointError as err:
+                problems.append(str(err))
+                continue
+            for text in problems:
+                if warn is not None:
+                    warn(f"skipping a damaged checkpoint: {text}; using {path.name}")
+            return path, files
         if problems:
             raise CheckpointError(f"no intact checkpoint in {self.root}: "
                                   + "; ".join(problems))
         return None
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 __all__ = ["CheckpointError", "StateError", "param_names", "param_shapes",
            "named_optimizer_state", "load_optimizer_state", "rng_state", "set_rng_state",
-           "save_checkpoint", "load_checkpoint", "write_dir", "verify_dir", "read_dir",
-           "CheckpointDir"]
+           "save_checkpoint", "load_checkpoint", "write_bundle", "read_bundle",
+           "Checkpoints"]

@@ -90,7 +90,7 @@ def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any
           use_gpu: int = -1,
           stdout: IO = sys.stdout, stderr: IO = sys.stderr) -> LoopState:
     """`spacy.training.loop.train(nlp, output_path)` with checkpoints (`checkpoints`, an
-    `optim.checkpoint.CheckpointDir` on every rank, writing on rank 0; None for none)
+    `optim.checkpoint.Checkpoints` on every rank, writing on rank 0; None for none)
     and, with `resume` (from `load_resume`), a continuation of a checkpointed run."""
     from spacy.schemas import ConfigSchemaTraining
     from spacy.training.loop import create_before_to_disk_callback, create_evaluation_callback

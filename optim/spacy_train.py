@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 -m optim.spacy_train config.cfg --output DIR [...]
 
 The loop is spaCy's (`optim.spacy_loop`, the same numbers as `spacy train`). With
-`--checkpoint-every N` it writes `DIR/checkpoints/step-<N>` every N steps, on SIGTERM or
+`--checkpoint-every N` it writes `DIR/checkpoints/step-<N>.ckpt` every N steps, on SIGTERM or
 SIGINT (at the next step boundary, then it exits with 128 + the signal's number), and at
 the end; the last two are kept, each written atomically. `--resume` continues from the
 newest intact one (a plain start if there is none), and a run killed any number of times
@@ -145,7 +145,7 @@ def train(config_path: str, output: Optional[str], overrides: dict, *,
     from thinc.api import Config
 
     from . import spacy_loop
-    from .checkpoint import CheckpointDir, CheckpointError
+    from .checkpoint import Checkpoints, CheckpointError
     from .distributed import join
     from .distributed import thinc as _register_optimizers  # noqa: F401
     from .distributed.training import broadcast_pipeline, unsharded
@@ -162,7 +162,7 @@ def train(config_path: str, output: Optional[str], overrides: dict, *,
     output_path = Path(output) if output is not None else None
     checkpoints = found = None
     if checkpoint_every or resume:
-        checkpoints = CheckpointDir(output_path / "checkpoints", writer=group.rank == 0)
+        checkpoints = Checkpoints(output_path / "checkpoints", writer=group.rank == 0)
         if group.rank == 0:
             checkpoints.check_writable()
         found = checkpoints.newest(warn=say)
@@ -179,7 +179,7 @@ def train(config_path: str, output: Optional[str], overrides: dict, *,
             raise ConfigChanged(
                 "the config differs from the checkpoint's in settings that change the "
                 f"numbers: {'; '.join(differences)}. Resume with the checkpoint's config "
-                f"({found[0] / 'config.cfg'}), or pass --allow-config-change to continue "
+                f"({checkpoints.root / 'config.cfg'}), or pass --allow-config-change to continue "
                 "anyway (the run will then differ from an uninterrupted one)")
         for text in differences:
             say(f"continuing with a changed setting: {text}")
@@ -199,6 +199,10 @@ def train(config_path: str, output: Optional[str], overrides: dict, *,
     else:
         broadcast_pipeline(nlp, group)
     rank0_output = output_path if group.rank == 0 else None
+    if checkpoints is not None and rank0_output is not None and found is None:
+        from .serialize import write_atomic
+
+        write_atomic(checkpoints.root / "config.cfg", user_config.to_str().encode("utf8"))
     if rank0_output is not None:
         rank0_output.mkdir(parents=True, exist_ok=True)
         spacy_loop.repair_dirs(rank0_output)

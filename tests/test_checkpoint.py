@@ -16,75 +16,72 @@ import pytest
 
 import optim
 from optim import checkpoint
-from optim.checkpoint import CheckpointDir, CheckpointError
+from optim.checkpoint import CheckpointError, Checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# ------------------------------------------------------------------ directories
+# ------------------------------------------------------------------ checkpoint files
 
-def test_write_dir_is_intact_and_each_kind_of_damage_is_named(tmp_path):
+def test_a_bundle_reads_back_and_each_kind_of_damage_is_named(tmp_path):
     files = {"a.bin": os.urandom(1000), "b.json": b"{}"}
-    checkpoint.write_dir(tmp_path / "ck", files)
-    assert checkpoint.verify_dir(tmp_path / "ck") is None
-    assert checkpoint.read_dir(tmp_path / "ck") == files
+    checkpoint.write_bundle(tmp_path / "ck", files)
+    assert checkpoint.read_bundle(tmp_path / "ck") == files
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary left
+    data = (tmp_path / "ck").read_bytes()
+    position = data.index(files["a.bin"][:50])
     damaged = {
-        "truncated": lambda d: (d / "a.bin").write_bytes(files["a.bin"][:500]),
-        "flipped": lambda d: (d / "a.bin").write_bytes(b"x" + files["a.bin"][1:]),
-        "missing file": lambda d: (d / "b.json").unlink(),
-        "no manifest": lambda d: (d / "manifest.json").unlink(),
-        "bad manifest": lambda d: (d / "manifest.json").write_bytes(b"{not json"),
+        "truncated": (data[: len(data) // 2], "unreadable"),
+        "flipped": (data[:position] + bytes([data[position] ^ 1]) + data[position + 1:],
+                    "corrupt \\(checksum mismatch\\)"),
+        "empty": (b"", "unreadable \\(0 bytes; truncated\\?\\)"),
+        "foreign": (b"\x80", "not an optim checkpoint file"),
     }
-    expected = {"truncated": "a.bin has 500 bytes, not 1000", "flipped": "a.bin is corrupt",
-                "missing file": "b.json is missing", "no manifest": "no manifest",
-                "bad manifest": "unreadable manifest"}
-    for name, damage in damaged.items():
-        target = tmp_path / name.replace(" ", "-")
-        checkpoint.write_dir(target, files)
-        damage(target)
-        assert expected[name] in checkpoint.verify_dir(target)
-        with pytest.raises(CheckpointError, match="a.bin|b.json|manifest"):
-            checkpoint.read_dir(target)
+    for name, (content, message) in damaged.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=message):
+            checkpoint.read_bundle(tmp_path / name)
+    with pytest.raises(CheckpointError, match="no such file"):
+        checkpoint.read_bundle(tmp_path / "missing")
 
 
-def test_a_write_that_fails_midway_leaves_nothing_and_the_old_directory_intact(tmp_path):
-    checkpoint.write_dir(tmp_path / "ck", {"a": b"old"})
+def test_a_write_that_fails_midway_leaves_the_old_file_intact(tmp_path):
+    checkpoint.write_bundle(tmp_path / "ck", {"a": b"old"})
 
-    class Boom(bytes):
-        def __len__(self):
-            raise RuntimeError("disk full")
+    class Unwritable:
+        pass
 
-    with pytest.raises(RuntimeError):
-        checkpoint.write_dir(tmp_path / "new", {"a": b"1", "b": Boom(b"2")})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
-    assert checkpoint.read_dir(tmp_path / "ck") == {"a": b"old"}
+    with pytest.raises(TypeError):
+        checkpoint.write_bundle(tmp_path / "ck", {"a": Unwritable()})
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+    assert checkpoint.read_bundle(tmp_path / "ck") == {"a": b"old"}
 
 
-def test_checkpoint_dir_keeps_the_last_two_and_falls_back_past_damage(tmp_path):
-    store = CheckpointDir(tmp_path / "cks")
+def test_checkpoints_keeps_the_last_two_and_falls_back_past_damage(tmp_path):
+    store = Checkpoints(tmp_path / "cks")
     assert store.newest() is None
     for step in (5, 10, 15):
         store.write(step, {"step": str(step).encode()})
     assert [s for s, _ in store.steps()] == [15, 10]
-    (tmp_path / "cks" / "step-00000015" / "step").write_bytes(b"")
+    newest = tmp_path / "cks" / "step-00000015.ckpt"
+    newest.write_bytes(newest.read_bytes()[:-3])
     warnings = []
     path, files = store.newest(warn=warnings.append)
-    assert path.name == "step-00000010" and files == {"step": b"10"}
-    assert warnings == ["skipping a damaged checkpoint: step-00000015: step has 0 bytes, "
-                        "not 2; using step-00000010"]
-    (tmp_path / "cks" / "step-00000010" / "manifest.json").unlink()
+    assert path.name == "step-00000010.ckpt" and files == {"step": b"10"}
+    assert warnings == [f"skipping a damaged checkpoint: {newest}: unreadable "
+                        f"({newest.stat().st_size} bytes; truncated?); using step-00000010.ckpt"]
+    (tmp_path / "cks" / "step-00000010.ckpt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="no intact checkpoint in .*step-00000015.*"
-                                              "step-00000010: no manifest"):
+                                              "step-00000010.ckpt: unreadable"):
         store.newest()
     assert len(store.steps()) == 2  # nothing deleted
-    assert CheckpointDir(tmp_path / "x", writer=False).write(1, {"a": b""}) is None
+    assert Checkpoints(tmp_path / "x", writer=False).write(1, {"a": b""}) is None
     assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="keep"):
-        CheckpointDir(tmp_path, keep=0)
+        Checkpoints(tmp_path, keep=0)
     (tmp_path / "file").write_text("")
     with pytest.raises(CheckpointError, match="cannot write checkpoints to"):
-        CheckpointDir(tmp_path / "file" / "cks").check_writable()
+        Checkpoints(tmp_path / "file" / "cks").check_writable()
 
 
 # ------------------------------------------------------------------ random generators
