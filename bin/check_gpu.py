@@ -19,7 +19,7 @@ two are bitwise equal) and times an update on each side. Then:
 * `graph`: a clipped update captured in a CUDA graph and replayed gives the same bits
   (nothing in an update synchronises).
 
-    pip install "optim[cuda12x]"      # or cuda11x / cuda13x
+    pip install "thinc-optim[cuda12x]"      # or cuda11x / cuda13x
     python bin/check_gpu.py [--size 4194304] [--repeat 50]
 
 `--fake` runs the same checks with the CUDA source executed on the CPU by the tests'

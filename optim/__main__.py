@@ -14,7 +14,11 @@ COMMANDS = ("bench", "plot")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    check_package()  # another project's optim/__init__.py would make every command fail
+    try:
+        check_package()  # another project's optim/__init__.py makes every command fail
+    except ImportError as err:
+        print(f"python -m optim: {err}", file=sys.stderr)
+        return 1
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="python -m optim",

@@ -12,11 +12,11 @@ so on the GPU a whole model is updated in one launch per dtype and kernel.
 import functools
 from typing import Any, Callable, List, Tuple
 
-import thinc.api
-
 from .about import check_package as _check_package
 
 _check_package()  # an entry point may reach this module under another project's optim/
+
+import thinc.api  # noqa: E402
 
 from . import optimizer as _optimizer  # noqa: E402
 from .optimizer import Optimizer  # noqa: E402
