@@ -1,6 +1,7 @@
 """The distribution: its name and version, the install commands we print, and what happens
 when the unrelated PyPI project ``optim`` shares the package folder (optim/about.py)."""
 import importlib.metadata
+import os
 import re
 import shutil
 import subprocess
@@ -89,7 +90,7 @@ def _copy_package(tmp_path: Path) -> Path:
 
 
 def _run(site: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {"PYTHONPATH": str(site), "PATH": "", "OPTIM_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(site), "OPTIM_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *args], cwd=site, env=env, capture_output=True,
                           text=True, timeout=120)
 
