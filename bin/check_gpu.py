@@ -35,7 +35,10 @@ from typing import Any, Callable, Dict, List, Tuple
 import numpy
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+try:  # the installed optim (a wheel, or a checkout's editable install)
+    import optim  # noqa: F401
+except ImportError:  # a checkout built in place but not installed; never ahead of a wheel
+    sys.path.insert(0, str(ROOT))
 
 from optim import _kernels  # noqa: E402
 from optim import _kernels_cuda as kc  # noqa: E402
