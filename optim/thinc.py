@@ -12,14 +12,14 @@ so on the GPU a whole model is updated in one launch per dtype and kernel.
 import functools
 from typing import Any, Callable, List, Tuple
 
-from .about import check_package as _check_package
+import thinc.api
+
+from . import optimizer as _optimizer
+from .optimizer import Optimizer
+
+from .about import check_package as _check_package  # noqa: E402 (kept apart: merges)
 
 _check_package()  # an entry point may reach this module under another project's optim/
-
-import thinc.api  # noqa: E402
-
-from . import optimizer as _optimizer  # noqa: E402
-from .optimizer import Optimizer  # noqa: E402
 
 # Attributes read or set by Thinc and spaCy (and ours), forwarded to the optim optimizer.
 FORWARDED = ("learn_rate", "grad_clip", "b1", "b2", "beta1", "beta2", "eps", "L2",
