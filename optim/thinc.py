@@ -17,7 +17,7 @@ import thinc.api
 from . import optimizer as _optimizer
 from .optimizer import Optimizer
 
-from .about import check_package as _check_package  # noqa: E402 (kept apart: merges)
+from .about import check_package as _check_package
 
 _check_package()  # an entry point may reach this module under another project's optim/
 
