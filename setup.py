@@ -2,15 +2,16 @@
 """Build optim's Cython extensions, compiled with -O3 and never with FMA contraction.
 
 The update loops (optim/_loops.pxi) are built once per SIMD level, one module each:
-optim._loops_baseline (the platform's default target), and on x86-64 (gcc or clang) also
-optim._loops_avx2 and optim._loops_avx512, with the flags in ISA_FLAGS. optim picks the
-best level the CPU supports at import (docs/cpu.md). A level whose flags the compiler
-rejects is skipped, with a message. optim._kernels and optim._roofline get their thread
-pool (optim/_pool.h) where POSIX threads and C11 atomics build; elsewhere they build
-single-threaded, with a message.
+optim._loops_baseline (the platform's default target), and for x86-64 targets with a
+GCC-style compiler (gcc, clang, Apple clang) also optim._loops_avx2 and
+optim._loops_avx512, with the flags in ISA_FLAGS. optim picks the best level the CPU
+supports at import (docs/cpu.md). A level whose flags the compiler rejects is skipped,
+with a message. optim._kernels and optim._roofline get their thread pool (optim/_pool.h)
+where POSIX threads and C11 atomics build; elsewhere (MSVC) they build single-threaded,
+with a message. The target is the wheel's platform (sysconfig.get_platform(), ARCHFLAGS
+on macOS), not the build machine's, so cross-compiled macOS wheels get the right levels.
 """
 import os
-import platform
 import sys
 import sysconfig
 import tempfile
@@ -51,21 +52,27 @@ POOL_PROBE = ("#include <pthread.h>\n#include <stdatomic.h>\n"
               "  return pthread_create(&t, 0, run, 0) || pthread_join(t, 0); }\n")
 POOL_MODULES = ("optim._kernels", "optim._roofline")
 
+# Optimisation flags: every level, every module. MSVC's /fp:precise never contracts a
+# multiply and an add (VS 2022), and the x64 baseline (SSE2) has no FMA to contract to.
+GCC_STYLE_ARGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+MSVC_ARGS = ["/O2", "/fp:precise"]
+# gcc only (clang rejects it): allow the alias checks a 6-array loop needs to vectorise.
+GCC_ONLY_ARGS = ["--param=vect-max-version-for-alias-checks=64"]
+GCC_PROBE = "#if !defined(__GNUC__) || defined(__clang__)\n#error not gcc\n#endif\nint x;\n"
 
-def compile_args() -> list:
-    if sys.platform == "win32":
-        return ["/O2", "/fp:precise"]
-    args = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
-    compiler = sysconfig.get_config_var("CC") or ""
-    if "clang" not in compiler:  # gcc: allow the alias checks a 6-array loop needs
-        args.append("--param=vect-max-version-for-alias-checks=64")
-    return args
+
+def target_is_x86_64() -> bool:
+    """Whether the extensions are built for x86-64 (the SIMD levels are x86-64 code)."""
+    archflags = os.environ.get("ARCHFLAGS", "").split()
+    archs = {archflags[i + 1] for i, flag in enumerate(archflags[:-1]) if flag == "-arch"}
+    if sys.platform == "darwin" and archs:  # cibuildwheel cross-compiles with ARCHFLAGS
+        return archs == {"x86_64"}
+    return sysconfig.get_platform().rsplit("-", 1)[-1].lower() in ("x86_64", "amd64")
 
 
 def simd_levels() -> list:
-    """The levels above baseline worth trying here: x86-64 with gcc-style flags."""
-    machine = platform.machine().lower()
-    return list(ISA_FLAGS) if machine in ("x86_64", "amd64") and sys.platform != "win32" else []
+    """The levels above baseline worth trying: x86-64 targets (BuildExt drops MSVC's)."""
+    return list(ISA_FLAGS) if target_is_x86_64() else []
 
 
 def extensions() -> list:
@@ -79,7 +86,6 @@ def extensions() -> list:
             "optim." + name,
             [f"optim/{name}.pyx"],
             include_dirs=[numpy.get_include()],
-            extra_compile_args=compile_args(),
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         )
         for name in names
@@ -87,7 +93,8 @@ def extensions() -> list:
 
 
 class BuildExt(build_ext):
-    """Probe the compiler: drop the SIMD levels it cannot build; threads if it can."""
+    """Pick the flags for this compiler; drop the SIMD levels it cannot build; threads
+    if it can."""
 
     def probe(self, source: str, flags: list, link: bool = False) -> bool:
         with tempfile.TemporaryDirectory() as tmp:
@@ -104,13 +111,23 @@ class BuildExt(build_ext):
         return True
 
     def build_extensions(self) -> None:
-        pool = sys.platform != "win32" and self.probe(POOL_PROBE, POOL_FLAGS, link=True)
+        msvc = self.compiler.compiler_type == "msvc"
+        if msvc:
+            args = MSVC_ARGS
+        else:
+            args = GCC_STYLE_ARGS + (GCC_ONLY_ARGS if self.probe(GCC_PROBE, []) else [])
+        pool = not msvc and sys.platform != "win32" and self.probe(POOL_PROBE, POOL_FLAGS,
+                                                                    link=True)
         if not pool:
             print("optim: no POSIX threads with C11 atomics; building single-threaded")
         kept = []
         for ext in self.extensions:
+            ext.extra_compile_args = args + ext.extra_compile_args
             level = ext.name.partition("._loops_")[2]
             if level in ISA_FLAGS:
+                if msvc:  # optim detects AVX2/AVX-512 with GCC/clang builtins only
+                    print(f"optim: MSVC; skipping the {level} SIMD level (baseline only)")
+                    continue
                 if not self.probe(ISA_PROBE[level], ISA_FLAGS[level]):
                     print(f"optim: the compiler lacks {' '.join(ISA_FLAGS[level])}; "
                           f"skipping the {level} SIMD level")

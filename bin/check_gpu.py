@@ -19,7 +19,7 @@ two are bitwise equal) and times an update on each side. Then:
 * `graph`: a clipped update captured in a CUDA graph and replayed gives the same bits
   (nothing in an update synchronises).
 
-    pip install "optim[cuda12x]"      # or cuda11x / cuda13x
+    pip install "thinc-optim[cuda12x]"      # or cuda11x / cuda13x
     python bin/check_gpu.py [--size 4194304] [--repeat 50]
 
 `--fake` runs the same checks with the CUDA source executed on the CPU by the tests'
@@ -35,7 +35,10 @@ from typing import Any, Callable, Dict, List, Tuple
 import numpy
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+try:  # the installed optim (a wheel, or a checkout's editable install)
+    import optim  # noqa: F401
+except ImportError:  # a checkout built in place but not installed; never ahead of a wheel
+    sys.path.insert(0, str(ROOT))
 
 from optim import _kernels  # noqa: E402
 from optim import _kernels_cuda as kc  # noqa: E402

@@ -9,7 +9,7 @@ accuracy with the plain and with the averaged parameters (`model.use_params(opt.
 
     python examples/digits.py [--epochs 10] [--batch-size 32] [--width 64] [--repeats 3]
 
-Needs thinc and scikit-learn (`pip install optim[test]`); no download.
+Needs thinc and scikit-learn (`pip install "thinc-optim[test]"`); no download.
 """
 import argparse
 import time

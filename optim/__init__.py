@@ -1,4 +1,17 @@
-"""optim: fused Cython optimizers (SGD, Adam, RAdam) for Thinc and spaCy pipelines."""
+"""optim: fused Cython optimizers (SGD, Adam, RAdam) for Thinc and spaCy pipelines.
+
+Published on the package index as ``thinc-optim`` (optim.about explains why).
+"""
+import os as _os
+import warnings as _warnings
+
+from . import about as _about
+from .about import __title__, __version__
+
+_foreign = _about.foreign_files(_os.path.dirname(_os.path.abspath(__file__)))
+if _foreign:  # the unrelated PyPI 'optim' wrote into this folder too
+    _warnings.warn(_foreign, RuntimeWarning, stacklevel=2)
+
 from .cpu import get_num_threads, set_num_threads, show_config
 from .optimizer import ADAM_DEFAULTS, RADAM_DEFAULTS, SGD_DEFAULTS, SGD, Adam, Optimizer, RAdam
 from .registry import Config, registry
@@ -14,8 +27,6 @@ from .schedules import (
     slanted_triangular,
     warmup_linear,
 )
-
-__version__ = "0.2.0"
 
 
 @registry.optimizers("load.v1")

@@ -30,8 +30,8 @@ import numpy
 from . import _device, _kernels
 
 CUPY_HINT = (
-    'optim\'s GPU path needs CuPy: pip install "optim[cuda12x]" '
-    "(or optim[cuda11x] / optim[cuda13x], matching your CUDA version)"
+    'optim\'s GPU path needs CuPy: pip install "thinc-optim[cuda12x]" '
+    "(or thinc-optim[cuda11x] / thinc-optim[cuda13x], matching your CUDA version)"
 )
 
 # nvcc/NVRTC fuse a*b+c into FMAs by default; the CPU kernels are built with

@@ -18,6 +18,10 @@ from . import optimizer as _optimizer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .optimizer import Optimizer
 
+from .about import check_package as _check_package
+
+_check_package()  # an entry point may reach this module under another project's optim/
+
 # Attributes read or set by Thinc and spaCy (and ours), forwarded to the optim optimizer.
 FORWARDED = ("learn_rate", "grad_clip", "b1", "b2", "beta1", "beta2", "eps", "L2",
              "weight_decay", "lookahead_alpha", "lookahead_k", "use_radam", "use_averages",

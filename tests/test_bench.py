@@ -10,9 +10,13 @@ import numpy
 import pytest
 
 from optim import bench
+from optim.bench import plot as plot_bench
 from optim._roofline import Plan
 
 ROOT = Path(__file__).resolve().parent.parent
+# Subprocesses run from here, not ROOT: in an unpacked sdist ROOT holds optim's uncompiled
+# sources, which `python -m` would import instead of the installed package.
+HERE = Path(__file__).resolve().parent
 # Tiny and fast: 3 samples of ~50 us blocks per implementation and configuration.
 QUICK = ["--quick", "--no-progress", "--sizes", "100,1000", "--tensor-size", "10"]
 RESULT_KEYS = {
@@ -84,7 +88,7 @@ def test_bench_subprocess_json(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "optim", "bench", *QUICK, "--json", str(out),
          "--compare", "numpy"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+        cwd=HERE, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "roofline" in proc.stdout and "ratio" in proc.stdout
     assert "bytes/param" in proc.stdout  # the bytes model is stated
@@ -193,11 +197,11 @@ def test_gpu_without_cupy_is_a_clear_error(capsys, monkeypatch):
 
 
 def test_module_without_command_prints_help():
-    proc = subprocess.run([sys.executable, "-m", "optim"], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "optim"], cwd=HERE, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0
-    assert "bench" in proc.stdout and "usage:" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "optim", "nope"], cwd=ROOT,
+    assert "bench" in proc.stdout and "plot" in proc.stdout and "usage:" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "optim", "nope"], cwd=HERE,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
 
@@ -255,18 +259,11 @@ def test_roofline_rejects_bad_arrays(tensors, kwargs, error):
         Plan(tensors, **kwargs)
 
 
-# --------------------------------------------------------------------------- plot script
+# --------------------------------------------------------------------------- plot command
 
 
-def _plot_module():
-    spec = importlib.util.spec_from_file_location("plot_bench", ROOT / "bin" / "plot_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_plot_script(tmp_path):
-    plot_bench = _plot_module()
+def test_plot_command(tmp_path):
+    """python -m optim plot (optim/bench/plot.py, in the wheel) and bin/plot_bench.py."""
     cfg = bench.Config(optimizers=["adam"], sizes=[100, 1000], layouts=["one"], repeats=2,
                        compare=["numpy"], quick=True, progress=False, overhead=True,
                        min_block_s=1e-5)
@@ -278,14 +275,28 @@ def test_plot_script(tmp_path):
     panel = groups[("Adam", "float32", "one")]
     assert sorted(panel["impls"]) == ["numpy", "optim"]
     assert sorted(panel["roofline"]) == [100, 1000]  # overhead rows are not plotted
-    png = tmp_path / "bench.png"
-    proc = subprocess.run([sys.executable, str(ROOT / "bin" / "plot_bench.py"), str(path),
-                           "-o", str(png)], capture_output=True, text=True, timeout=120)
-    if importlib.util.find_spec("matplotlib") is None:
-        assert proc.returncode != 0 and "needs matplotlib" in proc.stderr
-    else:
-        assert proc.returncode == 0, proc.stderr
-        assert png.stat().st_size > 0
+    have_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    for command in ([sys.executable, "-m", "optim", "plot"],
+                    [sys.executable, str(ROOT / "bin" / "plot_bench.py")]):
+        png = tmp_path / f"bench{len(command)}.png"
+        proc = subprocess.run(command + [str(path), "-o", str(png)], cwd=HERE,
+                              capture_output=True, text=True, timeout=120)
+        if have_matplotlib:
+            assert proc.returncode == 0, proc.stderr
+            assert png.stat().st_size > 0
+        else:
+            assert proc.returncode != 0 and "needs matplotlib" in proc.stderr
+            assert "thinc-optim[plot]" in proc.stderr
+
+
+def test_plot_command_rejects_other_files(tmp_path):
+    path = tmp_path / "other.json"
+    path.write_text('{"not": "a bench run"}')
+    with pytest.raises(ValueError, match="is not a `python -m optim bench --json` file"):
+        plot_bench.load(str(path))
+    proc = subprocess.run([sys.executable, "-m", "optim", "plot", str(path)], cwd=HERE,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "is not a `python -m optim bench --json` file" in proc.stderr
 
 
 # ---------------------------------------------------------------- --device gpu, without a GPU

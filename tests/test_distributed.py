@@ -14,8 +14,8 @@ compare what they write:
 In-process tests (world size 1, no torch needed) cover the deferred contract, the flat
 bucket kernels against NumPy, and the registry entry points.
 """
-import configparser
 import importlib
+import importlib.metadata
 import json
 import os
 import socket
@@ -32,10 +32,12 @@ import optim
 import optim.distributed as dist_opt
 from optim import _flat
 
-torch = pytest.importorskip("torch")  # the optim[distributed] extra; CI installs it
+torch = pytest.importorskip("torch")  # the thinc-optim[distributed] extra; CI installs it
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+# The folder holding the optim this process imported (not the checkout: in an unpacked
+# sdist that holds the uncompiled sources).
+OPTIM_PATH = os.path.dirname(os.path.dirname(os.path.abspath(optim.__file__)))
 WORKER = HERE / "distributed_worker.py"
 
 
@@ -54,7 +56,7 @@ def _loopback_interface():
 
 def _env(**extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BLIS_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([OPTIM_PATH, os.environ.get("PYTHONPATH", "")])}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     env.update(extra)
@@ -642,10 +644,9 @@ def test_owners_balance_by_size_independent_of_call_order():
 # ---------------------------------------------------------------- registries
 
 def _entry_points(group):
-    parser = configparser.ConfigParser()
-    parser.read(ROOT / "setup.cfg")
-    lines = parser["options.entry_points"][group].strip().splitlines()
-    return dict(tuple(part.strip() for part in line.split("=")) for line in lines)
+    """The entry points of `group` that the installed distribution declares."""
+    dist = importlib.metadata.distribution(optim.__title__)
+    return {ep.name: ep.value for ep in dist.entry_points if ep.group == group}
 
 
 def _resolve(target):

@@ -220,7 +220,7 @@ def test_without_cupy_the_gpu_path_names_the_extra(monkeypatch):
         opt = optim.Adam(0.01)
         w = numpy.ones(3, numpy.float32)
         opt("k", w, numpy.ones(3, numpy.float32))  # host updates never need CuPy
-        with pytest.raises(ImportError, match=r'pip install "optim\[cuda12x\]"'):
+        with pytest.raises(ImportError, match=r'pip install "thinc-optim\[cuda12x\]"'):
             opt.to_gpu()
     finally:
         backends.set_gpu_backend(previous)

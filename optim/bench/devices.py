@@ -112,7 +112,8 @@ def get_device(name: str) -> Device:
         import cupy
     except ImportError as err:
         raise UsageError(f"--device gpu needs CuPy, which is not importable ({err}); "
-                         "install optim's cuda extra, e.g. pip install optim[cuda12x]")
+                         "install optim's cuda extra, e.g. pip install "
+                         "'thinc-optim[cuda12x]'")
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as err:  # CUDARuntimeError without a driver

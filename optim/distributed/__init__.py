@@ -1,4 +1,4 @@
-"""Data-parallel training on torch.distributed (the `optim[distributed]` extra).
+"""Data-parallel training on torch.distributed (the `thinc-optim[distributed]` extra).
 
     import optim.distributed
     opt = optim.distributed.Adam(0.001)          # joins the group torchrun describes

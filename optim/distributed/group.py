@@ -237,7 +237,7 @@ def join(timeout: Optional[float] = None, backend: Optional[str] = None) -> Grou
     except ImportError as err:
         raise ImportError(
             f"optim.distributed: WORLD_SIZE is {world_size}, and a group of processes needs "
-            "torch: pip install 'optim[distributed]'"
+            "torch: pip install 'thinc-optim[distributed]'"
         ) from err
     if backend is None:
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
