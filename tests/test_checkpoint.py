@@ -18,7 +18,7 @@ import optim
 from optim import checkpoint
 from optim.checkpoint import CheckpointError, Checkpoints
 
-ROOT = Path(__file__).resolve().parent.parent
+OPTIM_PATH = os.path.dirname(os.path.dirname(os.path.abspath(optim.__file__)))
 
 
 # ------------------------------------------------------------------ checkpoint files
@@ -150,7 +150,7 @@ THINC_LOOP = textwrap.dedent("""
 def _thinc_loop(tmp_path, mode, path, total, save_at):
     script = tmp_path / "loop.py"
     script.write_text(THINC_LOOP)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([OPTIM_PATH, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, str(script), mode, str(path), str(total), str(save_at)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
