@@ -52,6 +52,7 @@ def _config_text(distributed=False, sharded=False):
 
 def _env():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BLIS_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1",  # a killed run's output up to the kill
            "PYTHONPATH": os.pathsep.join([OPTIM_PATH, os.environ.get("PYTHONPATH", "")])}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
