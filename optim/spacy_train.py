@@ -31,10 +31,14 @@ from typing import Any, Dict, List, Optional
 # run stops or what it prints, not its numbers.
 MAY_CHANGE = ("training.logger", "training.max_steps", "training.patience",
               "system.gpu_allocator", "training.gpu_allocator")
-CONFIG_CHANGED = 2
+BAD_INPUT = 2
 
 
-class ConfigChanged(Exception):
+class LaunchError(Exception):
+    """Bad input found before training starts: a clear message, exit status 2."""
+
+
+class ConfigChanged(LaunchError):
     """The config differs from the checkpoint's in settings that change the numbers."""
 
 
@@ -158,7 +162,12 @@ def train(config_path: str, output: Optional[str], overrides: dict, *,
 
         gpu_id = int(os.environ.get("LOCAL_RANK", "0"))
         spacy.require_gpu(gpu_id)
-    user_config = util.load_config(config_path, overrides=overrides, interpolate=False)
+    from spacy.cli._util import show_validation_error
+
+    if config_path != "-" and not Path(config_path).is_file():
+        raise LaunchError(f"no config file at {config_path}")
+    with show_validation_error(config_path):  # a bad config: spaCy's message, exit 1
+        user_config = util.load_config(config_path, overrides=overrides, interpolate=False)
     output_path = Path(output) if output is not None else None
     checkpoints = found = None
     if checkpoint_every or resume:
@@ -184,7 +193,7 @@ def train(config_path: str, output: Optional[str], overrides: dict, *,
         for text in differences:
             say(f"continuing with a changed setting: {text}")
     config = prepare_config(user_config.copy(), group.rank, group.world_size)
-    with unsharded():
+    with unsharded(), show_validation_error(config_path):
         nlp = init_nlp(config, use_gpu=gpu_id)
     state = None
     if found is not None:
@@ -265,9 +274,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"optim.spacy_train: stopped by {signal.Signals(stop.signum).name} after "
                   f"step {err.step}: {where}", file=sys.stderr)
         return 128 + int(stop.signum)
-    except (ConfigChanged, CheckpointError) as err:
+    except (LaunchError, CheckpointError) as err:
         print(f"optim.spacy_train: {err}", file=sys.stderr)
-        return CONFIG_CHANGED
+        return BAD_INPUT
     except DistributedError as err:
         print(f"optim.spacy_train: rank {rank}: {err}", file=sys.stderr)
         return 1

@@ -306,6 +306,8 @@ def test_fresh_start_over_checkpoints_and_unwritable_dir_refuse_before_training(
     code, out, err = _run([sys.executable, "-m", "optim.spacy_train",
                            str(reference["config"]), "--resume"])
     assert code == 2 and "need --output" in err
+    code, out, err = _run(_command(tmp_path / "missing.cfg", tmp_path / "x"))
+    assert code == 2 and "no config file at" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("sharded", [False, True])
