@@ -20,6 +20,10 @@ thinc_api = pytest.importorskip("thinc.api")
 import optim  # noqa: E402
 import optim.thinc  # noqa: E402  (what the thinc_optimizers entry points return)
 
+import thinc  # noqa: E402
+
+THINC_9 = int(thinc.__version__.split(".")[0]) >= 9  # what is installed, read independently
+
 from thinc.api import (  # noqa: E402
     Config,
     Model,
@@ -73,15 +77,23 @@ _ENTRY_POINT_PROBE = textwrap.dedent(
     before = sorted(m for m in sys.modules if m == "optim" or m.startswith("optim."))
     resolved = registry.resolve(Config().from_str(CONFIG))
     out = {"before": before}
+    thinc_9 = hasattr(thinc.api, "Schedule")
+
+    def rate(opt):  # Thinc 9 reads the learn rate as a schedule, 8.3 as a float
+        return float(opt.learn_rate(step=opt.step) if thinc_9 else opt.learn_rate)
+
     for name, opt in resolved.items():
-        rates = [float(opt.learn_rate)]
+        rates = [rate(opt)]
+        if thinc_9:
+            assert float(opt.learn_rate(step=0)) == rates[0]
         for _ in range(3):
             opt.step_schedules()
-            rates.append(float(opt.learn_rate))
+            rates.append(rate(opt))
         out[name] = {
             "module": type(opt).__module__,
             "is_thinc_optimizer": isinstance(opt, thinc.api.Optimizer),
             "rates": rates,
+            "rate_at_0": float(opt.learn_rate(step=0)) if thinc_9 else None,
         }
     out["registered_optimizers"] = sorted(
         n for n in registry.optimizers.get_all() if n.startswith("optim.")
@@ -117,12 +129,23 @@ def test_entry_points_resolve_without_importing_optim(tmp_path):
     assert out["radam"]["rates"] == [0.003] * 4
     # decaying: base_rate / (1 + decay * t), t = 0, 1, 2, 3
     assert out["scheduled"]["rates"] == pytest.approx([0.01, 0.01 / 1.5, 0.01 / 2, 0.01 / 2.5])
-    # thinc's own warmup_linear generator drives an optim optimizer just the same
-    assert out["thinc_schedule"]["rates"][0] == pytest.approx(0.0)
-    assert out["thinc_schedule"]["rates"][1] == pytest.approx(0.005)
+    # thinc's own warmup_linear (8.3: a generator, 9: a Schedule) drives an optim
+    # optimizer just the same: 0, 0.005, 0.01, then down by 0.01/8 per step
+    assert out["thinc_schedule"]["rates"] == pytest.approx([0.0, 0.005, 0.01, 0.00875])
+    if THINC_9:  # Thinc 9 code reads the rate at any step through the registry's optimizer
+        assert out["thinc_schedule"]["rate_at_0"] == 0.0
+        assert out["scheduled"]["rate_at_0"] == 0.01
+        assert out["adam"]["rate_at_0"] == 0.002
     for name in ("optim.SGD.v1", "optim.Adam.v1", "optim.RAdam.v1"):
         assert name in out["registered_optimizers"]
     assert "optim.decaying.v1" in out["registered_schedules"]
+
+
+def _rate(opt):
+    """The current learn rate: a float on Thinc 8.3, read as a schedule on Thinc 9."""
+    if THINC_9 and isinstance(opt, thinc_api.Optimizer):
+        return opt.learn_rate(step=opt.step)
+    return opt.learn_rate
 
 
 def test_entry_point_names_in_installed_metadata():
@@ -162,6 +185,10 @@ def _params(model):
     }
 
 
+def test_wrapper_detects_the_installed_thinc():
+    assert optim.thinc.THINC_9 is THINC_9
+
+
 @pytest.mark.parametrize("make", [optim.thinc.Adam, optim.thinc.SGD, optim.thinc.RAdam])
 def test_entry_point_optimizers_are_thinc_optimizers(make):
     # spaCy's ConfigSchemaTraining types [training.optimizer] as thinc.api.Optimizer and
@@ -169,9 +196,10 @@ def test_entry_point_optimizers_are_thinc_optimizers(make):
     opt = make(0.01)
     assert isinstance(opt, thinc_api.Optimizer)
     assert isinstance(opt.optimizer, optim.Optimizer)
-    assert opt.learn_rate == opt.optimizer.learn_rate == 0.01
+    assert _rate(opt) == opt.optimizer.learn_rate == 0.01
     opt.learn_rate = 0.02  # spaCy and users set hyperparameters on the wrapper
     assert opt.optimizer.learn_rate == 0.02
+    assert isinstance(opt.learn_rate, float) != THINC_9
 
 
 # Plain optim optimizers (what Thinc code builds directly) and the thinc.api.Optimizer
@@ -248,13 +276,13 @@ def test_call_returns_weights_and_gradient_like_thinc(make):
 @pytest.mark.parametrize("make", [optim.Adam, optim.thinc.Adam])
 def test_step_schedules_learn_rate_and_last_score(make):
     opt = make(learn_rate=[0.1, 0.05, 0.025])
-    assert opt.learn_rate == pytest.approx(0.1)
+    assert _rate(opt) == pytest.approx(0.1)
     opt.step_schedules()
-    assert opt.learn_rate == pytest.approx(0.05)
+    assert _rate(opt) == pytest.approx(0.05)
     opt.step_schedules()
-    assert opt.learn_rate == pytest.approx(0.025)
+    assert _rate(opt) == pytest.approx(0.025)
     opt.step_schedules()  # exhausted: keeps the last value, like Thinc
-    assert opt.learn_rate == pytest.approx(0.025)
+    assert _rate(opt) == pytest.approx(0.025)
 
     # A thinc schedule generator, as spaCy passes from [training.optimizer.learn_rate]
     sched = registry.resolve(
@@ -268,10 +296,10 @@ def test_step_schedules_learn_rate_and_last_score(make):
         )
     )["lr"]
     opt = make(learn_rate=sched)
-    rates = [opt.learn_rate]
+    rates = [_rate(opt)]
     for _ in range(3):
         opt.step_schedules()
-        rates.append(opt.learn_rate)
+        rates.append(_rate(opt))
     assert rates == pytest.approx([0.02, 0.01, 0.02 / 3, 0.005])
 
     # spaCy/Thinc 9 style: the loop assigns the score; the optimizer pairs it with its step
