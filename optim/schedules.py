@@ -292,7 +292,7 @@ def _as_schedule(value: Any) -> Schedule:
 
 def is_step_schedule(value: Any) -> bool:
     """A Thinc 9 style schedule: callable as `value(step, **extra)`, not an iterator."""
-    return (callable(value) and not isinstance(value, Schedule)
+    return (callable(value) and not isinstance(value, (Schedule, type))
             and not hasattr(type(value), "__next__") and not hasattr(type(value), "__iter__"))
 
 
