@@ -749,7 +749,8 @@ class Optimizer:
         return optimizer_from_bytes(read_file(path))
 
     def __repr__(self) -> str:
-        return (f"<optim.Optimizer {self._hyper.kind} learn_rate={self.learn_rate:g} "
+        rate = "per-key" if "learn_rate" in self._keyed else f"{self._hyper.learn_rate:g}"
+        return (f"<optim.Optimizer {self._hyper.kind} learn_rate={rate} "
                 f"keys={len(self._shapes)} step={self._step}>")
 
 

@@ -139,6 +139,18 @@ def test_reading_a_schedule_back_is_the_same_object():
     assert opt.b1(0) == 0.9 and opt.optimizer.schedules == {"learn_rate": sched}
 
 
+def test_thinc_9_schedules_in_the_schedules_argument_are_read_at_the_step():
+    opt = optim.Adam(0.01, schedules={"L2": thinc_api.decaying(0.1, 1.0),
+                                      "beta1": thinc_api.constant(0.5)})
+    assert (opt.L2, opt.beta1) == (0.1, 0.5)
+    opt.step_schedules()
+    assert opt.L2 == 0.05 and opt.hyperparameter("L2", 3) == 0.025
+    keyed = thinc_api.Schedule("mine", lambda s, step, *, key=None, **kw: 0.1 if key else 0.2)
+    opt = optim.Adam(keyed)
+    assert "per-key" in repr(opt) and opt.learn_rate == 0.2
+    assert opt.hyperparameter("learn_rate", key=(1, "W")) == 0.1
+
+
 def test_bad_values_are_value_errors():
     opt = optim.thinc.Adam()
     with pytest.raises(ValueError, match="learn_rate"):
