@@ -21,8 +21,12 @@ import thinc.api
 
 from . import optimizer as _optimizer
 from .optimizer import Optimizer
-from .schedules import is_step_schedule
 
+# Attributes read or set by Thinc and spaCy (and ours), forwarded to the optim optimizer.
+FORWARDED = ("learn_rate", "grad_clip", "b1", "b2", "beta1", "beta2", "eps", "L2",
+             "weight_decay", "lookahead_alpha", "lookahead_k", "use_radam", "use_averages",
+             "L2_is_weight_decay", "mom1", "mom2", "averages", "lookahead", "nr_update",
+             "schedules", "last_score", "step", "ops")
 # Thinc 9's schedule class; None under Thinc 8.3, whose schedules are generators.
 THINC_SCHEDULE = getattr(thinc.api, "Schedule", None)
 THINC_9 = THINC_SCHEDULE is not None
@@ -30,12 +34,6 @@ THINC_9 = THINC_SCHEDULE is not None
 SCHEDULED = {"learn_rate": "learn_rate", "grad_clip": "grad_clip", "b1": "beta1",
              "b2": "beta2", "beta1": "beta1", "beta2": "beta2", "eps": "eps", "L2": "L2",
              "weight_decay": "weight_decay", "lookahead_alpha": "lookahead_alpha"}
-
-# Attributes read or set by Thinc and spaCy (and ours), forwarded to the optim optimizer.
-FORWARDED = ("learn_rate", "grad_clip", "b1", "b2", "beta1", "beta2", "eps", "L2",
-             "weight_decay", "lookahead_alpha", "lookahead_k", "use_radam", "use_averages",
-             "L2_is_weight_decay", "mom1", "mom2", "averages", "lookahead", "nr_update",
-             "schedules", "last_score", "step", "ops")
 
 
 class ThincOptimizer(thinc.api.Optimizer):
@@ -98,6 +96,8 @@ def _read_hyperparameter(view: Any, step: int, **extra: Any) -> float:
 def _schedule_property(name: str) -> property:
     """Thinc 9: the hyperparameter as a schedule. A Thinc 9 schedule that was given is
     returned as is; otherwise a `Schedule` that reads the optimizer's value at a step."""
+    from .schedules import is_step_schedule
+
     def get(self: ThincOptimizer) -> Any:
         core = _core(self)
         held = core.schedules.get(name)
@@ -201,4 +201,4 @@ SGD = _as_thinc(_optimizer.SGD)
 Adam = _as_thinc(_optimizer.Adam)
 RAdam = _as_thinc(_optimizer.RAdam)
 
-__all__ = ["ThincOptimizer", "SGD", "Adam", "RAdam", "load", "finish_update", "THINC_9"]
+__all__ = ["ThincOptimizer", "SGD", "Adam", "RAdam", "load", "finish_update"]
