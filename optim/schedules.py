@@ -129,9 +129,10 @@ def constant_then(rate: float, steps: int, schedule: Schedule, *,
     Thinc 8.3's generator), or at the same step (restart=False, as Thinc 9)."""
     if not isinstance(restart, bool):
         raise TypeError(f"constant_then: restart must be True or False, got {restart!r}")
-    return Schedule("constant_then.v1", _constant_then,
-                    {"rate": rate, "steps": steps, "schedule": _as_schedule(schedule),
-                     "restart": restart})
+    attrs = {"rate": rate, "steps": steps, "schedule": _as_schedule(schedule)}
+    if not restart:  # only then: files of 8.3-style schedules stay as older optims wrote them
+        attrs["restart"] = False
+    return Schedule("constant_then.v1", _constant_then, attrs)
 
 
 def _constant_then(s: Schedule, step: int, last_score: ScoreT) -> float:
@@ -191,21 +192,22 @@ def slanted_triangular(max_rate: float, num_steps: Optional[int] = None, *,
     The peak is at step `cut` = int(num_steps * cut_frac); Thinc 9 keeps `cut` instead
     of num_steps, so either may be given (both: they must agree).
     """
-    if cut is None:
-        if num_steps is None:
+    attrs = {"max_rate": max_rate, "num_steps": num_steps, "cut_frac": cut_frac,
+             "ratio": ratio, "decay": decay, "t": t}
+    if num_steps is None:
+        if cut is None:
             raise TypeError("slanted_triangular: give num_steps (or cut)")
-        cut = int(num_steps * cut_frac)
-    elif num_steps is not None and int(num_steps * cut_frac) != cut:
+        attrs["cut"] = cut
+    elif cut is not None and int(num_steps * cut_frac) != cut:
         raise ValueError(f"slanted_triangular: cut={cut!r} but int(num_steps * cut_frac) = "
                          f"{int(num_steps * cut_frac)}")
-    return Schedule("slanted_triangular.v1", _slanted_triangular,
-                    {"max_rate": max_rate, "num_steps": num_steps, "cut_frac": cut_frac,
-                     "ratio": ratio, "decay": decay, "t": t, "cut": cut})
+    return Schedule("slanted_triangular.v1", _slanted_triangular, attrs)
 
 
 def _slanted_triangular(s: Schedule, step: int, last_score: ScoreT) -> float:
     a = s.attrs
-    cut_frac, ratio, cut = a["cut_frac"], a["ratio"], a["cut"]
+    cut_frac, ratio = a["cut_frac"], a["ratio"]
+    cut = a["cut"] if "cut" in a else int(a["num_steps"] * cut_frac)
     t = a["t"] + step + 1
     if t < cut:
         p = t / cut

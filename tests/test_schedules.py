@@ -347,3 +347,24 @@ def test_plateau_without_scores_is_the_inner_schedule():
         opt.step_schedules()
         got.append(opt.learn_rate)
     assert got == pytest.approx(inner, rel=1e-12)
+
+
+def test_thinc_9_arguments_and_their_checks():
+    """constant_then's restart and slanted_triangular's cut (how Thinc 9's are saved);
+    the 8.3-style ones keep the attributes older optims wrote and read."""
+    assert "restart" not in constant_then(0.1, 2, constant(0.2)).attrs
+    restarted = constant_then(0.1, 2, decaying(1.0, 0.5))
+    same_step = constant_then(0.1, 2, decaying(1.0, 0.5), restart=False)
+    assert [restarted(s) for s in range(4)] == [0.1, 0.1, 1.0, 1.0 / 1.5]
+    assert [same_step(s) for s in range(4)] == [0.1, 0.1, 1.0 / 2.0, 1.0 / 2.5]
+    by_cut = slanted_triangular(0.01, cut=10, cut_frac=0.1)
+    by_steps = slanted_triangular(0.01, 100)
+    assert "cut" not in by_steps.attrs and by_cut.attrs["cut"] == 10
+    assert [by_cut(s) for s in range(120)] == [by_steps(s) for s in range(120)]
+    assert slanted_triangular(0.01, 100, cut=10)(3) == by_steps(3)
+    with pytest.raises(ValueError, match="cut"):
+        slanted_triangular(0.01, 100, cut=11)
+    with pytest.raises(TypeError, match="num_steps"):
+        slanted_triangular(0.01)
+    with pytest.raises(TypeError, match="restart"):
+        constant_then(0.1, 2, constant(0.2), restart="no")

@@ -334,6 +334,7 @@ def test_thinc_9_schedules_save_load_in_fresh_process_and_resume_bit_for_bit(tmp
     saved = optim.load(tmp_path / "optimizer")
     assert saved.schedules["learn_rate"].state["n_plateaus"] == 1
     assert saved.schedules["beta1"].attrs["restart"] is False
+    assert saved.schedules["learn_rate"].attrs["schedule"].attrs["cut"] == 15
 
 
 # ----------------------------------------------------------------- per-key schedules
