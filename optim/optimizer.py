@@ -446,6 +446,7 @@ class Optimizer:
         for i, (key, gradient) in enumerate(zip(keys, gradients)):
             if _is_empty(gradient):
                 continue
+            self._check_pair(key, weights[i], gradient)  # all before any group updates
             values = tuple(_check_value(name, schedule(step, key=key, last_score=last_score))
                            for name, schedule in self._keyed.items())
             groups.setdefault(values, []).append(i)

@@ -591,3 +591,19 @@ def test_key_dependent_schedule_is_read_per_key(path):
     assert {c[0] for c in per_update} == set(range(steps))
     assert {c[1] for c in per_update} == set(_keyed_params(model))
     assert all(c[2] == ((7, 0.5) if c[0] >= 7 else None) for c in per_update)
+
+
+def test_key_dependent_step_many_checks_everything_before_updating():
+    """One step_many per group of keys: a bad array in a later group is still a
+    ValueError/TypeError before any weights are touched."""
+    opt = optim.Adam(lambda step, *, key=None, **kw: 0.1 if key == "a" else 0.2)
+    w = [numpy.ones(4, "f"), numpy.ones(4, "f")]
+    bad = [numpy.ones(4, "f"), numpy.ones(5, "f")]
+    with pytest.raises(ValueError, match="'b'"):
+        opt.step_many(["a", "b"], w, bad)
+    assert all((x == 1).all() for x in w) and not opt.nr_update
+    opt.step_many(["a", "b"], w, [numpy.ones(4, "f"), numpy.ones(4, "f")])
+    assert opt.nr_update == {"a": 1, "b": 1}
+    # Adam's first step is lr * sign(g) here (clipping leaves the direction)
+    numpy.testing.assert_allclose(1 - w[0], 0.1, rtol=1e-5)
+    numpy.testing.assert_allclose(1 - w[1], 0.2, rtol=1e-5)
