@@ -421,16 +421,11 @@ def _relu_softmax(seed=0):
     return model, X, Y
 
 
-def _run(opt, steps=RUN_STEPS, start=0, model=None, data=None, scores=None):
-    """Train steps start..steps-1; returns the model, losses and learn rates used."""
-    if model is None:
-        model, X, Y = _relu_softmax()
-    else:
-        X, Y = data
+def _run(opt):
+    """Train RUN_STEPS steps; returns the model, the losses and the learn rates used."""
+    model, X, Y = _relu_softmax()
     losses, rates = [], []
-    for step in range(start, steps):
-        if scores is not None and step % 10 == 9:
-            opt.last_score = scores[step // 10]
+    for step in range(RUN_STEPS):
         rates.append(float(_rate(opt)))
         Yh, backprop = model.begin_update(X[step])
         losses.append(float(-(Y[step] * numpy.log(Yh + 1e-12)).sum() / len(Yh)))
