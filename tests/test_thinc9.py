@@ -377,3 +377,15 @@ def test_key_dependent_thinc_9_schedule_follows_thinc_9s_adam(make):
     for a, b in zip(ours, theirs):
         numpy.testing.assert_allclose(a, b, rtol=0, atol=2e-5)
     assert max(float(numpy.abs(a - b).max()) for a, b in zip(theirs, unkeyed)) > 0.1
+
+
+def test_distributed_wrapper_reads_like_thinc_9s_too():
+    """`optim.distributed.*.v1` wrap a DistributedOptimizer: the same Thinc 9 face, read
+    from and written to the local optimizer (no process group is joined for this)."""
+    import optim.distributed.thinc
+
+    sched = thinc_api.warmup_linear(0.01, 2, 10)
+    opt = optim.distributed.thinc.Adam(sched)
+    assert opt.learn_rate is sched and opt.learn_rate(step=1) == 0.005
+    opt.L2 = [0.1, 0.2]
+    assert opt.L2(0) == 0.1 and opt.optimizer.optimizer.L2 == 0.1
