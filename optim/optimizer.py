@@ -8,7 +8,8 @@ import math
 import numbers
 import operator
 from collections import defaultdict
-from typing import Any, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple,
+                    Union)
 
 import numpy
 
@@ -16,10 +17,12 @@ from . import _device, _kernels
 from ._kernels_cuda import check_device_pair as _check_device_pair
 from .backends import NUMPY, backend_for, get_gpu_backend
 from .registry import registry
-from .schedules import Schedule, sequence
+from .schedules import Schedule, depends_on_key, is_step_schedule, sequence
 
 KeyT = Hashable
-FloatOrSeq = Union[float, List[float], Iterable[float], Schedule]
+# A number, a list, an iterator (Thinc 8.3), an optim schedule, or a callable read as
+# `value(step, key=..., last_score=...)` (a Thinc 9 `Schedule`).
+FloatOrSeq = Union[float, List[float], Iterable[float], Schedule, Callable[..., float]]
 
 SGD_DEFAULTS: Dict[str, Any] = {
     "L2": 0.0,
@@ -111,7 +114,8 @@ class Optimizer:
 
     __slots__ = ("mom1", "mom2", "averages", "lookahead", "nr_update", "schedules",
                  "ops", "_hyper", "_shapes", "_schedule_start", "_step", "_last_score",
-                 "_on_gpu", "_stale", "_plans", "_batches", "_batch", "__weakref__")
+                 "_on_gpu", "_stale", "_plans", "_batches", "_batch", "_keyed",
+                 "__weakref__")
 
     def __init__(self, learn_rate: FloatOrSeq, *, ops: Any = None,
                  L2: FloatOrSeq = ADAM_DEFAULTS["L2"],
@@ -136,6 +140,7 @@ class Optimizer:
         self._hyper = _kernels.Hyper()
         self._shapes: Dict[KeyT, Tuple[int, ...]] = {}
         self._schedule_start: Dict[str, int] = {}
+        self._keyed: Dict[str, Callable[..., float]] = {}  # read per key at each update
         self._step = 0
         self._last_score: Optional[Tuple[int, float]] = None
         self._on_gpu = False
@@ -156,10 +161,13 @@ class Optimizer:
 
     # ------------------------------------------------------------ hyperparameters
 
-    def _set_hyperparameter(self, name: str, value: Any) -> None:
-        """A number, or a schedule whose value at the current step is taken now (Thinc)."""
+    def _set_hyperparameter(self, name: str, value: Any, *, absolute: bool = False) -> None:
+        """A number, or a schedule whose value at the current step is taken now (Thinc).
+
+        absolute=True reads a schedule at the optimizer's step rather than from its own
+        start (Thinc 9's semantics, used by optim.thinc's Thinc 9 wrapper)."""
         kind = self._hyper.kind
-        self._assign(name, value)
+        self._assign(name, value, absolute)
         self._after_kind(kind)
 
     def _after_kind(self, previous: str) -> None:
@@ -169,17 +177,21 @@ class Optimizer:
             self._stale.update(self._shapes)
             self._batch = None
 
-    def _assign(self, name: str, value: Any) -> None:
+    def _assign(self, name: str, value: Any, absolute: bool = False) -> None:
         if isinstance(value, numbers.Real):
             self.schedules.pop(name, None)
             self._schedule_start.pop(name, None)
+            self._keyed.pop(name, None)
             setattr(self._hyper, name, _check_value(name, value))
         else:
-            self._add_schedule(name, value, start=0)
+            self._add_schedule(name, value, start=0, absolute=absolute)
 
-    def _add_schedule(self, name: str, schedule: Any, *, start: int) -> None:
+    def _add_schedule(self, name: str, schedule: Any, *, start: int,
+                      absolute: bool = False) -> None:
         """Follow `schedule` for `name`. start=0: its first value applies now; start=-1:
-        from the next `step_schedules()` on (the `schedules=` argument's behaviour)."""
+        from the next `step_schedules()` on (the `schedules=` argument's behaviour).
+        absolute=True, and always for a Thinc 9 style callable: the value at step s is
+        the schedule's at s (an iterator skips to it)."""
         if name not in HYPERPARAMETERS:
             raise ValueError(
                 f"cannot schedule {name!r}: schedulable are {', '.join(HYPERPARAMETERS)}"
@@ -188,8 +200,13 @@ class Optimizer:
             if not schedule:
                 raise ValueError(f"invalid schedule for {name!r}: the list is empty")
             schedule = sequence([_check_value(name, v) for v in schedule])
+        keyed = False
         if isinstance(schedule, Schedule):
-            self._schedule_start[name] = schedule._cursor + start - self._step
+            self._schedule_start[name] = (0 if absolute else
+                                          schedule._cursor + start - self._step)
+        elif is_step_schedule(schedule):  # Thinc 9: schedule(step, key=..., last_score=...)
+            self._schedule_start[name] = 0
+            keyed = depends_on_key(schedule)
         else:
             if isinstance(schedule, (str, bytes, dict)):
                 raise ValueError(f"invalid schedule for {name!r}: expected numbers, got "
@@ -206,29 +223,48 @@ class Optimizer:
                 first = _check_value(name, next(schedule))
             except StopIteration:
                 raise ValueError(f"invalid schedule for {name!r}: it yields no values") from None
+            if absolute:  # Thinc 9 reads item `step` (the last one once they run out)
+                for value in itertools.islice(schedule, self._step):
+                    first = _check_value(name, value)
             if start == 0:
                 setattr(self._hyper, name, first)
             else:  # checked now, used at the next step_schedules()
                 schedule = itertools.chain([first], schedule)
         self.schedules[name] = schedule
-        if isinstance(schedule, Schedule):
+        self._keyed.pop(name, None)
+        if keyed:
+            self._keyed[name] = schedule
+        elif _indexed(schedule):
             self._evaluate_schedules((name,))
 
     def _evaluate_schedules(self, names: Iterable[str]) -> None:
-        """Set each named hyperparameter to its schedule's value at the current step."""
+        """Set each named hyperparameter to its schedule's value at the current step
+        (schedules read per key are left to the updates)."""
         for name in names:
             schedule = self.schedules[name]
+            if name in self._keyed or not _indexed(schedule):
+                continue
             index = self._step + self._schedule_start[name]
-            if isinstance(schedule, Schedule) and index >= 0:
+            if index >= 0:
                 value = schedule(index, last_score=self._last_score)
                 setattr(self._hyper, name, _check_value(name, value))
+
+    def _apply_keyed(self, key: KeyT) -> None:
+        """Set the hyperparameters read per key to their values for `key` (Thinc 9's
+        `schedule(step, key=key, last_score=last_score)`, once per update)."""
+        kind = self._hyper.kind
+        step, last_score = self._step, self._last_score
+        for name, schedule in self._keyed.items():
+            value = schedule(step, key=key, last_score=last_score)
+            setattr(self._hyper, name, _check_value(name, value))
+        self._after_kind(kind)
 
     def step_schedules(self) -> None:
         """Advance the step: every scheduled hyperparameter takes its next value."""
         kind = self._hyper.kind
         self._step += 1
         for name, schedule in self.schedules.items():
-            if not isinstance(schedule, Schedule):
+            if not _indexed(schedule):
                 try:
                     value = next(schedule)
                 except StopIteration:  # exhausted: keep the last value, as Thinc does
@@ -236,6 +272,30 @@ class Optimizer:
                 setattr(self._hyper, name, _check_value(name, value))
         self._evaluate_schedules(self.schedules)
         self._after_kind(kind)
+
+    def hyperparameter(self, name: str, step: Optional[int] = None, **extra: Any) -> float:
+        """The value `name` takes at `step` (default: the current one), as Thinc 9's
+        `optimizer.learn_rate(step=step, **extra)`: a schedule is called with `extra`
+        (key, last_score); an iterator can only be read at the current step."""
+        if name not in HYPERPARAMETERS:
+            raise ValueError(f"unknown hyperparameter {name!r}: known are "
+                             f"{', '.join(HYPERPARAMETERS)}")
+        if step is None:
+            step = self._step
+        elif isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        schedule = self.schedules.get(name)
+        if schedule is None:
+            return getattr(self._hyper, name)
+        if not _indexed(schedule):
+            if step != self._step:
+                raise ValueError(f"{name} follows an iterator: it can only be read at the "
+                                 f"current step {self._step}, not at step {step}")
+            return getattr(self._hyper, name)
+        index = step + self._schedule_start[name]
+        if index < 0:  # a `schedules=` entry before the first step_schedules()
+            return getattr(self._hyper, name)
+        return _check_value(name, schedule(index, **extra))
 
     @property
     def step(self) -> int:
@@ -256,6 +316,9 @@ class Optimizer:
 
     def _hyper_get(name: str):  # noqa: N805 - builds properties below
         def get(self: "Optimizer") -> float:
+            keyed = self._keyed.get(name)
+            if keyed is not None:  # no key here: the schedule's own default
+                return _check_value(name, keyed(self._step, last_score=self._last_score))
             return getattr(self._hyper, name)
 
         def set(self: "Optimizer", value: FloatOrSeq) -> None:
@@ -302,6 +365,8 @@ class Optimizer:
     def __call__(self, key: KeyT, weights: Any, gradient: Any, *,
                  lr_scale: float = 1.0) -> Tuple[Any, Any]:
         """Update `weights` in place from `gradient` and zero `gradient`; returns both."""
+        if self._keyed and not _is_empty(gradient):
+            self._apply_keyed(key)
         shape = self._shapes.get(key)
         if shape is not None and not self._stale:
             if not self._on_gpu:
@@ -362,6 +427,39 @@ class Optimizer:
         the state is the same (`_kernels.Batch`).
         """
         keys, weights, gradients = list(keys), list(weights), list(gradients)
+        if self._keyed:
+            self._step_many_keyed(keys, weights, gradients, lr_scale)
+            return
+        self._step_many(keys, weights, gradients, lr_scale)
+
+    def _step_many_keyed(self, keys: List[KeyT], weights: List[Any], gradients: List[Any],
+                         lr_scale: float) -> None:
+        """step_many with hyperparameters read per key: one step_many per group of keys
+        whose values agree (empty gradients skipped before, as Thinc 9 does)."""
+        if not len(keys) == len(weights) == len(gradients):
+            raise ValueError(f"step_many: {len(keys)} keys, {len(weights)} weights and "
+                             f"{len(gradients)} gradients")
+        if len(set(keys)) != len(keys):
+            raise ValueError("step_many: each key may appear once per call")
+        step, last_score = self._step, self._last_score
+        groups: Dict[Tuple[float, ...], List[int]] = {}
+        for i, (key, gradient) in enumerate(zip(keys, gradients)):
+            if _is_empty(gradient):
+                continue
+            self._check_pair(key, weights[i], gradient)  # all before any group updates
+            values = tuple(_check_value(name, schedule(step, key=key, last_score=last_score))
+                           for name, schedule in self._keyed.items())
+            groups.setdefault(values, []).append(i)
+        for values, index in groups.items():
+            kind = self._hyper.kind
+            for name, value in zip(self._keyed, values):
+                setattr(self._hyper, name, value)
+            self._after_kind(kind)
+            self._step_many([keys[i] for i in index], [weights[i] for i in index],
+                            [gradients[i] for i in index], lr_scale)
+
+    def _step_many(self, keys: List[KeyT], weights: List[Any], gradients: List[Any],
+                   lr_scale: float) -> None:
         batch = self._batch
         if (batch is not None and not self._stale and not self._on_gpu
                 and batch.again(self._hyper, keys, weights, gradients, self.nr_update,
@@ -652,8 +750,14 @@ class Optimizer:
         return optimizer_from_bytes(read_file(path))
 
     def __repr__(self) -> str:
-        return (f"<optim.Optimizer {self._hyper.kind} learn_rate={self.learn_rate:g} "
+        rate = "per-key" if "learn_rate" in self._keyed else f"{self._hyper.learn_rate:g}"
+        return (f"<optim.Optimizer {self._hyper.kind} learn_rate={rate} "
                 f"keys={len(self._shapes)} step={self._step}>")
+
+
+def _indexed(schedule: Any) -> bool:
+    """A schedule read by step (optim's or a callable), not an iterator."""
+    return isinstance(schedule, Schedule) or is_step_schedule(schedule)
 
 
 def _check_value(name: str, value: Any) -> float:

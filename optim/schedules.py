@@ -2,11 +2,15 @@
 
 A `Schedule` is a value of a step: `schedule(step)`. It is also an iterator
 (`next(schedule)` gives steps 0, 1, 2, ...) so it works wherever Thinc 8.3 expects a
-generator, and its name and arguments are enough to rebuild it, so an optimizer that
-holds one can be saved and resumed exactly. Values follow Thinc 8.3's generators;
-`plateau` follows Thinc 9.
+generator, and once Thinc 9 is imported it passes `isinstance(x, thinc.api.Schedule)`, so
+Thinc 9's own optimizers take it too. Its name and arguments are enough to rebuild it, so
+an optimizer that holds one can be saved and resumed exactly. Values follow Thinc 8.3's
+generators; `plateau` follows Thinc 9. `from_thinc` maps Thinc 9's registered schedules
+onto these (without importing Thinc).
 """
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+import itertools
+import sys
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy
 
@@ -29,9 +33,35 @@ class Schedule:
         self._cursor = 0
 
     def __call__(self, step: int, *, last_score: ScoreT = None, **extra: Any) -> float:
+        """The value at `step`; `extra` (Thinc 9 passes `key`) is accepted and unused."""
         if step < 0:
             raise ValueError(f"schedule {self.name}: step must be >= 0, got {step}")
         return self.func(self, step, last_score=last_score)
+
+    @property
+    def __class__(self) -> type:  # type: ignore[override]
+        """Thinc 9's `Schedule` once Thinc 9 is imported, else the real class.
+
+        Thinc 9's Optimizer and config validation accept only `isinstance(x,
+        thinc.api.Schedule)`; isinstance consults `__class__` when the real type does not
+        match, so optim's schedules pass without optim importing Thinc. `type(x)` and
+        isinstance checks against optim's classes are unaffected.
+        """
+        thinc_schedules = sys.modules.get("thinc.schedules")
+        thinc_class = getattr(thinc_schedules, "Schedule", None)
+        return thinc_class if isinstance(thinc_class, type) else type(self)
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        # By the real class: pickle compares __newobj__'s class with __class__.
+        state = {name: getattr(self, name) for name in Schedule.__slots__}
+        return (_blank, (type(self),), (None, state))
+
+    def to_generator(self, start: int = 0, step_size: int = 1, **extra: Any) -> Iterator[float]:
+        """Values at start, start + step_size, ... (Thinc 9's `Schedule.to_generator`)."""
+        if start < 0 or step_size < 0:
+            raise ValueError(f"schedule {self.name}: start and step_size must be >= 0, "
+                             f"got {start} and {step_size}")
+        return (self(step, **extra) for step in itertools.count(start, step_size))
 
     def __iter__(self) -> "Schedule":
         return self
@@ -70,6 +100,10 @@ class Schedule:
         return schedule
 
 
+def _blank(cls: type) -> Schedule:
+    return cls.__new__(cls)
+
+
 def _inner(schedule: Schedule, step: int, last_score: ScoreT) -> float:
     return schedule.attrs["schedule"](step, last_score=last_score)
 
@@ -81,20 +115,31 @@ def _clip(value: float, start: float, stop: float) -> float:
 @registry.schedules("constant.v1")
 def constant(rate: float) -> Schedule:
     """The same value at every step."""
-    return Schedule("constant.v1", lambda s, step, last_score: s.attrs["rate"],
-                    {"rate": rate})
+    return Schedule("constant.v1", _constant, {"rate": rate})
+
+
+def _constant(s: Schedule, step: int, last_score: ScoreT) -> float:
+    return s.attrs["rate"]
 
 
 @registry.schedules("constant_then.v1")
-def constant_then(rate: float, steps: int, schedule: Schedule) -> Schedule:
-    """`rate` for `steps` steps, then `schedule` from its own step 0 (Thinc 8.3)."""
-    return Schedule("constant_then.v1", _constant_then,
-                    {"rate": rate, "steps": steps, "schedule": _as_schedule(schedule)})
+def constant_then(rate: float, steps: int, schedule: Schedule, *,
+                  restart: bool = True) -> Schedule:
+    """`rate` for `steps` steps, then `schedule`: from its own step 0 (restart=True, as
+    Thinc 8.3's generator), or at the same step (restart=False, as Thinc 9)."""
+    if not isinstance(restart, bool):
+        raise TypeError(f"constant_then: restart must be True or False, got {restart!r}")
+    attrs = {"rate": rate, "steps": steps, "schedule": _as_schedule(schedule)}
+    if not restart:  # only then: files of 8.3-style schedules stay as older optims wrote them
+        attrs["restart"] = False
+    return Schedule("constant_then.v1", _constant_then, attrs)
 
 
 def _constant_then(s: Schedule, step: int, last_score: ScoreT) -> float:
     steps = s.attrs["steps"]
-    return s.attrs["rate"] if step < steps else _inner(s, step - steps, last_score)
+    if step < steps:
+        return s.attrs["rate"]
+    return _inner(s, step - steps if s.attrs.get("restart", True) else step, last_score)
 
 
 @registry.schedules("decaying.v1")
@@ -139,18 +184,30 @@ def _warmup_linear(s: Schedule, step: int, last_score: ScoreT) -> float:
 
 
 @registry.schedules("slanted_triangular.v1")
-def slanted_triangular(max_rate: float, num_steps: int, *, cut_frac: float = 0.1,
-                       ratio: int = 32, decay: float = 1.0, t: float = 0.0) -> Schedule:
-    """Howard and Ruder's slanted triangular rate (`decay` is accepted and unused, as in Thinc)."""
-    return Schedule("slanted_triangular.v1", _slanted_triangular,
-                    {"max_rate": max_rate, "num_steps": num_steps, "cut_frac": cut_frac,
-                     "ratio": ratio, "decay": decay, "t": t})
+def slanted_triangular(max_rate: float, num_steps: Optional[int] = None, *,
+                       cut_frac: float = 0.1, ratio: int = 32, decay: float = 1.0,
+                       t: float = 0.0, cut: Optional[int] = None) -> Schedule:
+    """Howard and Ruder's slanted triangular rate (`decay` is accepted and unused, as in Thinc).
+
+    The peak is at step `cut` = int(num_steps * cut_frac); Thinc 9 keeps `cut` instead
+    of num_steps, so either may be given (both: they must agree).
+    """
+    attrs = {"max_rate": max_rate, "num_steps": num_steps, "cut_frac": cut_frac,
+             "ratio": ratio, "decay": decay, "t": t}
+    if num_steps is None:
+        if cut is None:
+            raise TypeError("slanted_triangular: give num_steps (or cut)")
+        attrs["cut"] = cut
+    elif cut is not None and int(num_steps * cut_frac) != cut:
+        raise ValueError(f"slanted_triangular: cut={cut!r} but int(num_steps * cut_frac) = "
+                         f"{int(num_steps * cut_frac)}")
+    return Schedule("slanted_triangular.v1", _slanted_triangular, attrs)
 
 
 def _slanted_triangular(s: Schedule, step: int, last_score: ScoreT) -> float:
     a = s.attrs
     cut_frac, ratio = a["cut_frac"], a["ratio"]
-    cut = int(a["num_steps"] * cut_frac)
+    cut = a["cut"] if "cut" in a else int(a["num_steps"] * cut_frac)
     t = a["t"] + step + 1
     if t < cut:
         p = t / cut
@@ -233,5 +290,80 @@ def _as_schedule(value: Any) -> Schedule:
     )
 
 
+# ---------------------------------------------------------------- Thinc 9's schedules
+
+def is_step_schedule(value: Any) -> bool:
+    """A Thinc 9 style schedule: callable as `value(step, **extra)`, not an iterator."""
+    return (callable(value) and not isinstance(value, (Schedule, type))
+            and not hasattr(type(value), "__next__") and not hasattr(type(value), "__iter__"))
+
+
+def _thinc_function(schedule: Any) -> Optional[str]:
+    """The name of a Thinc 9 schedule's function if it is one of `thinc.schedules`'."""
+    func = getattr(schedule, "_schedule", None)
+    if type(schedule).__module__ != "thinc.schedules" or getattr(func, "__module__", None) \
+            != "thinc.schedules":
+        return None
+    return getattr(func, "__qualname__", None)
+
+
+def _plateau_from_thinc(a: Dict[str, Any]) -> Schedule:
+    schedule = plateau(a["max_patience"], a["scale"], from_thinc(a["schedule"]))
+    state = a["state"]
+    schedule.state = {name: getattr(state, name) for name in schedule.state}
+    return schedule
+
+
+# Thinc 9.1's schedule functions (thinc/schedules.py) -> optim's equivalent, same floats.
+_FROM_THINC: Dict[str, Callable[[Dict[str, Any]], Schedule]] = {
+    "_constant_schedule": lambda a: constant(a["rate"]),
+    "_constant_then_schedule": lambda a: constant_then(
+        a["rate"], a["steps"], from_thinc(a["schedule"]), restart=False),
+    "_decaying_schedule": lambda a: decaying(a["base_rate"], a["decay"], t=a["t"]),
+    "_compounding_schedule": lambda a: compounding(a["start"], a["stop"], a["compound"],
+                                                   t=a["t"]),
+    "_warmup_linear_schedule": lambda a: warmup_linear(
+        a["initial_rate"], a["warmup_steps"], a["total_steps"]),
+    "_slanted_triangular_schedule": lambda a: slanted_triangular(
+        a["max_rate"], cut=a["cut"], cut_frac=a["cut_frac"], ratio=a["ratio"], t=a["t"]),
+    "_cyclic_triangular_schedule": lambda a: cyclic_triangular(
+        a["min_lr"], a["max_lr"], a["period"]),
+    "_plateau_schedule": _plateau_from_thinc,
+}
+
+
+def from_thinc(schedule: Any) -> Schedule:
+    """optim's equivalent of a Thinc 9 registered schedule (nested ones and plateau's
+    state included): the same value at every step. optim schedules pass through.
+
+    Raises ValueError naming the (possibly nested) schedule that has no equivalent.
+    """
+    if isinstance(schedule, Schedule):
+        return schedule
+    function = _thinc_function(schedule)
+    convert = _FROM_THINC.get(function or "")
+    if convert is None:
+        name = getattr(schedule, "name", None)
+        func = getattr(schedule, "_schedule", schedule)
+        where = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', '?')}"
+        raise ValueError(
+            f"schedule {name or type(schedule).__name__!r} ({where}) has no optim "
+            "equivalent: optim can save its own schedules and Thinc 9's registered ones "
+            f"({', '.join(sorted(f[1:-9] for f in _FROM_THINC))})"
+        )
+    return convert(schedule.attrs)
+
+
+def depends_on_key(schedule: Any) -> bool:
+    """Whether `schedule` may give different values per parameter key: True unless it is
+    an optim schedule or built only from Thinc 9's registered schedules."""
+    try:
+        from_thinc(schedule)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return True
+    return False
+
+
 __all__ = ["Schedule", "constant", "constant_then", "decaying", "compounding",
-           "warmup_linear", "slanted_triangular", "cyclic_triangular", "plateau", "sequence"]
+           "warmup_linear", "slanted_triangular", "cyclic_triangular", "plateau", "sequence",
+           "from_thinc", "is_step_schedule", "depends_on_key"]

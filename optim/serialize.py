@@ -1,7 +1,8 @@
 """Optimizer state as srsly msgpack: versioned, validated on load, written atomically.
 
 No pickle anywhere: arrays travel as srsly's msgpack-numpy records (raw bytes, dtype and
-shape), keys as tagged lists, schedules as registry names with their arguments.
+shape), keys as tagged lists, schedules as registry names with their arguments (a Thinc 9
+schedule as optim's equivalent: `optim.schedules.from_thinc`).
 """
 import math
 import os
@@ -14,7 +15,7 @@ import srsly
 
 from .backends import backend_for
 from .optimizer import HYPERPARAMETERS
-from .schedules import Schedule
+from .schedules import Schedule, from_thinc, is_step_schedule
 
 FORMAT_NAME = "optim.Optimizer"
 FORMAT_VERSION = 1
@@ -53,6 +54,11 @@ def optimizer_to_dict(opt: Any) -> Dict[str, Any]:
     hyper = opt._hyper
     schedules = {}
     for name, schedule in opt.schedules.items():
+        if is_step_schedule(schedule):  # a Thinc 9 schedule: saved as optim's equivalent
+            try:
+                schedule = from_thinc(schedule)
+            except ValueError as err:
+                raise ValueError(f"cannot save the schedule of {name!r}: {err}") from None
         if not isinstance(schedule, Schedule):
             raise ValueError(
                 f"cannot save the schedule of {name!r}: it is a {type(schedule).__name__}, "

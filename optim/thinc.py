@@ -5,6 +5,11 @@ the entry points `optim.Adam.v1`, `optim.SGD.v1` and `optim.RAdam.v1` (catalogue
 `thinc_optimizers`) return a `ThincOptimizer`: a thin subclass of Thinc's class that
 forwards everything to an `optim.Optimizer`. Importing this module imports thinc.
 
+Under Thinc 9 the wrapper reads like Thinc 9's Optimizer: the hyperparameters are
+schedules, `optimizer.learn_rate(step=..., key=..., last_score=...)`, and assigning one
+(a number, list, generator or schedule) reads it at the optimizer's step. Under Thinc 8.3
+they are floats, as in 8.3.
+
 `finish_update(model, optimizer)` does what Thinc's `Model.finish_update` does (every
 node's parameters and every PyTorch shim's parameters) through ONE `step_many` call,
 so on the GPU a whole model is updated in one launch per dtype and kernel.
@@ -27,6 +32,13 @@ FORWARDED = ("learn_rate", "grad_clip", "b1", "b2", "beta1", "beta2", "eps", "L2
              "weight_decay", "lookahead_alpha", "lookahead_k", "use_radam", "use_averages",
              "L2_is_weight_decay", "mom1", "mom2", "averages", "lookahead", "nr_update",
              "schedules", "last_score", "step", "ops")
+# Thinc 9's schedule class; None under Thinc 8.3, whose schedules are generators.
+THINC_SCHEDULE = getattr(thinc.api, "Schedule", None)
+THINC_9 = THINC_SCHEDULE is not None
+# What Thinc 9 exposes as schedules (b1/b2 are its names for beta1/beta2), and ours.
+SCHEDULED = {"learn_rate": "learn_rate", "grad_clip": "grad_clip", "b1": "beta1",
+             "b2": "beta2", "beta1": "beta1", "beta2": "beta2", "eps": "eps", "L2": "L2",
+             "weight_decay": "weight_decay", "lookahead_alpha": "lookahead_alpha"}
 
 
 class ThincOptimizer(thinc.api.Optimizer):
@@ -74,8 +86,46 @@ def _forward(name: str) -> property:
     return property(get, set)
 
 
+def _core(wrapper: ThincOptimizer) -> Optimizer:
+    """The optim.Optimizer under the wrapper (and under a distributed optimizer)."""
+    opt = wrapper.optimizer
+    while not isinstance(opt, Optimizer):
+        opt = opt.optimizer
+    return opt
+
+
+def _read_hyperparameter(view: Any, step: int, **extra: Any) -> float:
+    return view.attrs["optimizer"].hyperparameter(view.attrs["name"], step, **extra)
+
+
+def _schedule_property(name: str) -> property:
+    """Thinc 9: the hyperparameter as a schedule. A Thinc 9 schedule that was given is
+    returned as is; otherwise a `Schedule` that reads the optimizer's value at a step."""
+    from .schedules import is_step_schedule
+
+    def get(self: ThincOptimizer) -> Any:
+        core = _core(self)
+        held = core.schedules.get(name)
+        if is_step_schedule(held):
+            return held
+        return THINC_SCHEDULE(f"optim.{name}", _read_hyperparameter,
+                              attrs={"optimizer": core, "name": name})
+
+    def set(self: ThincOptimizer, value: Any) -> None:
+        core = _core(self)
+        if (getattr(value, "_schedule", None) is _read_hyperparameter
+                and value.attrs["optimizer"] is core and value.attrs["name"] == name):
+            return  # optimizer.learn_rate = optimizer.learn_rate
+        core._set_hyperparameter(name, value, absolute=True)
+
+    return property(get, set, doc=f"{name} as a Thinc 9 schedule: {name}(step=..., **extra).")
+
+
 for _name in FORWARDED:
     setattr(ThincOptimizer, _name, _forward(_name))
+if THINC_9:
+    for _name, _target in SCHEDULED.items():
+        setattr(ThincOptimizer, _name, _schedule_property(_target))
 
 
 def _as_thinc(factory: Callable[..., Optimizer]) -> Callable[..., ThincOptimizer]:

@@ -1,4 +1,5 @@
-"""optim's SGD/Adam/RAdam against Thinc 8.3's own optimizer, float32, many steps.
+"""optim's SGD/Adam/RAdam against the installed Thinc's own optimizer (8.3, or 9.x whose
+update code is the same), float32, many steps.
 
 Tolerances (float32, 50 steps): weights and averages |ours - thinc| <= 1e-5 * |thinc|
 + 1e-5 * max|thinc|. Both round every stored value to float32 each step (~6e-8); the

@@ -8,7 +8,13 @@ exact integer-valued number), so optim must give the very same floats: compared 
 step, a step-indexed form computes `start * compound**step`; the two roundings differ
 by at most ~1 ulp per multiplication, i.e. <= 200 * 1.1e-16 = 2.2e-14 relative over
 200 values, so it is compared at rel 1e-12 (a wrong formula is off by >= 1e-3).
+
+The oracle is the installed Thinc: 8.3's generators, or 9's step-indexed `Schedule`s
+(read at steps 0, 1, 2, ...; there compounding is exact too, and `constant_then` reads
+its inner schedule at the same step, which optim's `constant_then(restart=False)` does).
 """
+import functools
+import types
 from itertools import islice
 
 import numpy
@@ -35,6 +41,26 @@ from reference import ReferenceOptimizer
 
 def _thinc():
     return pytest.importorskip("thinc.api")
+
+
+def _thinc_9() -> bool:
+    return hasattr(_thinc(), "Schedule")  # Thinc 9's schedules are objects, 8.3's generators
+
+
+def _thinc_values(schedule, n):
+    """The installed Thinc's first n values of one of its schedules."""
+    if _thinc_9():
+        return [schedule(step) for step in range(n)]
+    return list(islice(schedule, n))
+
+
+def _optim_like_thinc():
+    """`optim`, or under Thinc 9 `optim` with Thinc 9's constant_then."""
+    if not _thinc_9():
+        return optim
+    ns = types.SimpleNamespace(**{name: getattr(optim, name) for name in optim.__all__})
+    ns.constant_then = functools.partial(optim.constant_then, restart=False)
+    return ns
 
 N = 200
 
@@ -77,11 +103,30 @@ def _check_values(got, want, exact, what):
 
 
 @pytest.mark.parametrize("name,build,exact", CASES, ids=[c[0] for c in CASES])
-def test_iterator_gives_thinc_83_sequence(name, build, exact):
+def test_values_match_installed_thinc(name, build, exact):
     thinc_api = _thinc()
-    ours = list(islice(build(optim), N))
-    theirs = list(islice(build(thinc_api), N))
-    _check_values(ours, theirs, exact, name)
+    ours = list(islice(build(_optim_like_thinc()), N))
+    theirs = _thinc_values(build(thinc_api), N)
+    _check_values(ours, theirs, exact or _thinc_9(), name)
+
+
+@pytest.mark.parametrize("name,build,exact", CASES, ids=[c[0] for c in CASES])
+def test_from_thinc_gives_thinc_9_values(name, build, exact):
+    """Thinc 9's schedules map onto optim's with the very same floats (how a Thinc 9
+    schedule is saved); under 8.3 (generators) there is nothing to map."""
+    thinc_api = _thinc()
+    if not _thinc_9():
+        with pytest.raises(ValueError, match="no optim equivalent"):
+            optim.schedules.from_thinc(build(thinc_api))
+        return
+    theirs = build(thinc_api)
+    mapped = optim.schedules.from_thinc(theirs)
+    assert isinstance(mapped, optim.Schedule) and type(mapped) is optim.Schedule
+    # in a scrambled order too: both are functions of the step
+    order = [int(s) for s in numpy.random.default_rng(1).permutation(N)]
+    _check_values([mapped(s) for s in order], [theirs(s) for s in order], True, name)
+    rebuilt = optim.Schedule.from_dict(mapped.to_dict())
+    _check_values([rebuilt(s) for s in range(N)], [theirs(s) for s in range(N)], True, name)
 
 
 @pytest.mark.parametrize("name,build,exact", CASES, ids=[c[0] for c in CASES])
@@ -137,14 +182,21 @@ def test_learn_rate_accepts_list_generator_schedule_like_thinc(name, make):
     Optimizer; an exhausted iterator keeps its last value."""
     thinc_api = _thinc()
     ours = Optimizer(learn_rate=make(optim))
-    theirs = thinc_api.Optimizer(learn_rate=make(thinc_api))
-    got, want = [ours.learn_rate], [theirs.learn_rate]
+    given = make(thinc_api)
+    if _thinc_9() and name == "iterator":
+        given = (x for x in given)  # Thinc 9 takes generators, not other iterators
+    theirs = thinc_api.Optimizer(learn_rate=given)
+
+    def rate(opt):
+        return opt.learn_rate(opt.step) if _thinc_9() else opt.learn_rate
+
+    got, want = [ours.learn_rate], [rate(theirs)]
     for _ in range(12):
         ours.step_schedules()
         theirs.step_schedules()
         got.append(ours.learn_rate)
-        want.append(theirs.learn_rate)
-    exact = name != "compounding"
+        want.append(rate(theirs))
+    exact = name != "compounding" or _thinc_9()
     for i, (a, b) in enumerate(zip(got, want)):
         if exact:
             assert a == b, f"step {i}: {got} != thinc {want}"
@@ -162,15 +214,25 @@ def test_exhausted_list_keeps_last_value():
 
 
 def test_schedules_dict_like_thinc():
+    """Thinc 8.3's `schedules` dict: the first value at the first step_schedules().
+    Thinc 9 has no such dict (it reads schedules by step): there the oracle is its
+    decaying schedule one step behind."""
     thinc_api = _thinc()
     ours = Optimizer(learn_rate=0.5, schedules={"learn_rate": decaying(0.01, 0.1)})
-    theirs = thinc_api.Optimizer(learn_rate=0.5)
-    theirs.schedules["learn_rate"] = thinc_api.decaying(0.01, 0.1)
-    assert ours.learn_rate == theirs.learn_rate == 0.5
+    if _thinc_9():
+        want = [0.5] + [thinc_api.decaying(0.01, 0.1)(step) for step in range(10)]
+    else:
+        theirs = thinc_api.Optimizer(learn_rate=0.5)
+        theirs.schedules["learn_rate"] = thinc_api.decaying(0.01, 0.1)
+        want = [theirs.learn_rate]
+        for _ in range(10):
+            theirs.step_schedules()
+            want.append(theirs.learn_rate)
+    got = [ours.learn_rate]
     for _ in range(10):
         ours.step_schedules()
-        theirs.step_schedules()
-        assert ours.learn_rate == theirs.learn_rate
+        got.append(ours.learn_rate)
+    assert got == want and want[0] == 0.5 and want[1] == 0.01
 
 
 @pytest.mark.parametrize(
@@ -285,3 +347,24 @@ def test_plateau_without_scores_is_the_inner_schedule():
         opt.step_schedules()
         got.append(opt.learn_rate)
     assert got == pytest.approx(inner, rel=1e-12)
+
+
+def test_thinc_9_arguments_and_their_checks():
+    """constant_then's restart and slanted_triangular's cut (how Thinc 9's are saved);
+    the 8.3-style ones keep the attributes older optims wrote and read."""
+    assert "restart" not in constant_then(0.1, 2, constant(0.2)).attrs
+    restarted = constant_then(0.1, 2, decaying(1.0, 0.5))
+    same_step = constant_then(0.1, 2, decaying(1.0, 0.5), restart=False)
+    assert [restarted(s) for s in range(4)] == [0.1, 0.1, 1.0, 1.0 / 1.5]
+    assert [same_step(s) for s in range(4)] == [0.1, 0.1, 1.0 / 2.0, 1.0 / 2.5]
+    by_cut = slanted_triangular(0.01, cut=10, cut_frac=0.1)
+    by_steps = slanted_triangular(0.01, 100)
+    assert "cut" not in by_steps.attrs and by_cut.attrs["cut"] == 10
+    assert [by_cut(s) for s in range(120)] == [by_steps(s) for s in range(120)]
+    assert slanted_triangular(0.01, 100, cut=10)(3) == by_steps(3)
+    with pytest.raises(ValueError, match="cut"):
+        slanted_triangular(0.01, 100, cut=11)
+    with pytest.raises(TypeError, match="num_steps"):
+        slanted_triangular(0.01)
+    with pytest.raises(TypeError, match="restart"):
+        constant_then(0.1, 2, constant(0.2), restart="no")
