@@ -135,9 +135,9 @@ def load_optimizer_state(optimizer: Any, msg: Dict[str, Any], names: Dict[Any, s
                               f"model does not have: {', '.join(unknown[:5])}")
     data = srsly.msgpack_dumps(msg)
     if optimizer is None:
-        from .serialize import optimizer_from_bytes
+        from .optimizer import Optimizer
 
-        return optimizer_from_bytes(data)
+        return Optimizer.load_bytes(data)
     optimizer.from_bytes(data)
     return optimizer
 

@@ -1,58 +1,30 @@
 """The Optimizer: Thinc's API and numbers over fused kernels, with exact save and resume.
 
-The class holds state (moments, averages, lookahead weights, counts, schedules); the
-math lives in `optim._kernels` (CPU) and `optim._kernels_cuda` (GPU).
+The class holds Thinc's API, the hyperparameters and their schedules, and the state
+(moments, averages, lookahead weights, counts). An update asks the arrays' backend to do
+it (`optim.backends`: `CpuUpdates` over `optim._kernels`, `DeviceUpdates` over a device
+backend such as `optim._kernels_cuda`), and each backend owns its fast paths and caches.
 """
 import itertools
-import math
 import numbers
-import operator
 from collections import defaultdict
-from typing import (Any, Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple,
-                    Union)
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy
+import srsly
 
-from . import _device, _kernels
-from ._kernels_cuda import check_device_pair as _check_device_pair
+from . import _kernels, serialize
 from .backends import NUMPY, backend_for, get_gpu_backend
+from .backends.cpu import CpuUpdates
+from .backends.device import DeviceUpdates
+from .hyperparams import (ADAM_DEFAULTS, HYPERPARAMETERS, RADAM_DEFAULTS, SGD_DEFAULTS, KeyT,
+                          any_empty, check_value, is_empty, shape_error)
 from .registry import registry
 from .schedules import Schedule, depends_on_key, is_step_schedule, sequence
 
-KeyT = Hashable
 # A number, a list, an iterator (Thinc 8.3), an optim schedule, or a callable read as
 # `value(step, key=..., last_score=...)` (a Thinc 9 `Schedule`).
 FloatOrSeq = Union[float, List[float], Iterable[float], Schedule, Callable[..., float]]
-
-SGD_DEFAULTS: Dict[str, Any] = {
-    "L2": 0.0,
-    "L2_is_weight_decay": True,
-    "grad_clip": 1.0,
-    "use_averages": True,
-    "lookahead_k": 0,
-    "lookahead_alpha": 0.5,
-}
-ADAM_DEFAULTS: Dict[str, Any] = {
-    **SGD_DEFAULTS,
-    "learn_rate": 0.001,
-    "beta1": 0.9,
-    "beta2": 0.999,
-    "eps": 1e-08,
-}
-RADAM_DEFAULTS: Dict[str, Any] = {**ADAM_DEFAULTS, "weight_decay": 0.0}
-
-# Schedulable hyperparameters and the range each value must lie in.
-HYPERPARAMETERS: Dict[str, Tuple[float, float, str]] = {
-    "learn_rate": (0.0, math.inf, ">= 0"),
-    "beta1": (0.0, math.nextafter(1.0, 0.0), "in [0, 1)"),
-    "beta2": (0.0, math.nextafter(1.0, 0.0), "in [0, 1)"),
-    "eps": (0.0, math.inf, ">= 0"),
-    "L2": (0.0, math.inf, ">= 0"),
-    "grad_clip": (0.0, math.inf, ">= 0 (0 turns clipping off)"),
-    "weight_decay": (0.0, math.inf, ">= 0"),
-    "lookahead_alpha": (0.0, 1.0, "in [0, 1]"),
-}
-
 
 @registry.optimizers("SGD.v1")
 def SGD(learn_rate: FloatOrSeq, *, ops: Any = None, L2: FloatOrSeq = SGD_DEFAULTS["L2"],
@@ -112,10 +84,9 @@ class Optimizer:
     Call it as Thinc's `Model.finish_update` does: `optimizer(key, weights, gradient)`.
     """
 
-    __slots__ = ("mom1", "mom2", "averages", "lookahead", "nr_update", "schedules",
+    __slots__ = ("_mom1", "_mom2", "_averages", "_lookahead", "_nr_update", "schedules",
                  "ops", "_hyper", "_shapes", "_schedule_start", "_step", "_last_score",
-                 "_on_gpu", "_stale", "_plans", "_batches", "_batch", "_keyed",
-                 "__weakref__")
+                 "_on_gpu", "_stale", "_cpu", "_dev", "_keyed", "__weakref__")
 
     def __init__(self, learn_rate: FloatOrSeq, *, ops: Any = None,
                  L2: FloatOrSeq = ADAM_DEFAULTS["L2"],
@@ -130,11 +101,11 @@ class Optimizer:
                  L2_is_weight_decay: bool = ADAM_DEFAULTS["L2_is_weight_decay"],
                  weight_decay: FloatOrSeq = RADAM_DEFAULTS["weight_decay"],
                  schedules: Optional[Dict[str, Any]] = None) -> None:
-        self.mom1: Dict[KeyT, Any] = {}
-        self.mom2: Dict[KeyT, Any] = {}
-        self.averages: Optional[Dict[KeyT, Any]] = {} if use_averages else None
-        self.lookahead: Dict[KeyT, Any] = {}  # the slow weights
-        self.nr_update: Dict[KeyT, int] = defaultdict(int)
+        self._mom1: Dict[KeyT, Any] = {}
+        self._mom2: Dict[KeyT, Any] = {}
+        self._averages: Optional[Dict[KeyT, Any]] = {} if use_averages else None
+        self._lookahead: Dict[KeyT, Any] = {}  # the slow weights
+        self._nr_update: Dict[KeyT, int] = defaultdict(int)
         self.schedules: Dict[str, Any] = {}
         self.ops = _ops_name(ops)
         self._hyper = _kernels.Hyper()
@@ -143,11 +114,10 @@ class Optimizer:
         self._keyed: Dict[str, Callable[..., float]] = {}  # read per key at each update
         self._step = 0
         self._last_score: Optional[Tuple[int, float]] = None
-        self._on_gpu = False
+        self._on_gpu = False  # the state is on a device: the device's hot paths first
         self._stale: set = set()  # keys whose state misses arrays the settings now need
-        self._plans: Dict[KeyT, Any] = {}  # device keys: prepared launches (_kernels_cuda.Plan)
-        self._batches: Dict[Any, Any] = {}  # step_many's device tables per group
-        self._batch: Optional[_kernels.Batch] = None  # the last CPU step_many, to rerun
+        self._cpu = CpuUpdates(self)  # NumPy arrays: fast paths, the kept step_many batch
+        self._dev: Optional[DeviceUpdates] = None  # device arrays: plans and tables
         self._hyper.use_radam = bool(use_radam)
         self._hyper.L2_is_weight_decay = bool(L2_is_weight_decay)
         self.lookahead_k = lookahead_k
@@ -175,14 +145,14 @@ class Optimizer:
         the state arrays of the new kind: send them through the general path once."""
         if self._hyper.kind != previous:
             self._stale.update(self._shapes)
-            self._batch = None
+            self._cpu.forget()
 
     def _assign(self, name: str, value: Any, absolute: bool = False) -> None:
         if isinstance(value, numbers.Real):
             self.schedules.pop(name, None)
             self._schedule_start.pop(name, None)
             self._keyed.pop(name, None)
-            setattr(self._hyper, name, _check_value(name, value))
+            setattr(self._hyper, name, check_value(name, value))
         else:
             self._add_schedule(name, value, start=0, absolute=absolute)
 
@@ -199,7 +169,7 @@ class Optimizer:
         if isinstance(schedule, (list, tuple)):
             if not schedule:
                 raise ValueError(f"invalid schedule for {name!r}: the list is empty")
-            schedule = sequence([_check_value(name, v) for v in schedule])
+            schedule = sequence([check_value(name, v) for v in schedule])
         keyed = False
         if isinstance(schedule, Schedule):
             self._schedule_start[name] = (0 if absolute else
@@ -220,12 +190,12 @@ class Optimizer:
                 ) from None
             self._schedule_start[name] = start
             try:
-                first = _check_value(name, next(schedule))
+                first = check_value(name, next(schedule))
             except StopIteration:
                 raise ValueError(f"invalid schedule for {name!r}: it yields no values") from None
             if absolute:  # Thinc 9 reads item `step` (the last one once they run out)
                 for value in itertools.islice(schedule, self._step):
-                    first = _check_value(name, value)
+                    first = check_value(name, value)
             if start == 0:
                 setattr(self._hyper, name, first)
             else:  # checked now, used at the next step_schedules()
@@ -247,7 +217,7 @@ class Optimizer:
             index = self._step + self._schedule_start[name]
             if index >= 0:
                 value = schedule(index, last_score=self._last_score)
-                setattr(self._hyper, name, _check_value(name, value))
+                setattr(self._hyper, name, check_value(name, value))
 
     def _apply_keyed(self, key: KeyT) -> None:
         """Set the hyperparameters read per key to their values for `key` (Thinc 9's
@@ -256,7 +226,7 @@ class Optimizer:
         step, last_score = self._step, self._last_score
         for name, schedule in self._keyed.items():
             value = schedule(step, key=key, last_score=last_score)
-            setattr(self._hyper, name, _check_value(name, value))
+            setattr(self._hyper, name, check_value(name, value))
         self._after_kind(kind)
 
     def step_schedules(self) -> None:
@@ -269,7 +239,7 @@ class Optimizer:
                     value = next(schedule)
                 except StopIteration:  # exhausted: keep the last value, as Thinc does
                     continue
-                setattr(self._hyper, name, _check_value(name, value))
+                setattr(self._hyper, name, check_value(name, value))
         self._evaluate_schedules(self.schedules)
         self._after_kind(kind)
 
@@ -295,7 +265,7 @@ class Optimizer:
         index = step + self._schedule_start[name]
         if index < 0:  # a `schedules=` entry before the first step_schedules()
             return getattr(self._hyper, name)
-        return _check_value(name, schedule(index, **extra))
+        return check_value(name, schedule(index, **extra))
 
     @property
     def step(self) -> int:
@@ -318,7 +288,7 @@ class Optimizer:
         def get(self: "Optimizer") -> float:
             keyed = self._keyed.get(name)
             if keyed is not None:  # no key here: the schedule's own default
-                return _check_value(name, keyed(self._step, last_score=self._last_score))
+                return check_value(name, keyed(self._step, last_score=self._last_score))
             return getattr(self._hyper, name)
 
         def set(self: "Optimizer", value: FloatOrSeq) -> None:
@@ -346,7 +316,7 @@ class Optimizer:
             raise ValueError(f"lookahead_k must be an integer >= 0, got {k!r}")
         self._hyper.lookahead_k = int(k)
         self._stale.update(self._shapes)
-        self._batch = None
+        self._cpu.forget()
 
     @property
     def use_radam(self) -> bool:
@@ -362,60 +332,62 @@ class Optimizer:
 
     # ------------------------------------------------------------ updates
 
+    @property
+    def kind(self) -> str:
+        """The update the hyperparameters describe: "sgd", "adam" or "radam"."""
+        return self._hyper.kind
+
+    def _state_dict(slot: str, doc: str):  # noqa: N805 - builds properties below
+        def get(self: "Optimizer") -> Any:
+            return getattr(self, slot)
+
+        def set(self: "Optimizer", value: Any) -> None:
+            setattr(self, slot, value)
+            self._cpu = CpuUpdates(self)  # the backends hold the dicts: rebind them
+            if self._dev is not None:
+                self._dev.forget()
+
+        return property(get, set, doc=doc)
+
+    mom1 = _state_dict("_mom1", "key -> first moments (Adam, RAdam).")
+    mom2 = _state_dict("_mom2", "key -> second moments (Adam, RAdam).")
+    averages = _state_dict("_averages", "key -> parameter averages, or None without them.")
+    lookahead = _state_dict("_lookahead", "key -> lookahead's slow weights.")
+    nr_update = _state_dict("_nr_update", "key -> how many updates it has had.")
+    del _state_dict
+
     def __call__(self, key: KeyT, weights: Any, gradient: Any, *,
                  lr_scale: float = 1.0) -> Tuple[Any, Any]:
         """Update `weights` in place from `gradient` and zero `gradient`; returns both."""
-        if self._keyed and not _is_empty(gradient):
+        if self._keyed and not is_empty(gradient):
             self._apply_keyed(key)
-        shape = self._shapes.get(key)
-        if shape is not None and not self._stale:
-            if not self._on_gpu:
-                if (type(weights) is numpy.ndarray and type(gradient) is numpy.ndarray
-                        and gradient.size):
-                    if weights.shape != shape:
-                        raise ValueError(_shape_error(key, weights.shape, shape))
-                    t = self.nr_update[key] + 1
-                    _kernels.step(self._hyper, key, weights, gradient, self.mom1.get(key),
-                                  self.mom2.get(key),
-                                  None if self.averages is None else self.averages.get(key),
-                                  self.lookahead.get(key), t, lr_scale)
-                    self.nr_update[key] = t
-                    return weights, gradient
-            else:  # a device key with a prepared launch: no allocation, no host read
-                plan = self._plans.get(key)
-                if (plan is not None and type(weights) is plan.array_type
-                        and type(gradient) is plan.array_type and gradient.size
-                        and plan.holds(self.mom1.get(key), self.mom2.get(key),
-                                       None if self.averages is None else self.averages.get(key),
-                                       self.lookahead.get(key))):
-                    t = self.nr_update[key] + 1
-                    plan.backend.launch(plan, self._hyper, key, weights, gradient, t, lr_scale)
-                    self.nr_update[key] = t
-                    return weights, gradient
+        if not self._stale:  # the hot path of the backend the state lives on
+            fast = self._dev if self._on_gpu else self._cpu
+            if fast is not None and fast.step_known(key, weights, gradient, lr_scale):
+                return weights, gradient
         return self._update(key, weights, gradient, lr_scale)
 
     def _update(self, key: KeyT, weights: Any, gradient: Any, lr_scale: float) -> Tuple[Any, Any]:
         """The general path: first updates of a key, device arrays, empty gradients."""
-        if _is_empty(gradient):  # Thinc returns at once, whatever the weights are
+        if is_empty(gradient):  # Thinc returns at once, whatever the weights are
             return weights, gradient
-        backend = self._check_pair(key, weights, gradient)
+        backend = self.check_pair(key, weights, gradient)
         state = self._state_for(key, backend, weights)
         t = self.nr_update.get(key, 0) + 1
-        if backend is NUMPY:
-            _kernels.step(self._hyper, key, weights, gradient, state["mom1"], state["mom2"],
-                          state["average"], state["slow"], t, lr_scale)
-            self._commit(key, weights.shape, state, t)
-            return weights, gradient
-        plan = self._plan(backend, key, weights, state)
-        backend.launch(plan, self._hyper, key, weights, gradient, t, lr_scale)
+        updates = self._updates_for(backend)
+        updates.step(key, weights, gradient, state, t, lr_scale)
         self._commit(key, weights.shape, state, t)
-        self._plans[key] = plan
-        self._on_gpu = True
+        if backend is not NUMPY:
+            self._on_gpu = True
         return weights, gradient
 
-    def _plan(self, backend: Any, key: KeyT, weights: Any, state: Dict[str, Any]) -> Any:
-        return backend.plan(key, self._hyper.kind, self.averages is not None, weights,
-                            state["mom1"], state["mom2"], state["average"], state["slow"])
+    def _updates_for(self, backend: Any) -> Any:
+        """The updates object (and caches) of `backend` for this optimizer."""
+        if backend is NUMPY:
+            return self._cpu
+        if self._dev is None or self._dev.backend is not backend:
+            self._dev = DeviceUpdates(self, backend)
+        return self._dev
 
     def step_many(self, keys: Sequence[KeyT], weights: Sequence[Any],
                   gradients: Sequence[Any], *, lr_scale: float = 1.0) -> None:
@@ -444,10 +416,10 @@ class Optimizer:
         step, last_score = self._step, self._last_score
         groups: Dict[Tuple[float, ...], List[int]] = {}
         for i, (key, gradient) in enumerate(zip(keys, gradients)):
-            if _is_empty(gradient):
+            if is_empty(gradient):
                 continue
-            self._check_pair(key, weights[i], gradient)  # all before any group updates
-            values = tuple(_check_value(name, schedule(step, key=key, last_score=last_score))
+            self.check_pair(key, weights[i], gradient)  # all before any group updates
+            values = tuple(check_value(name, schedule(step, key=key, last_score=last_score))
                            for name, schedule in self._keyed.items())
             groups.setdefault(values, []).append(i)
         for values, index in groups.items():
@@ -460,136 +432,45 @@ class Optimizer:
 
     def _step_many(self, keys: List[KeyT], weights: List[Any], gradients: List[Any],
                    lr_scale: float) -> None:
-        batch = self._batch
-        if (batch is not None and not self._stale and not self._on_gpu
-                and batch.again(self._hyper, keys, weights, gradients, self.nr_update,
-                                lr_scale, self._batch_sources())):
+        cpu = None if self._stale or self._on_gpu else self._cpu
+        if cpu is not None and cpu.step_many_again(keys, weights, gradients, lr_scale):
             return
         if not len(keys) == len(weights) == len(gradients):
             raise ValueError(f"step_many: {len(keys)} keys, {len(weights)} weights and "
                              f"{len(gradients)} gradients")
         if len(set(keys)) != len(keys):
             raise ValueError("step_many: each key may appear once per call")
-        if self._step_many_known(keys, weights, gradients, lr_scale):
+        if cpu is not None and cpu.step_many_known(keys, weights, gradients, lr_scale):
             return  # (it takes no empty gradient)
-        if _any_empty(gradients):  # no-ops, as in single calls
-            todo = [i for i, g in enumerate(gradients) if not _is_empty(g)]
+        if any_empty(gradients):  # no-ops, as in single calls
+            todo = [i for i, g in enumerate(gradients) if not is_empty(g)]
             keys, weights = [keys[i] for i in todo], [weights[i] for i in todo]
             gradients = [gradients[i] for i in todo]
-            if self._step_many_known(keys, weights, gradients, lr_scale):
+            if cpu is not None and cpu.step_many_known(keys, weights, gradients, lr_scale):
                 return
-        if self._step_many_device_known(keys, weights, gradients, lr_scale):
+        if (self._on_gpu and not self._stale and self._dev is not None
+                and self._dev.step_many_known(keys, weights, gradients, lr_scale)):
             return
-        backends = [self._check_pair(k, w, g) for k, w, g in zip(keys, weights, gradients)]
+        backends = [self.check_pair(k, w, g) for k, w, g in zip(keys, weights, gradients)]
         if any(b is not NUMPY for b in backends):
             if all(b is backends[0] for b in backends):
-                self._step_many_device(backends[0], keys, weights, gradients, lr_scale)
+                self._updates_for(backends[0]).step_many(keys, weights, gradients, lr_scale)
+                self._on_gpu = True
             else:  # host and device tensors in one call: one by one
                 for k, w, g in zip(keys, weights, gradients):
                     self(k, w, g, lr_scale=lr_scale)
             return
         states = [self._state_for(k, NUMPY, w) for k, w in zip(keys, weights)]
         counts = [self.nr_update.get(k, 0) + 1 for k in keys]
-        batch = _kernels.step_many(self._hyper, keys, weights, gradients,
-                                   [s["mom1"] for s in states], [s["mom2"] for s in states],
-                                   [s["average"] for s in states],
-                                   [s["slow"] for s in states], counts, lr_scale)
+        batch = self._cpu.step_many(keys, weights, gradients, states, counts, lr_scale)
         for key, w, state, t in zip(keys, weights, states, counts):
             self._commit(key, w.shape, state, t)
-        self._keep(batch)
+        self._cpu.keep(batch)
 
-    def _step_many_device(self, backend: Any, keys: List[KeyT], weights: List[Any],
-                          gradients: List[Any], lr_scale: float) -> None:
-        """step_many on device arrays (already validated): one launch per group of
-        tensors sharing dtype and kernel, plus one clip norm launch per group."""
-        averages = self.averages if self.averages is not None else {}
-        plans, new = [], []
-        for key, w in zip(keys, weights):
-            plan = self._plans.get(key)
-            if (plan is None or key in self._stale
-                    or not plan.holds(self.mom1.get(key), self.mom2.get(key),
-                                      averages.get(key), self.lookahead.get(key))):
-                state = self._state_for(key, backend, w)
-                plan = self._plan(backend, key, w, state)
-                new.append((key, w.shape, state))
-            plans.append(plan)
-        counts = [self.nr_update.get(key, 0) + 1 for key in keys]
-        backend.launch_many(self._batches, self._hyper, keys, weights, gradients, plans,
-                            counts, lr_scale)
-        for key, shape, state in new:
-            self._commit(key, shape, state, 0)
-        for key, plan, t in zip(keys, plans, counts):
-            self._plans[key] = plan
-            self.nr_update[key] = t
-        self._on_gpu = True
-
-    def _step_many_device_known(self, keys: List[KeyT], weights: List[Any],
-                                gradients: List[Any], lr_scale: float) -> bool:
-        """The hot path of step_many on the device: keys with prepared launches whose
-        state is unchanged. The backend checks every array against its plan before
-        launching; returns False (having touched nothing) when the general path is needed."""
-        if not self._on_gpu or self._stale or not keys:
-            return False
-        plans = list(map(self._plans.get, keys))
-        if None in plans:
-            return False
-        array_type = {plans[0].array_type}
-        if set(map(type, weights)) != array_type or set(map(type, gradients)) != array_type:
-            return False
-        expected = plans[0].backend.expected(self._batches, plans)
-        averages = self.averages if self.averages is not None else {}
-        if not (_device.same_state(self.mom1, keys, expected.m)
-                and _device.same_state(self.mom2, keys, expected.v)
-                and _device.same_state(averages, keys, expected.avg)
-                and _device.same_state(self.lookahead, keys, expected.slow)):
-            return False  # a state array was replaced: plan again
-        nr_update = self.nr_update
-        counts = [nr_update[key] + 1 for key in keys]
-        plans[0].backend.launch_many(self._batches, self._hyper, keys, weights, gradients,
-                                     plans, counts, lr_scale)
-        nr_update.update(zip(keys, counts))
-        return True
-
-    def _step_many_known(self, keys: List[KeyT], weights: List[Any], gradients: List[Any],
-                         lr_scale: float) -> bool:
-        """The hot path of step_many: NumPy tensors of known keys with complete state.
-
-        The kernels validate dtypes, contiguity and every array's shape; returns False
-        (having touched nothing) when the general path is needed.
-        """
-        if self._stale or self._on_gpu:
-            return False
-        # One pass per dict, each in C (map): the cost per key is its hash lookups.
-        if not _kernels.known_shapes(list(map(self._shapes.get, keys)), weights, gradients):
-            return False
-        nr_update = self.nr_update
-        counts = [t + 1 for t in map(nr_update.__getitem__, keys)]
-        no_state = [None] * len(keys)
-        batch = _kernels.step_many(
-            self._hyper, keys, weights, gradients,
-            list(map(self.mom1.get, keys)) if self.mom1 else no_state,
-            list(map(self.mom2.get, keys)) if self.mom2 else no_state,
-            list(map(self.averages.get, keys)) if self.averages else no_state,
-            list(map(self.lookahead.get, keys)) if self.lookahead else no_state,
-            counts, lr_scale)
-        nr_update.update(zip(keys, counts))
-        self._keep(batch)
-        return True
-
-    def _batch_sources(self) -> Tuple[Any, ...]:
-        """The dicts a kept step_many batch took its state arrays from."""
-        return (self.mom1, self.mom2, self.averages, self.lookahead, self._shapes)
-
-    def _keep(self, batch: "_kernels.Batch") -> None:
-        """Keep a CPU step_many batch whose state arrays are the ones the dicts hold now,
-        to run again when the same keys come next. The optimizer's own changes of the
-        state drop it (_commit, remap_keys, to_gpu/to_cpu, from_bytes, the update kind,
-        lookahead_k); Batch.again also checks that the dicts still map the keys to its
-        arrays, so an entry a user replaced is seen too."""
-        self._batch = batch.bind(self._batch_sources(), self.nr_update)
-
-    def _check_pair(self, key: KeyT, weights: Any, gradient: Any) -> Any:
-        """Validate an update's arrays before anything is touched; return their backend."""
+    def check_pair(self, key: KeyT, weights: Any, gradient: Any) -> Any:
+        """Validate an update's arrays (type, device, dtype, contiguity, the key's known
+        shape) before anything is touched; return their backend. For wrappers of the
+        optimizer (optim.distributed) as much as for its own updates."""
         try:
             backend = backend_for(weights)
             grad_backend = backend_for(gradient)
@@ -600,13 +481,10 @@ class Optimizer:
                 f"key {key!r}: weights are {backend.name} arrays but the gradient is a "
                 f"{grad_backend.name} array; move both to the same device first"
             )
-        if backend is NUMPY:
-            _kernels.check_pair(key, weights, gradient)
-        else:
-            _check_device_pair(key, weights, gradient)
+        self._updates_for(backend).check(key, weights, gradient)
         shape = self._shapes.get(key)
         if shape is not None and weights.shape != shape:
-            raise ValueError(_shape_error(key, weights.shape, shape))
+            raise ValueError(shape_error(key, weights.shape, shape))
         return backend
 
     def _state_for(self, key: KeyT, backend: Any, weights: Any) -> Dict[str, Any]:
@@ -640,7 +518,7 @@ class Optimizer:
             if state[name] is not None and store is not None:
                 store[key] = state[name]
         self._shapes[key] = tuple(shape)
-        self._batch = None
+        self._cpu.forget()
         self.nr_update[key] = t
         self._stale.discard(key)
 
@@ -658,22 +536,22 @@ class Optimizer:
         return self
 
     def __getstate__(self) -> Dict[str, Any]:
-        """Copies (copy.deepcopy) leave out the prepared device launches, which hold
-        compiled kernels: they are rebuilt at the copy's first update."""
-        state = {name: getattr(self, name) for name in Optimizer.__slots__
-                 if name != "__weakref__"}
-        state["_plans"], state["_batches"], state["_batch"] = {}, {}, None
-        return state
+        """Copies (copy.deepcopy, pickle) leave out the backends' caches (the prepared
+        device launches hold compiled kernels): they are rebuilt at the copy's first update."""
+        return {name: getattr(self, name) for name in Optimizer.__slots__
+                if name not in ("__weakref__", "_cpu", "_dev")}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         for name, value in state.items():
             setattr(self, name, value)
+        self._cpu, self._dev = CpuUpdates(self), None
 
     def _forget_launches(self) -> None:
-        """Drop prepared launches and the kept step_many batch (state moved or renamed)."""
-        self._plans.clear()
-        self._batches.clear()
-        self._batch = None
+        """Drop the backends' caches: prepared launches, the kept step_many batch
+        (state moved or renamed)."""
+        self._cpu.forget()
+        if self._dev is not None:
+            self._dev.forget()
 
     # ------------------------------------------------------------ devices
 
@@ -704,50 +582,115 @@ class Optimizer:
 
     # ------------------------------------------------------------ state on disk
 
-    def to_dict(self) -> Dict[str, Any]:
-        from .serialize import optimizer_to_dict
+    def state(self) -> serialize.OptimizerState:
+        """Everything that determines future updates, as plain data on the host."""
+        hyper = self._hyper
+        keys = []
+        for key, shape in self._shapes.items():
+            arrays = {}
+            for name, store in zip(serialize.STATE_ARRAYS, (self.mom1, self.mom2,
+                                                            self.averages, self.lookahead)):
+                array = None if store is None else store.get(key)
+                if array is not None:
+                    array = numpy.ascontiguousarray(backend_for(array).to_host(array))
+                arrays[name] = array
+            keys.append(serialize.KeyState(key, shape, int(self.nr_update[key]), arrays))
+        return serialize.OptimizerState(
+            kind=hyper.kind, ops=self.ops, step=self._step, last_score=self._last_score,
+            hyperparameters={name: getattr(hyper, name) for name in HYPERPARAMETERS},
+            flags={"L2_is_weight_decay": bool(hyper.L2_is_weight_decay),
+                   "use_radam": bool(hyper.use_radam),
+                   "use_averages": self.averages is not None,
+                   "lookahead_k": int(hyper.lookahead_k)},
+            schedules={name: (schedule, self._schedule_start[name])
+                       for name, schedule in self.schedules.items()},
+            keys=keys)
 
-        return optimizer_to_dict(self)
+    @classmethod
+    def from_state(cls, state: serialize.OptimizerState) -> "Optimizer":
+        """A new optimizer (on the host) holding `state` (from `state()` or `decode`)."""
+        values = dict(state.hyperparameters)
+        flags = state.flags
+        opt = cls(values.pop("learn_rate"), ops=state.ops,
+                  use_averages=flags["use_averages"], use_radam=flags["use_radam"],
+                  L2_is_weight_decay=flags["L2_is_weight_decay"],
+                  lookahead_k=flags["lookahead_k"], **values)
+        if opt.kind != state.kind:
+            raise serialize.StateError(f"state says {state.kind!r} but its flags describe "
+                                       f"{opt.kind!r}")
+        opt._step, opt._last_score = state.step, state.last_score
+        for name, (schedule, start) in state.schedules.items():
+            opt.schedules[name] = schedule
+            opt._schedule_start[name] = start
+        needed = {"mom1": opt.kind != "sgd", "mom2": opt.kind != "sgd",
+                  "average": opt.averages is not None, "slow": opt.lookahead_k > 0}
+        stores = dict(zip(serialize.STATE_ARRAYS, (opt.mom1, opt.mom2, opt.averages,
+                                                    opt.lookahead)))
+        for record in state.keys:
+            for name, array in record.arrays.items():
+                if array is None and needed[name]:
+                    raise serialize.StateError(f"key {record.key!r}: {name} is missing")
+                if array is not None and stores[name] is not None:
+                    stores[name][record.key] = array
+            opt._shapes[record.key] = tuple(record.shape)
+            opt.nr_update[record.key] = record.nr_update
+        return opt
+
+    def to_dict(self) -> Dict[str, Any]:
+        """`state()` as the file format's message (msgpack-ready)."""
+        return serialize.encode(self.state())
 
     def to_bytes(self) -> bytes:
         """Everything that determines future updates, as msgpack bytes."""
-        from .serialize import optimizer_to_bytes
+        return srsly.msgpack_dumps(self.to_dict())
 
-        return optimizer_to_bytes(self)
+    @classmethod
+    def from_dict(cls, msg: Any) -> "Optimizer":
+        """A new optimizer from a `to_dict()` message (validated: StateError)."""
+        return cls._built(serialize.decode(msg))
+
+    @classmethod
+    def load_bytes(cls, data: bytes) -> "Optimizer":
+        """A new optimizer from `to_bytes()` (validated: StateError), on the host."""
+        return cls._built(serialize.loads(data))
+
+    @classmethod
+    def _built(cls, state: serialize.OptimizerState) -> "Optimizer":
+        try:
+            return cls.from_state(state)
+        except serialize.StateError:
+            raise
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
+            raise serialize.StateError(f"invalid optimizer state: {type(err).__name__}: "
+                                       f"{err}") from None
 
     def from_bytes(self, data: bytes) -> "Optimizer":
         """Replace this optimizer's whole state with `data`'s; returns self."""
-        from .serialize import optimizer_from_bytes
-
-        loaded = optimizer_from_bytes(data, device_like=self)
-        if loaded._hyper.kind != self._hyper.kind:
+        loaded = type(self).load_bytes(data)
+        if self._on_gpu:
+            loaded.to_gpu()
+        if loaded.kind != self.kind:
             raise ValueError(
-                f"this state is for a {loaded._hyper.kind} optimizer, not {self._hyper.kind}; "
+                f"this state is for a {loaded.kind} optimizer, not {self.kind}; "
                 "use optim.load(path) or Optimizer.from_bytes on a matching optimizer"
             )
         for name in Optimizer.__slots__:
-            if name != "__weakref__":
+            if name not in ("__weakref__", "_cpu", "_dev"):
                 setattr(self, name, getattr(loaded, name))
-        self._forget_launches()
+        self._cpu, self._dev = CpuUpdates(self), None  # over the new dicts
         return self
 
     def to_disk(self, path: Any) -> None:
         """Write `to_bytes()` atomically: a crash mid-write leaves the old file intact."""
-        from .serialize import write_atomic
-
-        write_atomic(path, self.to_bytes())
+        serialize.write_atomic(path, self.to_bytes())
 
     def from_disk(self, path: Any) -> "Optimizer":
-        from .serialize import read_file
-
-        return self.from_bytes(read_file(path))
+        return self.from_bytes(serialize.read_file(path))
 
     @classmethod
     def load(cls, path: Any) -> "Optimizer":
         """Build an optimizer from a saved state file, hyperparameters included."""
-        from .serialize import optimizer_from_bytes, read_file
-
-        return optimizer_from_bytes(read_file(path))
+        return cls.load_bytes(serialize.read_file(path))
 
     def __repr__(self) -> str:
         rate = "per-key" if "learn_rate" in self._keyed else f"{self._hyper.learn_rate:g}"
@@ -760,31 +703,6 @@ def _indexed(schedule: Any) -> bool:
     return isinstance(schedule, Schedule) or is_step_schedule(schedule)
 
 
-def _check_value(name: str, value: Any) -> float:
-    low, high, rule = HYPERPARAMETERS[name]
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(f"{name} must be finite and {rule}, got {value!r}")
-    return value
-
-
-_SIZE = operator.attrgetter("size")
-
-
-def _any_empty(gradients: List[Any]) -> bool:
-    try:
-        return 0 in map(_SIZE, gradients)
-    except AttributeError:
-        return any(_is_empty(g) for g in gradients)
-
-
-def _is_empty(gradient: Any) -> bool:
-    """A gradient with no elements: Thinc's "nothing to do" (checked before anything else)."""
-    return getattr(gradient, "size", None) == 0
-
-
 def _ops_name(ops: Any) -> Optional[str]:
     """Accept None, a backend name, or a Thinc Ops object; keep its name."""
     if ops is None:
@@ -794,8 +712,3 @@ def _ops_name(ops: Any) -> Optional[str]:
     if name not in known:
         raise ValueError(f"ops must be None, one of {sorted(known)} or a Thinc Ops, got {ops!r}")
     return name
-
-
-def _shape_error(key: KeyT, got: Tuple[int, ...], expected: Tuple[int, ...]) -> str:
-    return (f"key {key!r}: weights have shape {tuple(got)}, but this key was updated with "
-            f"shape {tuple(expected)} before")

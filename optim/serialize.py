@@ -1,5 +1,9 @@
 """Optimizer state as srsly msgpack: versioned, validated on load, written atomically.
 
+This module is the file format only: `Optimizer.state()` gives an `OptimizerState` (plain
+data), `encode` makes it a message, `decode` validates a message back into one, and
+`Optimizer.from_state` builds the optimizer. It does not import the optimizer.
+
 No pickle anywhere: arrays travel as srsly's msgpack-numpy records (raw bytes, dtype and
 shape), keys as tagged lists, schedules as registry names with their arguments (a Thinc 9
 schedule as optim's equivalent: `optim.schedules.from_thinc`).
@@ -7,14 +11,14 @@ schedule as optim's equivalent: `optim.schedules.from_thinc`).
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy
 import srsly
 
-from .backends import backend_for
-from .optimizer import HYPERPARAMETERS
+from .hyperparams import HYPERPARAMETERS, check_value
 from .schedules import Schedule, from_thinc, is_step_schedule
 
 FORMAT_NAME = "optim.Optimizer"
@@ -48,12 +52,38 @@ def decode_key(data: Any) -> Any:
     raise StateError(f"invalid key record {data!r}")
 
 
-# ------------------------------------------------------------------ to bytes
+# ------------------------------------------------------------------ the state, as data
 
-def optimizer_to_dict(opt: Any) -> Dict[str, Any]:
-    hyper = opt._hyper
+@dataclass
+class KeyState:
+    """One key's saved state: its shape, update count and host arrays (None: absent)."""
+
+    key: Any
+    shape: Tuple[int, ...]
+    nr_update: int
+    arrays: Dict[str, Optional[numpy.ndarray]]  # STATE_ARRAYS -> array or None
+
+
+@dataclass
+class OptimizerState:
+    """Everything that determines an optimizer's future updates, as plain data: what
+    `Optimizer.state()` gives and `Optimizer.from_state` takes; `encode`/`decode` turn
+    it into the file format and back."""
+
+    kind: str
+    hyperparameters: Dict[str, float]
+    flags: Dict[str, Any]  # L2_is_weight_decay, use_radam, use_averages, lookahead_k
+    ops: Optional[str]
+    step: int
+    last_score: Optional[Tuple[int, float]]
+    schedules: Dict[str, Tuple[Any, int]]  # name -> (schedule, start)
+    keys: List[KeyState]
+
+
+def encode(state: OptimizerState) -> Dict[str, Any]:
+    """The msgpack-ready message of `state` (a Thinc 9 schedule saved as optim's)."""
     schedules = {}
-    for name, schedule in opt.schedules.items():
+    for name, (schedule, start) in state.schedules.items():
         if is_step_schedule(schedule):  # a Thinc 9 schedule: saved as optim's equivalent
             try:
                 schedule = from_thinc(schedule)
@@ -65,62 +95,50 @@ def optimizer_to_dict(opt: Any) -> Dict[str, Any]:
                 "whose position cannot be restored. Use a registered schedule (for example "
                 "optim.decaying(...) or a @schedules block in the config) or a list of values."
             )
-        schedules[name] = {"schedule": schedule.to_dict(), "start": opt._schedule_start[name]}
+        schedules[name] = {"schedule": schedule.to_dict(), "start": start}
     keys = []
-    for key, shape in opt._shapes.items():
-        record: Dict[str, Any] = {"key": encode_key(key), "shape": list(shape),
-                                  "nr_update": int(opt.nr_update[key])}
-        for name, store in zip(STATE_ARRAYS, (opt.mom1, opt.mom2, opt.averages, opt.lookahead)):
-            array = None if store is None else store.get(key)
-            if array is not None:
-                array = numpy.ascontiguousarray(backend_for(array).to_host(array))
-            record[name] = array
-        keys.append(record)
+    for record in state.keys:
+        entry: Dict[str, Any] = {"key": encode_key(record.key), "shape": list(record.shape),
+                                 "nr_update": int(record.nr_update)}
+        entry.update(record.arrays)
+        keys.append(entry)
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
-        "kind": hyper.kind,
-        "hyperparameters": {name: getattr(hyper, name) for name in HYPERPARAMETERS},
-        "flags": {"L2_is_weight_decay": bool(hyper.L2_is_weight_decay),
-                  "use_radam": bool(hyper.use_radam),
-                  "use_averages": opt.averages is not None,
-                  "lookahead_k": int(hyper.lookahead_k)},
-        "ops": opt.ops,
-        "step": opt._step,
-        "last_score": None if opt._last_score is None else list(opt._last_score),
+        "kind": state.kind,
+        "hyperparameters": dict(state.hyperparameters),
+        "flags": dict(state.flags),
+        "ops": state.ops,
+        "step": state.step,
+        "last_score": None if state.last_score is None else list(state.last_score),
         "schedules": schedules,
         "keys": keys,
     }
 
 
-def optimizer_to_bytes(opt: Any) -> bytes:
-    return srsly.msgpack_dumps(optimizer_to_dict(opt))
+def decode(msg: Any) -> OptimizerState:
+    """Validate a message (format, version, types, every array) into an OptimizerState;
+    StateError naming the problem."""
+    try:
+        return _decode(msg)
+    except StateError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as err:
+        raise StateError(f"invalid optimizer state: {type(err).__name__}: {err}") from None
 
 
-# ------------------------------------------------------------------ from bytes
-
-def optimizer_from_bytes(data: bytes, device_like: Optional[Any] = None) -> Any:
-    """A new optimizer holding `data`'s state; on the GPU if `device_like` is there."""
+def loads(data: bytes) -> OptimizerState:
+    """`decode` of msgpack bytes."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"optimizer state must be bytes, got {type(data).__name__}")
     try:
         msg = srsly.msgpack_loads(bytes(data))
     except Exception as err:  # msgpack raises many types on corrupt input
         raise StateError(f"optimizer state is not valid msgpack ({type(err).__name__}: {err})") from None
-    try:
-        opt = optimizer_from_dict(msg)
-    except StateError:
-        raise
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as err:
-        raise StateError(f"invalid optimizer state: {type(err).__name__}: {err}") from None
-    if device_like is not None and device_like._on_gpu:
-        opt.to_gpu()
-    return opt
+    return decode(msg)
 
 
-def optimizer_from_dict(msg: Any) -> Any:
-    from .optimizer import Optimizer, _check_value
-
+def _decode(msg: Any) -> OptimizerState:
     msg = _expect(msg, dict, "state")
     if msg.get("format") != FORMAT_NAME:
         raise StateError(f"not an optim optimizer state (format {msg.get('format')!r})")
@@ -130,19 +148,13 @@ def optimizer_from_dict(msg: Any) -> Any:
                          f"(reads up to version {FORMAT_VERSION}); upgrade optim")
     hyper = _expect(msg["hyperparameters"], dict, "hyperparameters")
     flags = _expect(msg["flags"], dict, "flags")
-    values = {name: _check_value(name, hyper[name]) for name in HYPERPARAMETERS}
-    opt = Optimizer(values.pop("learn_rate"), ops=msg["ops"],
-                    use_averages=_expect(flags["use_averages"], bool, "use_averages"),
-                    use_radam=_expect(flags["use_radam"], bool, "use_radam"),
-                    L2_is_weight_decay=_expect(flags["L2_is_weight_decay"], bool,
-                                               "L2_is_weight_decay"),
-                    lookahead_k=flags["lookahead_k"], **values)
-    if opt._hyper.kind != msg["kind"]:
-        raise StateError(f"state says {msg['kind']!r} but its flags describe {opt._hyper.kind!r}")
-    opt._step = _count(msg["step"], "step")
+    for name in ("use_averages", "use_radam", "L2_is_weight_decay"):
+        _expect(flags[name], bool, name)
+    last_score = None
     if msg["last_score"] is not None:
         score_step, score = _expect(msg["last_score"], list, "last_score")
-        opt._last_score = (_count(score_step, "last_score step"), float(score))
+        last_score = (_count(score_step, "last_score step"), float(score))
+    schedules = {}
     for name, record in _expect(msg["schedules"], dict, "schedules").items():
         record = _expect(record, dict, "schedule")
         start = record["start"]
@@ -151,28 +163,33 @@ def optimizer_from_dict(msg: Any) -> Any:
         schedule = Schedule.from_dict(_expect(record["schedule"], dict, "schedule"))
         if name not in HYPERPARAMETERS:
             raise StateError(f"cannot schedule {name!r}")
-        opt.schedules[name] = schedule
-        opt._schedule_start[name] = start
+        schedules[name] = (schedule, start)
+    keys, seen = [], set()
     for record in _expect(msg["keys"], list, "keys"):
-        _load_key(opt, _expect(record, dict, "key record"))
-    return opt
+        state = _decode_key(_expect(record, dict, "key record"))
+        if state.key in seen:
+            raise StateError(f"key {state.key!r} appears twice")
+        seen.add(state.key)
+        keys.append(state)
+    return OptimizerState(
+        kind=msg["kind"], ops=msg["ops"], step=_count(msg["step"], "step"),
+        hyperparameters={name: check_value(name, hyper[name]) for name in HYPERPARAMETERS},
+        flags={"L2_is_weight_decay": flags["L2_is_weight_decay"],
+               "use_radam": flags["use_radam"], "use_averages": flags["use_averages"],
+               "lookahead_k": flags["lookahead_k"]},
+        last_score=last_score, schedules=schedules, keys=keys)
 
 
-def _load_key(opt: Any, record: Dict[str, Any]) -> None:
+def _decode_key(record: Dict[str, Any]) -> KeyState:
     key = decode_key(record["key"])
-    if key in opt._shapes:
-        raise StateError(f"key {key!r} appears twice")
     shape = tuple(_count(d, "dimension") for d in _expect(record["shape"], list, "shape"))
     size = math.prod(shape)
-    needed = {"mom1": opt._hyper.kind != "sgd", "mom2": opt._hyper.kind != "sgd",
-              "average": opt.averages is not None, "slow": opt._hyper.lookahead_k > 0}
-    arrays = {}
+    arrays: Dict[str, Optional[numpy.ndarray]] = {}
     dtype = None
     for name in STATE_ARRAYS:
         array = record[name]
         if array is None:
-            if needed[name]:
-                raise StateError(f"key {key!r}: {name} is missing")
+            arrays[name] = None
             continue
         if not isinstance(array, numpy.ndarray):
             raise StateError(f"key {key!r}: {name} is not an array")
@@ -184,11 +201,7 @@ def _load_key(opt: Any, record: Dict[str, Any]) -> None:
             raise StateError(f"key {key!r}: state arrays disagree on dtype")
         dtype = array.dtype
         arrays[name] = numpy.array(array, copy=True)  # msgpack's arrays are read-only
-    opt._shapes[key] = shape
-    opt.nr_update[key] = _count(record["nr_update"], "nr_update")
-    for name, store in zip(STATE_ARRAYS, (opt.mom1, opt.mom2, opt.averages, opt.lookahead)):
-        if name in arrays and store is not None:
-            store[key] = arrays[name]
+    return KeyState(key, shape, _count(record["nr_update"], "nr_update"), arrays)
 
 
 def _expect(value: Any, kind: type, what: str) -> Any:
@@ -238,5 +251,5 @@ def read_file(path: Any) -> bytes:
         return f.read()
 
 
-__all__ = ["StateError", "optimizer_to_bytes", "optimizer_from_bytes", "write_atomic",
-           "read_file", "encode_key", "decode_key"]
+__all__ = ["StateError", "OptimizerState", "KeyState", "encode", "decode", "loads",
+           "write_atomic", "read_file", "encode_key", "decode_key"]

@@ -360,13 +360,13 @@ def test_per_call_path_reuses_its_plan(device):
         opt("k", w[...], ch.to_fake_device(g))
         ref("k", w_host, g.copy())
         if step == 0:
-            plan = opt._plans["k"]
-        assert opt._plans["k"] is plan
+            plan = opt._dev.plans["k"]
+        assert opt._dev.plans["k"] is plan
     assert_same(w, w_host, "after 4 steps")
     opt.mom1["k"] = ch.to_fake_device(ref.mom1["k"])  # a user replaces the state
     opt("k", w, ch.to_fake_device(numpy.ones((3, 4), numpy.float32)))
     ref("k", w_host, numpy.ones((3, 4), numpy.float32))
-    assert opt._plans["k"] is not plan and opt._plans["k"].m is opt.mom1["k"]
+    assert opt._dev.plans["k"] is not plan and opt._dev.plans["k"].m is opt.mom1["k"]
     assert_same(w, w_host, "after the replaced state")
     assert device.launches.count(NORM) == 5 and device.moved_to_host == 0
 
@@ -449,7 +449,7 @@ def test_deepcopy_of_a_device_optimizer(device):
     opt("k", w, ch.to_fake_device(numpy.ones(10, numpy.float32)))
     opt.step_many(["k"], [w], [ch.to_fake_device(numpy.ones(10, numpy.float32))])
     twin = copy.deepcopy(opt)
-    assert twin._plans == {} and twin._batches == {} and opt._plans
+    assert twin._dev is None and opt._dev.plans and opt._dev.tables
     assert twin.mom1["k"] is not opt.mom1["k"]
     w_twin = w.copy()
     for step in range(3):
@@ -457,7 +457,7 @@ def test_deepcopy_of_a_device_optimizer(device):
         opt("k", w, ch.to_fake_device(g))
         twin("k", w_twin, ch.to_fake_device(g))
     assert_same(w_twin, w.view(numpy.ndarray), "copy")
-    assert twin._plans["k"].m is twin.mom1["k"]
+    assert twin._dev.plans["k"].m is twin.mom1["k"]
 
 
 def test_device_host_loops():

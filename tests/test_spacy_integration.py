@@ -95,7 +95,7 @@ def _rekey(opt, mapping):
     msg = opt.to_dict()
     for record in msg["keys"]:
         record["key"] = serialize.encode_key(mapping[serialize.decode_key(record["key"])])
-    return optim.thinc.ThincOptimizer(serialize.optimizer_from_dict(msg))
+    return optim.thinc.ThincOptimizer(optim.Optimizer.from_dict(msg))
 
 
 def _load(path):

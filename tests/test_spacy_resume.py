@@ -174,7 +174,8 @@ def test_killed_at_random_moments_and_resumed_is_bitwise_the_uninterrupted_run(
         kills.append(_kill_after(command, None, rng.uniform(0.2, 1.0)))
     # then two kills at random moments of training: after a random step's checkpoint,
     # plus a random fraction of a second
-    for min_step in sorted(rng.sample(range(6, reference["steps"] - 25), 2)):
+    first = rng.randint(6, 40)  # far enough apart that the second run trains first
+    for min_step in (first, rng.randint(first + 25, reference["steps"] - 25)):
         kills.append(_kill_after(command, min_step, rng.uniform(0.0, 0.4)))
     assert [code for code, _, _ in kills] == [None] * len(kills)
     code, out, err = _run(command)

@@ -6,7 +6,7 @@ through one call per key, in order, and requires bitwise equal weights, gradient
 state after every step. Between two steps a test changes the state the way a user or
 the optimizer's own methods can (replaced, deleted or resized arrays, replaced dicts,
 renamed keys, loaded bytes, a trip to the device, a new update kind...); the kept batch
-must see each change, and whether it ran is checked by its identity (`opt._batch`).
+must see each change, and whether it ran is checked by its identity (`opt._cpu.batch`).
 Bad input on the kept batch's path must raise the error the general path raises, with
 nothing touched.
 """
@@ -90,11 +90,11 @@ def test_repeated_batch_reruns_and_equals_single_calls(hp, shapes_, dtype, n_rou
     keys = [(i, "W") for i in range(len(shapes_))]
     twin = Twin(hp, shapes_, keys, dtype, seed)
     twin.step(lr_scale)
-    batch = twin.many._batch
+    batch = twin.many._cpu.batch
     assert batch is not None
     for _ in range(n_rounds - 1):
         twin.step(lr_scale, keys=[(k[0], k[1]) for k in keys])  # equal keys, new objects
-        assert twin.many._batch is batch  # the kept batch ran
+        assert twin.many._cpu.batch is batch  # the kept batch ran
 
 
 def _replace(name, key=KEYS[0]):
@@ -166,7 +166,7 @@ def test_state_changes_between_calls_are_seen(name, change, kept, extra_keys):
     twin = Twin(CONFIG, extra_keys=extra_keys)
     for _ in range(3):  # steps 1 to 3: lookahead syncs at step 2
         twin.step()
-    batch = twin.many._batch
+    batch = twin.many._cpu.batch
     old = {name: dict(getattr(twin.many, name)) for name in ("mom1", "mom2", "averages",
                                                              "lookahead")}
     before = {n: {k: a.copy() for k, a in d.items()} for n, d in old.items()}
@@ -174,7 +174,7 @@ def test_state_changes_between_calls_are_seen(name, change, kept, extra_keys):
     twin.check()
     for _ in range(3):
         twin.step()
-    assert (twin.many._batch is batch) == kept
+    assert (twin.many._cpu.batch is batch) == kept
     if not kept:  # an array the optimizer no longer holds was not written by a stale batch
         for n, store in old.items():
             held = {id(a) for a in (getattr(twin.many, n) or {}).values()}
@@ -189,11 +189,11 @@ def test_from_bytes_between_calls():
     data = twin.many.to_bytes()  # the state after step 1
     twin.step()
     twin.step()
-    batch = twin.many._batch
+    batch = twin.many._cpu.batch
     twin.both(_from_bytes(data))
     twin.check()
     twin.step()
-    assert twin.many._batch is not batch
+    assert twin.many._cpu.batch is not batch
     twin.step()
 
 
@@ -204,7 +204,7 @@ def test_to_gpu_and_back_between_calls():
         twin = Twin(CONFIG)
         twin.step()
         twin.step()
-        batch = twin.many._batch
+        batch = twin.many._cpu.batch
         host = twin.many.mom1[KEYS[0]]
         twin.both(lambda opt, ws: opt.to_gpu())
         gs = twin.gradients()
@@ -212,7 +212,7 @@ def test_to_gpu_and_back_between_calls():
             twin.many.step_many(twin.keys, twin.ws, gs)
         twin.both(lambda opt, ws: opt.to_cpu())
         twin.step()
-        assert twin.many._batch is not batch and twin.many.mom1[KEYS[0]] is not host
+        assert twin.many._cpu.batch is not batch and twin.many.mom1[KEYS[0]] is not host
         twin.step()
     finally:
         backends.set_gpu_backend(previous)
@@ -227,9 +227,9 @@ def test_update_kind_change_allocates_state():
     twin.both(lambda opt, ws: (_set("beta1", 0.9)(opt, ws), _set("beta2", 0.99)(opt, ws)))
     twin.step()
     assert set(twin.many.mom1) == set(KEYS)
-    batch = twin.many._batch
+    batch = twin.many._cpu.batch
     twin.step()
-    assert twin.many._batch is batch
+    assert twin.many._cpu.batch is batch
 
 
 def test_copies_drop_the_batch():
@@ -237,7 +237,7 @@ def test_copies_drop_the_batch():
     twin.step()
     twin.step()
     twin.many = copy.deepcopy(twin.many)
-    assert twin.many._batch is None
+    assert twin.many._cpu.batch is None
     twin.step()
     twin.step()
 
@@ -324,9 +324,9 @@ def _bad_call(twin, spoil_arrays=None, spoil_state=None, lr_scale=1.0, keys=None
     path (a copy, which has no batch), nothing touched, and the batch still good."""
     for _ in range(3):
         twin.step()
-    batch = twin.many._batch
+    batch = twin.many._cpu.batch
     general = copy.deepcopy(twin.many)
-    assert general._batch is None and twin.many._batch is batch
+    assert general._cpu.batch is None and twin.many._cpu.batch is batch
     if spoil_state is not None:
         spoil_state(twin.many)
         spoil_state(general)
@@ -352,9 +352,9 @@ def test_bad_arrays_on_the_kept_path(name, spoil, kind):
     twin = Twin(CONFIG)
     message = _bad_call(twin, spoil_arrays=spoil, kind=kind)
     assert "key" in message or "step_many" in message
-    batch = twin.many._batch
+    batch = twin.many._cpu.batch
     twin.step()  # good input again: the kept batch runs
-    assert twin.many._batch is batch
+    assert twin.many._cpu.batch is batch
 
 
 @pytest.mark.parametrize("name,spoil,kind", BAD_STATE, ids=[b[0] for b in BAD_STATE])

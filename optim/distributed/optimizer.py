@@ -25,6 +25,7 @@ import srsly
 from .. import optimizer as _optimizer
 from .. import serialize
 from ..backends import NUMPY, backend_for
+from ..hyperparams import any_empty, is_empty, shape_error
 from ..optimizer import Optimizer
 from . import flat
 from .group import Group, DistributedError, from_process_group, join
@@ -104,7 +105,7 @@ class DistributedOptimizer:
         self._averages: Optional[Dict[KeyT, Any]] = None  # sharded: gathered, until a step
         self._xp: Any = numpy  # where the state lives: numpy, or cupy after GPU steps
         if optimizer.nr_update:  # it holds state already: spread it like a checkpoint
-            self._adopt(serialize.optimizer_to_dict(optimizer), fresh=False)
+            self._adopt(optimizer.to_dict(), fresh=False)
 
     # ------------------------------------------------------------ the group
 
@@ -136,7 +137,7 @@ class DistributedOptimizer:
         update writes into these same arrays later. An empty gradient is a no-op, as in
         `Optimizer.__call__`: nothing is checked or recorded.
         """
-        if _optimizer._is_empty(gradient):
+        if is_empty(gradient):
             return weights, gradient
         if key in self._pending_keys:
             raise ValueError(
@@ -179,8 +180,8 @@ class DistributedOptimizer:
             raise ValueError(f"step_many: {len(keys)} keys, {len(weights)} weights and "
                              f"{len(gradients)} gradients")
         _check_lr_scale(lr_scale)
-        if _optimizer._any_empty(gradients):  # no-ops, as in Optimizer.step_many
-            todo = [i for i, g in enumerate(gradients) if not _optimizer._is_empty(g)]
+        if any_empty(gradients):  # no-ops, as in Optimizer.step_many
+            todo = [i for i, g in enumerate(gradients) if not is_empty(g)]
             keys, weights = [keys[i] for i in todo], [weights[i] for i in todo]
             gradients = [gradients[i] for i in todo]
         self._run(keys, weights, gradients, [float(lr_scale)] * len(keys), checked=False)
@@ -319,10 +320,10 @@ class DistributedOptimizer:
 
     def _check(self, key: KeyT, weights: Any, gradient: Any) -> Any:
         """Validate one update (dtypes, contiguity, device, shapes) before anything runs."""
-        backend = self.optimizer._check_pair(key, weights, gradient)
+        backend = self.optimizer.check_pair(key, weights, gradient)
         shape = self._shapes.get(key)  # (empty gradients never get here)
         if shape is not None and tuple(weights.shape) != shape:
-            raise ValueError(_optimizer._shape_error(key, weights.shape, shape))
+            raise ValueError(shape_error(key, weights.shape, shape))
         dtype = self._dtypes.get(key)
         if dtype is not None and numpy.dtype(gradient.dtype) != dtype:
             raise TypeError(f"key {key!r}: the gradient is {gradient.dtype}, but this key "
@@ -384,7 +385,7 @@ class DistributedOptimizer:
         """The single-process state (`Optimizer.to_dict`'s format) of the whole group.
         Sharded with several ranks, a collective: every rank gets the whole state."""
         self._check_flushed("to_dict")
-        msg = serialize.optimizer_to_dict(self.optimizer)
+        msg = self.optimizer.to_dict()
         records = msg["keys"]
         if self.sharded and self.group.world_size > 1:
             parts = self.group.all_gather_bytes(srsly.msgpack_dumps(records),
@@ -410,13 +411,12 @@ class DistributedOptimizer:
     def from_bytes(self, data: bytes) -> "DistributedOptimizer":
         """Load single-process state (from any world size); each rank keeps what it owns."""
         self._check_flushed("from_bytes")
-        loaded = serialize.optimizer_from_bytes(data)
-        if loaded._hyper.kind != self.optimizer._hyper.kind:
+        loaded = Optimizer.load_bytes(data)
+        if loaded.kind != self.optimizer.kind:
             raise ValueError(
-                f"this state is for a {loaded._hyper.kind} optimizer, not "
-                f"{self.optimizer._hyper.kind}"
+                f"this state is for a {loaded.kind} optimizer, not {self.optimizer.kind}"
             )
-        self._adopt(serialize.optimizer_to_dict(loaded), fresh=True)
+        self._adopt(loaded.to_dict(), fresh=True)
         return self
 
     def from_disk(self, path: Any) -> "DistributedOptimizer":

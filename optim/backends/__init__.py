@@ -58,7 +58,7 @@ def get_gpu_backend() -> Any:
     """The backend `Optimizer.to_gpu()` moves state to (CuPy unless replaced)."""
     global _gpu_backend
     if _gpu_backend is None:
-        from ._kernels_cuda import CupyBackend
+        from .._kernels_cuda import CupyBackend
 
         _gpu_backend = CupyBackend()
     return _gpu_backend

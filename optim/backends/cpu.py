@@ -1,0 +1,100 @@
+"""The NumPy backend's updates for one optimizer: `optim._kernels` does the math; this
+object owns the CPU fast paths and their cache (the last `step_many`'s `Batch`)."""
+from typing import Any, Dict, List, Optional
+
+import numpy
+
+from .. import _kernels
+from ..hyperparams import KeyT, shape_error
+
+
+class CpuUpdates:
+    """`Updates` (see optim.backends) for NumPy arrays."""
+
+    __slots__ = ("hyper", "mom1", "mom2", "averages", "lookahead", "nr_update", "shapes",
+                 "batch")
+
+    def __init__(self, opt: Any) -> None:
+        # The optimizer's own dicts, held directly: the hot paths read them at C speed.
+        # The optimizer builds a new CpuUpdates whenever one of them is replaced.
+        self.hyper = opt._hyper
+        self.mom1, self.mom2 = opt._mom1, opt._mom2
+        self.averages, self.lookahead = opt._averages, opt._lookahead
+        self.nr_update, self.shapes = opt._nr_update, opt._shapes
+        self.batch: Optional[_kernels.Batch] = None
+
+    @staticmethod
+    def check(key: KeyT, weights: Any, gradient: Any) -> None:
+        _kernels.check_pair(key, weights, gradient)
+
+    def step_known(self, key: KeyT, weights: Any, gradient: Any, lr_scale: float) -> bool:
+        """The per-call hot path: a known key, state complete. False: take the general path."""
+        shape = self.shapes.get(key)
+        if (shape is None or type(weights) is not numpy.ndarray
+                or type(gradient) is not numpy.ndarray or not gradient.size):
+            return False
+        if weights.shape != shape:
+            raise ValueError(shape_error(key, weights.shape, shape))
+        t = self.nr_update[key] + 1
+        averages = self.averages
+        _kernels.step(self.hyper, key, weights, gradient, self.mom1.get(key),
+                      self.mom2.get(key), None if averages is None else averages.get(key),
+                      self.lookahead.get(key), t, lr_scale)
+        self.nr_update[key] = t
+        return True
+
+    def step(self, key: KeyT, weights: Any, gradient: Any, state: Dict[str, Any], t: int,
+             lr_scale: float) -> None:
+        """One checked update with the key's (possibly new) state arrays."""
+        _kernels.step(self.hyper, key, weights, gradient, state["mom1"], state["mom2"],
+                      state["average"], state["slow"], t, lr_scale)
+
+    def step_many_again(self, keys: List[KeyT], weights: List[Any], gradients: List[Any],
+                        lr_scale: float) -> bool:
+        """Rerun the kept batch if C code finds the same keys, arrays and state."""
+        batch = self.batch
+        return batch is not None and batch.again(self.hyper, keys, weights, gradients,
+                                                 self.nr_update, lr_scale, self._sources())
+
+    def step_many_known(self, keys: List[KeyT], weights: List[Any], gradients: List[Any],
+                        lr_scale: float) -> bool:
+        """Known keys with complete state: the kernels validate dtypes, contiguity and
+        every shape; False (nothing touched) when the general path is needed."""
+        if not _kernels.known_shapes(list(map(self.shapes.get, keys)), weights, gradients):
+            return False
+        nr_update = self.nr_update
+        counts = [t + 1 for t in map(nr_update.__getitem__, keys)]
+        no_state = [None] * len(keys)
+        batch = _kernels.step_many(
+            self.hyper, keys, weights, gradients,
+            list(map(self.mom1.get, keys)) if self.mom1 else no_state,
+            list(map(self.mom2.get, keys)) if self.mom2 else no_state,
+            list(map(self.averages.get, keys)) if self.averages else no_state,
+            list(map(self.lookahead.get, keys)) if self.lookahead else no_state,
+            counts, lr_scale)
+        nr_update.update(zip(keys, counts))
+        self.keep(batch)
+        return True
+
+    def step_many(self, keys: List[KeyT], weights: List[Any], gradients: List[Any],
+                  states: List[Dict[str, Any]], counts: List[int], lr_scale: float) -> Any:
+        """Checked tensors with their (possibly new) state: one call; returns the Batch
+        for `keep` once the optimizer has stored the new state."""
+        return _kernels.step_many(self.hyper, keys, weights, gradients,
+                                  [s["mom1"] for s in states], [s["mom2"] for s in states],
+                                  [s["average"] for s in states],
+                                  [s["slow"] for s in states], counts, lr_scale)
+
+    def _sources(self) -> tuple:
+        """The dicts a kept batch took its state arrays from."""
+        return (self.mom1, self.mom2, self.averages, self.lookahead, self.shapes)
+
+    def keep(self, batch: "_kernels.Batch") -> None:
+        """Keep a batch whose state arrays are the ones the dicts hold now, to run again
+        when the same keys come next. Batch.again also checks that the dicts still map
+        the keys to its arrays, so an entry a user replaced is seen too."""
+        self.batch = batch.bind(self._sources(), self.nr_update)
+
+    def forget(self, key: Any = None) -> None:
+        """State arrays were replaced or renamed (one key's, or all): drop the batch."""
+        self.batch = None
