@@ -79,4 +79,5 @@ def refuse_capture(cupy: Any, what: str) -> None:
         raise RuntimeError(
             f"{what} cannot be captured in a CUDA graph: it allocates device memory or "
             "copies from the host. Capture per-call updates (optimizer(key, w, g)) of "
-            "keys updated once before the capture (docs/gpu.md, 'CUDA graphs')")
+            "keys updated once, outside the capture, with the same hyperparameters "
+            "(docs/gpu.md, 'CUDA graphs')")

@@ -620,6 +620,11 @@ class CupyBackend:
     def _device(self) -> int:
         return self.cupy.cuda.runtime.getDevice()
 
+    def refuse_capture(self, what: str) -> None:
+        """RuntimeError if CuPy's current stream is capturing a CUDA graph: `what`
+        allocates or uploads, which a graph cannot replay."""
+        refuse_capture(self.cupy, what)
+
     # ------------------------------------------------------------ one tensor
 
     def plan(self, key: Any, kind: str, averages: bool, weights: Any, mom1: Any, mom2: Any,
@@ -631,8 +636,7 @@ class CupyBackend:
         for name, x in state.items():
             if x is not None:
                 _check_state(key, name, x, weights, device, self)
-        refuse_capture(self.cupy, f"key {key!r}: its first update (or one after its state "
-                                  "was replaced)")
+        self.refuse_capture(f"key {key!r}: preparing its launch")
         names = variant_kernels(kind, averages)
         plan = Plan()
         plan.backend = self
@@ -709,7 +713,7 @@ class CupyBackend:
         if n == 0:
             return
         device = self.cupy.cuda.runtime.getDevice()
-        refuse_capture(self.cupy, "step_many")
+        self.refuse_capture("step_many")
         expected = self.expected(batches, plans)
         dtypes = expected.dtypes
         w_ptrs = _device.array_pointers(weights, dtypes, expected.shapes, device)

@@ -334,6 +334,10 @@ class Optimizer:
         if _is_empty(gradient):  # Thinc returns at once, whatever the weights are
             return weights, gradient
         backend = self._check_pair(key, weights, gradient)
+        if backend is not NUMPY:
+            _refuse_capture(backend, f"key {key!r}: this update prepares the key's launch "
+                            "(its first, or the first after to_gpu(), replaced state or a "
+                            "changed hyperparameter) and")
         state = self._state_for(key, backend, weights)
         t = self.nr_update.get(key, 0) + 1
         if backend is NUMPY:
@@ -404,6 +408,7 @@ class Optimizer:
                           gradients: List[Any], lr_scale: float) -> None:
         """step_many on device arrays (already validated): one launch per group of
         tensors sharing dtype and kernel, plus one clip norm launch per group."""
+        _refuse_capture(backend, "step_many")
         averages = self.averages if self.averages is not None else {}
         plans, new = [], []
         for key, w in zip(keys, weights):
@@ -695,3 +700,10 @@ def _ops_name(ops: Any) -> Optional[str]:
 def _shape_error(key: KeyT, got: Tuple[int, ...], expected: Tuple[int, ...]) -> str:
     return (f"key {key!r}: weights have shape {tuple(got)}, but this key was updated with "
             f"shape {tuple(expected)} before")
+
+
+def _refuse_capture(backend: Any, what: str) -> None:
+    """A device backend's RuntimeError when `what` would run under CUDA graph capture."""
+    refuse = getattr(backend, "refuse_capture", None)
+    if refuse is not None:
+        refuse(what)

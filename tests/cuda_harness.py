@@ -451,25 +451,48 @@ def memory_owner(x: numpy.ndarray) -> numpy.ndarray:
 
 
 class FakeGraph:
-    """A captured CUDA graph: the launches and fills recorded on a capturing stream.
+    """A captured CUDA graph: the launches recorded on a capturing stream.
 
-    It holds its arrays' memory weakly, as a real graph holds bare addresses: a replay
-    after one of them was freed raises (a GPU would write into freed memory)."""
+    It holds its arrays' memory weakly, by address, as a real graph holds bare
+    pointers: a replay after one of them was freed raises (a GPU would write into freed
+    memory)."""
 
     def __init__(self, stream: "FakeStream") -> None:
         self.stream = stream
-        self.ops: List[Tuple[Any, List[Any]]] = []
+        self.ops: List[Tuple["FakeFunction", Tuple[int, ...], List[Any]]] = []
 
-    def record(self, run: Any, arrays: Sequence[Any]) -> None:
-        self.ops.append((run, [weakref.ref(memory_owner(a)) for a in arrays]))
+    def record(self, func: "FakeFunction", grid: Tuple[int, ...], args: Sequence[Any]
+               ) -> None:
+        kept = []
+        for a in args:
+            if isinstance(a, numpy.ndarray):
+                owner = memory_owner(a)
+                offset = a.__array_interface__["data"][0] - owner.__array_interface__["data"][0]
+                kept.append((weakref.ref(owner), offset, a.shape, a.dtype, a.strides,
+                             a._device_id))
+            else:
+                kept.append(a)
+        self.ops.append((func, grid, kept))
 
     def launch(self, stream: Optional["FakeStream"] = None) -> None:
-        for run, owners in self.ops:
-            if any(owner() is None for owner in owners):
-                raise RuntimeError("fake device: a graph replay uses device memory that was "
-                                   "freed after the capture")
-        for run, _ in self.ops:
-            self.stream.cuda.cupy.submit(stream or self.stream, run)
+        replays = []
+        for func, grid, kept in self.ops:
+            args = []
+            for a in kept:
+                if isinstance(a, tuple):
+                    ref, offset, shape, dtype, strides, device = a
+                    owner = ref()
+                    if owner is None:
+                        raise RuntimeError(f"fake device: a graph replay of {func.name} "
+                                           "uses device memory freed after the capture")
+                    view = numpy.ndarray(shape, dtype, buffer=owner, offset=offset,
+                                         strides=strides).view(FakeDeviceArray)
+                    view._device_id = device
+                    a = view
+                args.append(a)
+            replays.append((func, grid, args))
+        for func, grid, args in replays:
+            func.submit(stream or self.stream, grid, args)
 
 
 class FakeStream:
@@ -609,12 +632,21 @@ class FakeFunction:
         stream = cupy.cuda.get_current_stream()
         cupy.launches.append((self.name, stream))
         args = list(args)
-        cupy.launch_args.append((self.name, args))
+        # addresses, not the arrays: holding them would keep freed memory alive
+        cupy.launch_args.append((self.name, [a.data.ptr if isinstance(a, FakeDeviceArray)
+                                             else a for a in args]))
+        if stream.graph is not None:
+            stream.graph.record(self, grid, args)
+        else:
+            self.submit(stream, grid, args)
+
+    def submit(self, stream: "FakeStream", grid: Tuple[int, ...], args: List[Any]) -> None:
+        cupy = self.cupy
 
         def run() -> None:
             self.harness.launch(self.name, min(grid[0], cupy.max_grid), cupy.block, args)
 
-        cupy.submit(stream, run, arrays)
+        cupy.submit(stream, run)
 
 
 class FakeModule:
@@ -672,10 +704,10 @@ class FakeCupy:
 
     # ---- the device's work: run now, queue (deferred), or record (graph capture)
 
-    def submit(self, stream: FakeStream, run: Any, arrays: Sequence[Any] = ()) -> None:
+    def submit(self, stream: FakeStream, run: Any) -> None:
         if stream.graph is not None:
-            stream.graph.record(run, arrays)
-        elif self.deferred:
+            raise RuntimeError("fake device: only kernel launches can be captured here")
+        if self.deferred:
             with self._lock:
                 self.queue.append((stream, run))
         else:
@@ -722,7 +754,7 @@ class FakeCupy:
         def run() -> None:
             view[...] = value
 
-        self.submit(self.cuda.get_current_stream(), run, [out])
+        self.submit(self.cuda.get_current_stream(), run)
         return out
 
     @staticmethod

@@ -416,7 +416,8 @@ def test_launches_follow_the_current_stream(device):
     assert streams == [cuda.null] * 2 + [torch_stream] * 4 + [other] * 2
     plan = opt._plans["k"]
     norm_args = [args for name, args in device.cupy.launch_args if name == NORM]
-    assert len(norm_args) == 3 and all(a[5] is plan.workspace.partials for a in norm_args)
+    assert len(norm_args) == 3 and all(a[5] == plan.workspace.partials.data.ptr
+                                             for a in norm_args)
     with torch_stream:
         opt.step_many(["k"], [w], [grad()])
     before = device.moved_to_device
