@@ -7,6 +7,7 @@ for streams nothing orders. Each test would fail if scratch memory were shared b
 two users, freed under a captured graph, filled on another stream than its reader's,
 loaded on another device, or if a disturbed ticket spoiled later updates.
 """
+import ctypes
 import sys
 import threading
 from pathlib import Path
@@ -200,7 +201,9 @@ def launch_norm(dtype, g, partials, ticket, epoch, grid=2, block=64) -> float:
 def test_a_disturbed_ticket_spoils_no_later_launch(dtype):
     """The issue's case (a 10-chunk tensor; stray increments; a half-counted earlier
     launch; garbage), each followed by 3 launches with new epochs: every clip factor
-    is the CPU's, and the ticket is left idle (0)."""
+    is the CPU's, and the ticket is left idle (0). (The kernel's epoch argument is
+    new; test_a_disturbed_ticket_recovers_in_the_optimizer shows the same through the
+    optimizer's API.)"""
     rng = numpy.random.default_rng(18)
     partials = numpy.full(10, numpy.nan)
     ticket = numpy.zeros(1, numpy.uint64)
@@ -219,8 +222,9 @@ def test_a_disturbed_ticket_spoils_no_later_launch(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
 def test_a_disturbed_ticket_recovers_in_the_optimizer(use, dtype):
-    """End to end: a key's ticket disturbed between updates (per call and step_many),
-    then clipped updates: the CPU's bits, with no extra device operation."""
+    """End to end: after every step, stray increments of the ticket the last clip norm
+    launch used (per call, then step_many's), found by its address; every update is
+    still the CPU's."""
     dev = use(ch.HarnessBackend())
     w0, grads = inputs([10 * 4096 + 3, 3 * 4096], dtype, 7, 9)
     cpu, opt = optim.Adam(0.001), optim.Adam(0.001)
@@ -234,13 +238,9 @@ def test_a_disturbed_ticket_recovers_in_the_optimizer(use, dtype):
         for k, g in enumerate(gs):
             cpu(k, want[k], g.copy())
             assert_bits(ws[k], want[k], f"step {step} key {k}")
-        plan = opt._plans[0]
-        plan.workspace.tickets.view(numpy.ndarray)[0] = 3 + step  # stray increments
-        for batch in opt._batches.values():
-            if isinstance(batch, kc.Batch):
-                batch.tickets.view(numpy.ndarray)[:] = (batch.epoch << 32) | 1
-    # per key: m, v, averages, its factors and ticket; the step_many group's tickets
-    assert dev.cupy.fills == 2 * (3 + 2) + 1
+        name, args = [x for x in dev.cupy.launch_args if x[0].startswith(NORM)][-1]
+        ticket = ctypes.c_uint32.from_address(args[6])  # the count: the low 32 bits
+        ticket.value += 3
 
 
 def test_costs_of_a_clipped_update_are_counted(use):
