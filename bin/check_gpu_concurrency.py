@@ -113,7 +113,7 @@ def check_threads(dev: Any, dtype: Any) -> str:
         if dev.fake:
             backend.cupy.run("interleave")  # the two streams' work, interleaved
         same = all(_same(backend, results[i], wants[i]) for i in range(2))
-        return "ok (2 threads, bitwise)" if same else "FAIL: results differ from the CPU's"
+        return "ok (2 threads, the CPU's bits)" if same else "FAIL: results differ from the CPU's"
 
     return _with_backend(backend, run)
 
@@ -156,7 +156,7 @@ def check_graph_then_bigger_key(dev: Any, dtype: Any) -> str:
                 stream.synchronize()
             except Exception as err:  # noqa: BLE001 - reported
                 return f"FAIL: replay: {type(err).__name__}: {err}"
-        return ("ok (replay after a bigger key: bitwise)" if _same(backend, ws, want)
+        return ("ok (replayed after a bigger key: the CPU's bits)" if _same(backend, ws, want)
                 else "FAIL: the replayed update differs from the CPU's")
 
     return _with_backend(backend, run)
@@ -195,7 +195,7 @@ def check_disturbed_ticket(dev: Any, dtype: Any) -> str:
                 step += 1
                 if not _same(backend, [w], [want]):
                     return f"FAIL: after {what}, update {step} differs from the CPU's"
-        return "ok (3 disturbances, 9 updates: bitwise)"
+        return "ok (3 disturbances, 9 updates: the CPU's bits)"
 
     return _with_backend(backend, run)
 

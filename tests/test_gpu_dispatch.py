@@ -440,6 +440,12 @@ def test_check_gpu_script_dry_run():
     assert res.stdout.count("bitwise") == 2
     assert res.stdout.count("ok (0 host reads)") == 2
     assert res.stdout.count("ok (fake stream)") == 2
+    for line in ("graph                       float64    ok\n",
+                 "threads: per-thread streams float32    ok (2 threads, the CPU's bits)",
+                 "graph, then a bigger key    float64    ok (replayed after a bigger key",
+                 "disturbed ticket            float32    ok (3 disturbances, 9 updates"):
+        assert line in res.stdout, line
+    assert res.stdout.count(" ok (") == 2 * 5  # every check but "graph" says why
     assert "OK: worst error 0.00" in res.stdout  # bitwise equal to the Cython kernels
 
 
