@@ -68,9 +68,13 @@ class Workspace:
 
 def capturing(cupy: Any) -> bool:
     """Whether CuPy's current stream is capturing a CUDA graph (False where the stream
-    cannot tell, e.g. an old CuPy)."""
-    is_capturing = getattr(cupy.cuda.get_current_stream(), "is_capturing", None)
-    return bool(is_capturing()) if is_capturing is not None else False
+    cannot tell, e.g. an old CuPy). The legacy null stream never captures, and asking
+    it while another stream captures is itself an error in CUDA: it is not asked."""
+    stream = cupy.cuda.get_current_stream()
+    is_capturing = getattr(stream, "is_capturing", None)
+    if is_capturing is None or stream.ptr in (0, 1):
+        return False
+    return bool(is_capturing())
 
 
 def refuse_capture(cupy: Any, what: str) -> None:
