@@ -16,7 +16,9 @@ Three tools for the tests (and anyone checking the CUDA kernels on a machine wit
   `FakeDeviceArray`s (NumPy arrays of a type the host path rejects) as device memory
   and the harness as the GPU, so the optimizer's real GPU backend runs end to end on
   the CPU. It records every launch (kernel name and stream) and counts host transfers:
-  reads (device -> host) and writes (host -> device).
+  reads (device -> host) and writes (host -> device). It can also have several devices,
+  per-thread default streams, deferred (interleavable) per-stream queues and graph
+  capture (tests/test_gpu_concurrency.py).
 
 Compiled libraries are cached by source hash in `$OPTIM_HARNESS_CACHE` (default: a
 per-user directory under the system temp dir).
@@ -676,9 +678,10 @@ class FakeCupy:
     `devices`: how many devices there are (arrays carry theirs; `cuda.Device(i)` makes
     one current). `deferred`: launches and fills (what CUDA runs asynchronously) wait in
     per-stream queues until `run()`, which may interleave the streams as a GPU may run
-    them, and `empty`/`ones`/`zeros` return garbage until their fill runs. Allocations
-    and host copies (`asarray`) are immediate. `fills` counts the device operations
-    other than launches (memsets and fills), the async work an update queues.
+    them, and `ones`/`zeros` read as garbage until their fill runs. Allocations, host
+    copies (`asarray`) and device copies (`array`) are immediate. `fills` counts the
+    device operations other than launches (memsets and fills). A capturing stream
+    (`begin_capture`) records launches into a `FakeGraph` and refuses allocations.
     """
 
     ndarray = FakeDeviceArray
