@@ -509,7 +509,8 @@ _DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 
 class Plan:
     """One key's launch, prepared once: its state arrays (checked by identity at every
-    call), dtype, size, geometry, and the 4 kernels with their state arguments."""
+    call), dtype, size, geometry, device, the 4 kernels (loaded on that device) with their
+    state arguments, and the key's own scratch memory (`_cuda_workspace.Workspace`)."""
 
     __slots__ = ("backend", "array_type", "dtype", "shape", "n", "m", "v", "avg", "slow",
                  "funcs", "many_funcs", "norm", "state_args", "grid", "n_chunks", "norm_grid",

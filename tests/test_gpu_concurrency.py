@@ -19,7 +19,6 @@ import pytest
 import cuda_harness as ch
 import optim
 from optim import _cuda_workspace, _kernels
-from optim import _kernels_cuda as kc
 from optim import backends
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bin"))
