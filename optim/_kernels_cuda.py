@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy
 
 from . import _device, _kernels
+from ._cuda_workspace import Workspace, next_epoch, refuse_capture
 
 CUPY_HINT = (
     'optim\'s GPU path needs CuPy: pip install "thinc-optim[cuda12x]" '
@@ -191,15 +192,17 @@ def variant_kernels(kind: str, averages: bool) -> Tuple[str, str, str, str]:
 Params = Tuple[Tuple[str, str], ...]
 
 _COEF_PARAMS: Params = tuple(("double", name) for name in COEFS)
+# `tickets`: one epoch-tagged completion counter per tensor (optim_finished_last_chunk);
+# `epoch`: the launch's tag, 1 .. 2**32 - 1, a new one per launch (optim/_cuda_workspace.py).
 _NORM_PARAMS: Params = (
     ("const T*", "g"), ("const T*", "w"), ("double", "l2"), ("double", "grad_clip"),
-    ("long long", "n"), ("double*", "partials"), ("unsigned int*", "counter"),
-    ("double*", "clip"),
+    ("long long", "n"), ("double*", "partials"), ("unsigned long long*", "tickets"),
+    ("long long", "epoch"), ("double*", "clip"),
 )
 _NORM_MANY_PARAMS: Params = (
     ("const long long*", "tensors"), ("const int*", "chunk_tensor"), ("double*", "coefs"),
     ("double", "grad_clip"), ("long long", "n_chunks"), ("double*", "partials"),
-    ("unsigned int*", "counters"),
+    ("unsigned long long*", "tickets"), ("long long", "epoch"),
 )
 _MANY_PARAMS: Params = (
     ("const long long*", "tensors"), ("const int*", "chunk_tensor"),
@@ -290,15 +293,31 @@ __device__ __forceinline__ double optim_chunk_sum_squares(
 
 // Count a finished chunk of a tensor (its sum already stored by lane 0); true in the
 // warp that finished the tensor's last chunk. Integer atomics only.
-__device__ __forceinline__ bool optim_finished_last_chunk(unsigned int* counter,
+// The ticket is (epoch << 32) | chunks counted. The first chunk of a launch to arrive
+// finds another epoch there (0 after a completed launch, or anything a disturbance left)
+// and starts the count afresh, so a disturbed ticket spoils no later launch: there is
+// no state to reset and nothing for the host to do. The last warp leaves 0 (no launch
+// has epoch 0), so a CUDA graph replaying one epoch twice starts afresh too.
+__device__ __forceinline__ bool optim_finished_last_chunk(unsigned long long* ticket,
+                                                           long long epoch,
                                                            long long n_chunks) {{
   __threadfence();  // the chunk sum is visible device-wide before it is counted
   unsigned int done = 0;
   if (optim_lane() == 0) {{
-    done = atomicAdd(counter, 1u);
+    const unsigned long long tag = static_cast<unsigned long long>(epoch) << 32;
+    unsigned long long seen = __ldcg(ticket);
+    for (;;) {{
+      const unsigned long long next = (seen >> 32) == (tag >> 32) ? seen + 1ull : tag | 1ull;
+      const unsigned long long was = atomicCAS(ticket, seen, next);
+      if (was == seen) {{
+        done = static_cast<unsigned int>(next & 0xffffffffull);
+        break;
+      }}
+      seen = was;
+    }}
   }}
   done = __shfl_sync(0xffffffffu, done, 0);
-  return done == static_cast<unsigned int>(n_chunks - 1);
+  return done == static_cast<unsigned int>(n_chunks);
 }}
 
 // The tensor's chunk sums, combined by the same rule: chunk k to lane k % 32, then
@@ -333,11 +352,11 @@ _NORM_KERNELS = r"""
     if (optim_lane() == 0) {{
       partials[k] = sum;
     }}
-    if (optim_finished_last_chunk(counter, n_chunks)) {{
+    if (optim_finished_last_chunk(tickets, epoch, n_chunks)) {{
       const double total = optim_tensor_sum_squares(partials, n_chunks);
       if (optim_lane() == 0) {{
         clip[0] = optim_clip_factor(total, grad_clip);
-        counter[0] = 0u;  // ready for the next launch
+        tickets[0] = 0ull;  // idle: any launch starts afresh (graph replays included)
       }}
     }}
   }}
@@ -358,11 +377,11 @@ _NORM_KERNELS = r"""
     if (optim_lane() == 0) {{
       partials[k] = sum;
     }}
-    if (optim_finished_last_chunk(counters + t, tensor_chunks)) {{
+    if (optim_finished_last_chunk(tickets + t, epoch, tensor_chunks)) {{
       const double total = optim_tensor_sum_squares(partials + first, tensor_chunks);
       if (optim_lane() == 0) {{
         row[OPTIM_CLIP_SLOT] = optim_clip_factor(total, grad_clip);
-        counters[t] = 0u;
+        tickets[t] = 0ull;
       }}
     }}
   }}
@@ -490,10 +509,12 @@ _DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 
 class Plan:
     """One key's launch, prepared once: its state arrays (checked by identity at every
-    call), dtype, size, geometry, and the 4 kernels with their state arguments."""
+    call), dtype, size, geometry, device, the 4 kernels (loaded on that device) with their
+    state arguments, and the key's own scratch memory (`_cuda_workspace.Workspace`)."""
 
     __slots__ = ("backend", "array_type", "dtype", "shape", "n", "m", "v", "avg", "slow",
-                 "funcs", "many_funcs", "norm", "state_args", "grid", "n_chunks", "norm_grid")
+                 "funcs", "many_funcs", "norm", "state_args", "grid", "n_chunks", "norm_grid",
+                 "device", "workspace")
 
     def holds(self, m: Any, v: Any, avg: Any, slow: Any) -> bool:
         return self.m is m and self.v is v and self.avg is avg and self.slow is slow
@@ -501,17 +522,18 @@ class Plan:
 
 class Batch:
     """A step_many group's tables on the device (tensor table, chunk -> tensor table,
-    chunk sums, counters), rebuilt only when an address, a size, the group or the
-    stream changes. The coefficient rows are uploaded at every call."""
+    chunk sums, epoch-tagged tickets), rebuilt only when an address, a size, the group
+    or the stream changes; `epoch` is the last clip norm launch's. The coefficient rows
+    are uploaded at every call."""
 
     __slots__ = ("plans", "w_ptrs", "g_ptrs", "stream", "tensors", "chunk_tensor",
-                 "partials", "counters", "n_chunks", "grid", "norm_grid")
+                 "partials", "tickets", "epoch", "n_chunks", "grid", "norm_grid")
 
 
 class Expected:
     """Per tensor of a step_many call: its plan's dtype, shape and state arrays."""
 
-    __slots__ = ("plans", "dtypes", "shapes", "m", "v", "avg", "slow")
+    __slots__ = ("plans", "dtypes", "shapes", "m", "v", "avg", "slow", "device")
 
     def __init__(self, plans: List[Plan]) -> None:
         self.plans = list(plans)
@@ -521,12 +543,8 @@ class Expected:
         self.v = [p.v for p in plans]
         self.avg = [p.avg for p in plans]
         self.slow = [p.slow for p in plans]
-
-
-class _Workspace:
-    """Per device and stream: the one-tensor clip norm's chunk sums, counter and factor."""
-
-    __slots__ = ("partials", "counter", "clip")
+        devices = {p.device for p in plans}
+        self.device = devices.pop() if len(devices) == 1 else None  # None: mixed
 
 
 class CupyBackend:
@@ -539,10 +557,10 @@ class CupyBackend:
 
     def __init__(self, cupy: Any = None) -> None:
         self._cp = cupy
-        self._modules: Dict[str, Any] = {}
-        self._functions: Dict[Tuple[str, str], Any] = {}
-        self._ones: Dict[int, Any] = {}
-        self._workspaces: Dict[Tuple[int, int], _Workspace] = {}
+        # per device: a RawModule's functions are loaded on the device current at
+        # get_function, and launch there only
+        self._modules: Dict[Tuple[int, str], Any] = {}
+        self._functions: Dict[Tuple[int, str, str], Any] = {}
         # CuPy keeps C-contiguity as an attribute; `flags` builds an object per access
         self._contiguous = operator.attrgetter("_c_contiguous")
 
@@ -578,50 +596,35 @@ class CupyBackend:
 
     # ------------------------------------------------------------ kernels
 
-    def module(self, dtype: Any) -> Any:
-        """The RawModule for `dtype`, built on first use."""
-        key = numpy.dtype(dtype).name
+    def module(self, dtype: Any, device: Optional[int] = None) -> Any:
+        """The RawModule for `dtype` on `device` (default: the current one), built on
+        first use; `device` must be current when its functions are first fetched."""
+        key = (self._device() if device is None else device, numpy.dtype(dtype).name)
         mod = self._modules.get(key)
         if mod is None:
-            mod = self.cupy.RawModule(code=cuda_source(key), options=NVRTC_OPTIONS)
+            mod = self.cupy.RawModule(code=cuda_source(key[1]), options=NVRTC_OPTIONS)
             self._modules[key] = mod
         return mod
 
-    def function(self, dtype: Any, name: str) -> Any:
-        key = (numpy.dtype(dtype).name, name)
+    def function(self, dtype: Any, name: str, device: Optional[int] = None) -> Any:
+        """Kernel `name` for `dtype`, loaded on `device` (default: the current one,
+        which it must be)."""
+        device = self._device() if device is None else device
+        key = (device, numpy.dtype(dtype).name, name)
         func = self._functions.get(key)
         if func is None:
             if name not in ENTRY_POINTS:
                 raise KeyError(f"no GPU kernel {name!r}")
-            func = self._functions[key] = self.module(dtype).get_function(name)
+            func = self._functions[key] = self.module(dtype, device).get_function(name)
         return func
 
     def _device(self) -> int:
         return self.cupy.cuda.runtime.getDevice()
 
-    def ones(self) -> Any:
-        """A float64 1.0 on the current device: the clip factor of unclipped updates."""
-        device = self._device()
-        one = self._ones.get(device)
-        if one is None:
-            one = self._ones[device] = self.cupy.ones(1, dtype=numpy.float64)
-        return one
-
-    def workspace(self, chunks: int, device: Optional[int] = None) -> _Workspace:
-        """The one-tensor clip norm's buffers for the current device and stream (a
-        stream's launches are ordered, so they can share them)."""
-        key = (self._device() if device is None else device,
-               self.cupy.cuda.get_current_stream().ptr)
-        ws = self._workspaces.get(key)
-        if ws is None or ws.partials.size < chunks:
-            cp = self.cupy
-            new = _Workspace()
-            new.partials = cp.empty(max(chunks, 1 if ws is None else 2 * ws.partials.size),
-                                    dtype=numpy.float64)
-            new.counter = cp.zeros(1, dtype=numpy.uint32) if ws is None else ws.counter
-            new.clip = cp.empty(1, dtype=numpy.float64) if ws is None else ws.clip
-            ws = self._workspaces[key] = new
-        return ws
+    def refuse_capture(self, what: str) -> None:
+        """RuntimeError if CuPy's current stream is capturing a CUDA graph: `what`
+        allocates or uploads, which a graph cannot replay."""
+        refuse_capture(self.cupy, what)
 
     # ------------------------------------------------------------ one tensor
 
@@ -634,6 +637,7 @@ class CupyBackend:
         for name, x in state.items():
             if x is not None:
                 _check_state(key, name, x, weights, device, self)
+        self.refuse_capture(f"key {key!r}: preparing its launch")
         names = variant_kernels(kind, averages)
         plan = Plan()
         plan.backend = self
@@ -642,9 +646,11 @@ class CupyBackend:
         plan.shape = weights.shape
         plan.n = int(weights.size)
         plan.m, plan.v, plan.avg, plan.slow = mom1, mom2, average, slow
-        plan.funcs = tuple(self.function(plan.dtype, name) for name in names)
-        plan.many_funcs = tuple(self.function(plan.dtype, name + "_many") for name in names)
-        plan.norm = self.function(plan.dtype, "optim_clip_norm")
+        plan.device = device
+        plan.funcs = tuple(self.function(plan.dtype, name, device) for name in names)
+        plan.many_funcs = tuple(self.function(plan.dtype, name + "_many", device)
+                                for name in names)
+        plan.norm = self.function(plan.dtype, "optim_clip_norm", device)
         # None: a variant this key's state cannot run (lookahead weights missing)
         plan.state_args = tuple(
             None if any(state[a] is None for a in KERNELS[name].arrays[2:])
@@ -652,6 +658,8 @@ class CupyBackend:
         plan.grid = (update_grid(plan.n),)
         plan.n_chunks = n_chunks(plan.n)
         plan.norm_grid = (norm_grid(plan.n_chunks),)
+        # the key's own scratch memory, sized now and kept while the plan lives
+        plan.workspace = Workspace(self.cupy, plan.n_chunks)
         return plan
 
     def check(self, plan: Plan, key: Any, weights: Any, gradient: Any, device: int) -> None:
@@ -662,9 +670,13 @@ class CupyBackend:
                 or weights.shape != plan.shape or gradient.shape != plan.shape
                 or not contiguous(weights) or not contiguous(gradient)):
             _check_arrays(key, weights, gradient, plan)
-        if weights.data.device_id != device or gradient.data.device_id != device:
+        if (weights.data.device_id != device or gradient.data.device_id != device
+                or plan.device != device):
             _device_of(key, weights, device)
             _device_of(key, gradient, device)
+            raise ValueError(f"key {key!r}: its state is on device {plan.device} but the "
+                             f"current device is {device}; update it under "
+                             f"`with cupy.cuda.Device({plan.device}):`")
 
     def launch(self, plan: Plan, hyper: Any, key: Any, weights: Any, gradient: Any, t: int,
                lr_scale: float) -> None:
@@ -678,16 +690,15 @@ class CupyBackend:
         if state_args is None:
             _missing_state(key, plan, bits)
         grad_clip = hyper.grad_clip
+        ws = plan.workspace
         if grad_clip > 0.0:
-            ws = self.workspace(plan.n_chunks, device)
+            ws.epoch = epoch = next_epoch(ws.epoch)
             plan.norm(plan.norm_grid, _BLOCK,
                       (gradient, weights, coefs[5], grad_clip, plan.n, ws.partials,
-                       ws.counter, ws.clip))
+                       ws.tickets, epoch, ws.clip))
             clip = ws.clip
         else:
-            clip = self._ones.get(device)
-            if clip is None:
-                clip = self.ones()
+            clip = ws.one
         plan.funcs[bits](plan.grid, _BLOCK,
                          coefs[1:] + (clip, weights, gradient) + state_args + (plan.n,))
 
@@ -703,11 +714,12 @@ class CupyBackend:
         if n == 0:
             return
         device = self.cupy.cuda.runtime.getDevice()
+        self.refuse_capture("step_many")
         expected = self.expected(batches, plans)
         dtypes = expected.dtypes
         w_ptrs = _device.array_pointers(weights, dtypes, expected.shapes, device)
         g_ptrs = _device.array_pointers(gradients, dtypes, expected.shapes, device)
-        if w_ptrs is None or g_ptrs is None:
+        if w_ptrs is None or g_ptrs is None or expected.device != device:
             for plan, key, w, g in zip(plans, keys, weights, gradients):
                 self.check(plan, key, w, g, device)  # raises the error of the first misfit
             raise AssertionError("array_pointers and check disagree")  # pragma: no cover
@@ -740,10 +752,11 @@ class CupyBackend:
             # stream: the copy neither waits for the device nor blocks the host
             coefs = self.cupy.asarray(rows)
             if hyper.grad_clip > 0.0:
-                self.function(dtype, "optim_clip_norm_many")(
+                batch.epoch = epoch = next_epoch(batch.epoch)
+                self.function(dtype, "optim_clip_norm_many", device)(
                     batch.norm_grid, _BLOCK,
                     (batch.tensors, batch.chunk_tensor, coefs, hyper.grad_clip,
-                     batch.n_chunks, batch.partials, batch.counters))
+                     batch.n_chunks, batch.partials, batch.tickets, epoch))
             g_plans[0].many_funcs[bits](
                 batch.grid, _BLOCK, (batch.tensors, batch.chunk_tensor, coefs, batch.n_chunks))
 
@@ -783,7 +796,8 @@ class CupyBackend:
         batch.chunk_tensor = cp.asarray(
             numpy.repeat(numpy.arange(n, dtype=numpy.int32), chunks))
         batch.partials = cp.empty(max(total, 1), dtype=numpy.float64)
-        batch.counters = cp.zeros(n, dtype=numpy.uint32)
+        batch.tickets = cp.zeros(n, dtype=numpy.uint64)
+        batch.epoch = 0
         batch.n_chunks = total
         batch.grid = (max(1, min(total, 1 << 20)),)
         batch.norm_grid = (norm_grid(total),)

@@ -372,9 +372,13 @@ class Optimizer:
         if is_empty(gradient):  # Thinc returns at once, whatever the weights are
             return weights, gradient
         backend = self.check_pair(key, weights, gradient)
+        updates = self._updates_for(backend)
+        if backend is not NUMPY:
+            updates.refuse_capture(f"key {key!r}: this update prepares the key's launch "
+                                   "(its first, or the first after to_gpu(), replaced state "
+                                   "or a changed hyperparameter) and")
         state = self._state_for(key, backend, weights)
         t = self.nr_update.get(key, 0) + 1
-        updates = self._updates_for(backend)
         updates.step(key, weights, gradient, state, t, lr_scale)
         self._commit(key, weights.shape, state, t)
         if backend is not NUMPY:

@@ -16,7 +16,9 @@ Three tools for the tests (and anyone checking the CUDA kernels on a machine wit
   `FakeDeviceArray`s (NumPy arrays of a type the host path rejects) as device memory
   and the harness as the GPU, so the optimizer's real GPU backend runs end to end on
   the CPU. It records every launch (kernel name and stream) and counts host transfers:
-  reads (device -> host) and writes (host -> device).
+  reads (device -> host) and writes (host -> device). It can also have several devices,
+  per-thread default streams, deferred (interleavable) per-stream queues and graph
+  capture (tests/test_gpu_concurrency.py).
 
 Compiled libraries are cached by source hash in `$OPTIM_HARNESS_CACHE` (default: a
 per-user directory under the system temp dir).
@@ -30,6 +32,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -153,6 +156,12 @@ inline void __syncwarp(unsigned int mask = 0xffffffffu) {
 
 inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
   return std::atomic_ref<unsigned int>(*address).fetch_add(value);
+}
+
+inline unsigned long long atomicCAS(unsigned long long* address, unsigned long long compare,
+                                    unsigned long long value) {
+  std::atomic_ref<unsigned long long>(*address).compare_exchange_strong(compare, value);
+  return compare;  // the old value, whether or not it was replaced
 }
 
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
@@ -306,7 +315,7 @@ def compile_shared(source: str) -> Path:
 
 # C parameter type -> the NumPy dtype of the array it points to ("T": the module's).
 POINTEES = {"T": None, "double": numpy.float64, "unsigned int": numpy.uint32,
-            "long long": numpy.int64, "int": numpy.int32}
+            "unsigned long long": numpy.uint64, "long long": numpy.int64, "int": numpy.int32}
 
 
 def _pointee(ctype: str, dtype: numpy.dtype) -> numpy.dtype:
@@ -394,21 +403,26 @@ class _Transfers:
 class _Pointer:
     __slots__ = ("ptr", "device_id")
 
-    def __init__(self, ptr: int) -> None:
+    def __init__(self, ptr: int, device_id: int = 0) -> None:
         self.ptr = ptr
-        self.device_id = 0
+        self.device_id = device_id
 
 
 class FakeDeviceArray(numpy.ndarray):
     """An array 'on the fake device': a NumPy array the NumPy backend must not accept.
 
-    Like a CuPy array it has `.data.ptr`, `.set(host)` and `.get()`; the last two count
-    as host transfers.
+    Like a CuPy array it has `.data.ptr` / `.data.device_id`, `.set(host)` and `.get()`;
+    the last two count as host transfers. Views keep their base's device.
     """
+
+    _device_id = 0
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self._device_id = getattr(obj, "_device_id", 0)
 
     @property
     def data(self) -> _Pointer:  # type: ignore[override]
-        return _Pointer(self.__array_interface__["data"][0])
+        return _Pointer(self.__array_interface__["data"][0], self._device_id)
 
     @property
     def _c_contiguous(self) -> bool:  # CuPy's attribute
@@ -425,35 +439,109 @@ class FakeDeviceArray(numpy.ndarray):
         return numpy.array(self, copy=True, subok=False)
 
 
-def to_fake_device(x: numpy.ndarray) -> FakeDeviceArray:
-    return numpy.array(x, copy=True, order="C").view(FakeDeviceArray)
+def to_fake_device(x: numpy.ndarray, device: int = 0) -> FakeDeviceArray:
+    out = numpy.array(x, copy=True, order="C").view(FakeDeviceArray)
+    out._device_id = device
+    return out
+
+
+def memory_owner(x: numpy.ndarray) -> numpy.ndarray:
+    """The array that owns `x`'s memory (its allocation)."""
+    while isinstance(x.base, numpy.ndarray):
+        x = x.base
+    return x
+
+
+class FakeGraph:
+    """A captured CUDA graph: the launches recorded on a capturing stream.
+
+    It holds its arrays' memory weakly, by address, as a real graph holds bare
+    pointers: a replay after one of them was freed raises (a GPU would write into freed
+    memory)."""
+
+    def __init__(self, stream: "FakeStream") -> None:
+        self.stream = stream
+        self.ops: List[Tuple["FakeFunction", Tuple[int, ...], List[Any]]] = []
+
+    def record(self, func: "FakeFunction", grid: Tuple[int, ...], args: Sequence[Any]
+               ) -> None:
+        kept = []
+        for a in args:
+            if isinstance(a, numpy.ndarray):
+                owner = memory_owner(a)
+                offset = a.__array_interface__["data"][0] - owner.__array_interface__["data"][0]
+                kept.append((weakref.ref(owner), offset, a.shape, a.dtype, a.strides,
+                             a._device_id))
+            else:
+                kept.append(a)
+        self.ops.append((func, grid, kept))
+
+    def launch(self, stream: Optional["FakeStream"] = None) -> None:
+        replays = []
+        for func, grid, kept in self.ops:
+            args = []
+            for a in kept:
+                if isinstance(a, tuple):
+                    ref, offset, shape, dtype, strides, device = a
+                    owner = ref()
+                    if owner is None:
+                        raise RuntimeError(f"fake device: a graph replay of {func.name} "
+                                           "uses device memory freed after the capture")
+                    view = numpy.ndarray(shape, dtype, buffer=owner, offset=offset,
+                                         strides=strides).view(FakeDeviceArray)
+                    view._device_id = device
+                    a = view
+                args.append(a)
+            replays.append((func, grid, args))
+        for func, grid, args in replays:
+            func.submit(stream or self.stream, grid, args)
 
 
 class FakeStream:
-    """A CUDA stream stand-in: `with stream:` makes it current, as in CuPy."""
+    """A CUDA stream stand-in: `with stream:` makes it current (in this host thread),
+    as in CuPy; it can capture a graph."""
 
     _ptrs = itertools.count(0x1000, 0x10)
 
     def __init__(self, cuda: "FakeCuda", ptr: Optional[int] = None) -> None:
         self.cuda = cuda
         self.ptr = next(self._ptrs) if ptr is None else ptr
+        self.graph: Optional[FakeGraph] = None
 
     def __enter__(self) -> "FakeStream":
-        self.cuda._current.append(self)
+        self.cuda._state().streams.append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.cuda._current.pop()
+        self.cuda._state().streams.pop()
+
+    def begin_capture(self) -> None:
+        if self.graph is not None:
+            raise RuntimeError("fake device: the stream is already capturing")
+        self.graph = FakeGraph(self)
+
+    def end_capture(self) -> FakeGraph:
+        graph, self.graph = self.graph, None
+        if graph is None:
+            raise RuntimeError("fake device: the stream is not capturing")
+        return graph
+
+    def is_capturing(self) -> bool:
+        return self.graph is not None
+
+    def synchronize(self) -> None:
+        self.cuda.cupy.run(streams=[self])
 
 
 class _Runtime:
-    @staticmethod
-    def getDevice() -> int:  # noqa: N802 - CuPy's name
-        return 0
+    def __init__(self, cuda: "FakeCuda") -> None:
+        self.cuda = cuda
 
-    @staticmethod
-    def getDeviceCount() -> int:  # noqa: N802
-        return 1
+    def getDevice(self) -> int:  # noqa: N802 - CuPy's name
+        return self.cuda._state().device
+
+    def getDeviceCount(self) -> int:  # noqa: N802
+        return self.cuda.devices
 
     @staticmethod
     def getDeviceProperties(device: int) -> Dict[str, Any]:  # noqa: N802
@@ -461,28 +549,59 @@ class _Runtime:
 
 
 class _FakeDevice:
-    id = 0
+    """`cupy.cuda.Device(i)`: `with` makes it current in this host thread."""
 
-    @staticmethod
-    def synchronize() -> None:
-        pass
+    def __init__(self, cuda: "FakeCuda", device: int) -> None:
+        if not 0 <= device < cuda.devices:
+            raise ValueError(f"fake device: no device {device}")
+        self.cuda, self.id = cuda, device
+        self._previous: List[int] = []
+
+    def __enter__(self) -> "_FakeDevice":
+        state = self.cuda._state()
+        self._previous.append(state.device)
+        state.device = self.id
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cuda._state().device = self._previous.pop()
+
+    def synchronize(self) -> None:
+        self.cuda.cupy.run()
 
 
 class FakeCuda:
-    runtime = _Runtime()
+    """`cupy.cuda`: devices, streams and the current ones, per host thread as in CUDA.
 
-    @staticmethod
-    def Device(device: int = 0) -> _FakeDevice:  # noqa: N802 - CuPy's name
-        return _FakeDevice()
+    With `per_thread_default_stream` (CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1) each host
+    thread's default stream is its own, but its `ptr` is the same in every thread (2,
+    CUDA's cudaStreamPerThread handle); otherwise all threads share the null stream."""
 
-    def __init__(self) -> None:
+    PER_THREAD = 2
+
+    def __init__(self, cupy: "FakeCupy", devices: int = 1,
+                 per_thread_default_stream: bool = False) -> None:
+        self.cupy, self.devices = cupy, devices
+        self.per_thread_default_stream = per_thread_default_stream
+        self.runtime = _Runtime(self)
         self.null = FakeStream(self, 0)
-        self._current: List[FakeStream] = [self.null]
+        self._local = threading.local()
+
+    def _state(self) -> Any:
+        state = self._local
+        if not hasattr(state, "streams"):
+            default = (FakeStream(self, self.PER_THREAD) if self.per_thread_default_stream
+                       else self.null)
+            state.streams, state.device, state.default = [default], 0, default
+        return state
+
+    def Device(self, device: Optional[int] = None) -> _FakeDevice:  # noqa: N802
+        return _FakeDevice(self, self._state().device if device is None else device)
 
     def get_current_stream(self) -> FakeStream:
-        return self._current[-1]
+        return self._state().streams[-1]
 
-    def Stream(self) -> FakeStream:  # noqa: N802 - CuPy's name
+    def Stream(self, non_blocking: bool = False) -> FakeStream:  # noqa: N802
         return FakeStream(self)
 
     def ExternalStream(self, ptr: int) -> FakeStream:  # noqa: N802
@@ -491,23 +610,50 @@ class FakeCuda:
 
 class FakeFunction:
     """A RawModule function whose launches run in the harness (on a small grid: every
-    kernel is grid-stride, so the grid never changes a result)."""
+    kernel is grid-stride, so the grid never changes a result). Like CUDA, it launches
+    only on the device its module was loaded on, with arrays on that device."""
 
-    def __init__(self, cupy: "FakeCupy", harness: Harness, name: str) -> None:
-        self.cupy, self.harness, self.name = cupy, harness, name
+    def __init__(self, cupy: "FakeCupy", harness: Harness, name: str, device: int) -> None:
+        self.cupy, self.harness, self.name, self.device = cupy, harness, name, device
 
     def __call__(self, grid: Tuple[int, ...], block: Tuple[int, ...], args: Sequence[Any],
                  shared_mem: int = 0) -> None:
         cupy = self.cupy
-        cupy.launches.append((self.name, cupy.cuda.get_current_stream()))
-        for a in args:
-            if isinstance(a, numpy.ndarray) and not isinstance(a, FakeDeviceArray):
+        current = cupy.cuda.runtime.getDevice()
+        if current != self.device:
+            raise RuntimeError(f"fake device: {self.name} was loaded on device "
+                               f"{self.device} but launched on device {current} "
+                               "(CUDA: invalid resource handle)")
+        arrays = [a for a in args if isinstance(a, numpy.ndarray)]
+        for a in arrays:
+            if not isinstance(a, FakeDeviceArray):
                 raise TypeError(f"{self.name}: a host array was passed to a kernel")
-        self.harness.launch(self.name, min(grid[0], cupy.max_grid), cupy.block, args)
+            if a._device_id != current:
+                raise RuntimeError(f"fake device: {self.name} on device {current} was "
+                                   f"given an array on device {a._device_id}")
+        stream = cupy.cuda.get_current_stream()
+        cupy.launches.append((self.name, stream))
+        args = list(args)
+        # addresses, not the arrays: holding them would keep freed memory alive
+        cupy.launch_args.append((self.name, [a.data.ptr if isinstance(a, FakeDeviceArray)
+                                             else a for a in args]))
+        if stream.graph is not None:
+            stream.graph.record(self, grid, args)
+        else:
+            self.submit(stream, grid, args)
+
+    def submit(self, stream: "FakeStream", grid: Tuple[int, ...], args: List[Any]) -> None:
+        cupy = self.cupy
+
+        def run() -> None:
+            self.harness.launch(self.name, min(grid[0], cupy.max_grid), cupy.block, args)
+
+        cupy.submit(stream, run)
 
 
 class FakeModule:
-    """A RawModule: optim's `cuda_source` or any other source, run by the harness."""
+    """A RawModule: optim's `cuda_source` or any other source, run by the harness,
+    loaded on the device current when it is made."""
 
     def __init__(self, cupy: "FakeCupy", code: str, options: Sequence[str]) -> None:
         dtype = source_dtype(code)
@@ -516,11 +662,12 @@ class FakeModule:
             assert tuple(options) == kc.NVRTC_OPTIONS
         self.harness = harness(dtype, None if ours else code)
         self.cupy = cupy
+        self.device = cupy.cuda.runtime.getDevice()
 
     def get_function(self, name: str) -> FakeFunction:
         if name not in self.harness.entry_points:
             raise KeyError(name)
-        return FakeFunction(self.cupy, self.harness, name)
+        return FakeFunction(self.cupy, self.harness, name, self.device)
 
 
 class FakeCupy:
@@ -528,14 +675,26 @@ class FakeCupy:
 
     `block` replaces the block size of every launch (a multiple of 32) and `max_grid`
     caps the grid, to keep the emulation small; results must not depend on either.
+    `devices`: how many devices there are (arrays carry theirs; `cuda.Device(i)` makes
+    one current). `deferred`: launches and fills (what CUDA runs asynchronously) wait in
+    per-stream queues until `run()`, which may interleave the streams as a GPU may run
+    them, and `ones`/`zeros` read as garbage until their fill runs. Allocations, host
+    copies (`asarray`) and device copies (`array`) are immediate. `fills` counts the
+    device operations other than launches (memsets and fills). A capturing stream
+    (`begin_capture`) records launches into a `FakeGraph` and refuses allocations.
     """
 
     ndarray = FakeDeviceArray
 
-    def __init__(self, block: int = 64, max_grid: int = 2) -> None:
-        self.block, self.max_grid = block, max_grid
-        self.cuda = FakeCuda()
+    def __init__(self, block: int = 64, max_grid: int = 2, devices: int = 1,
+                 deferred: bool = False, per_thread_default_stream: bool = False) -> None:
+        self.block, self.max_grid, self.deferred = block, max_grid, deferred
+        self.cuda = FakeCuda(self, devices, per_thread_default_stream)
         self.launches: List[Tuple[str, FakeStream]] = []
+        self.launch_args: List[Tuple[str, List[Any]]] = []
+        self.fills = 0
+        self.queue: List[Tuple[FakeStream, Any]] = []
+        self._lock = threading.Lock()
         self._reads0, self._writes0 = _Transfers.reads, _Transfers.writes
 
     @property
@@ -546,21 +705,79 @@ class FakeCupy:
     def writes(self) -> int:
         return _Transfers.writes - self._writes0
 
+    # ---- the device's work: run now, queue (deferred), or record (graph capture)
+
+    def submit(self, stream: FakeStream, run: Any) -> None:
+        if stream.graph is not None:
+            raise RuntimeError("fake device: only kernel launches can be captured here")
+        if self.deferred:
+            with self._lock:
+                self.queue.append((stream, run))
+        else:
+            run()
+
+    def run(self, order: str = "fifo", streams: Optional[Sequence[FakeStream]] = None
+            ) -> None:
+        """Run the queued work (of `streams`, default all), each stream's in its order.
+        `order`: "fifo" (as submitted), "interleave" (one op of each stream in turn,
+        streams by first submission), "reverse" (streams in reverse of that, each
+        drained in turn): schedules a GPU may choose for unordered streams."""
+        with self._lock:
+            mine = [(s, r) for s, r in self.queue if streams is None or s in streams]
+            self.queue = [(s, r) for s, r in self.queue if not (streams is None or s in streams)]
+        per_stream: Dict[int, List[Any]] = {}
+        for s, r in mine:
+            per_stream.setdefault(id(s), []).append(r)
+        lanes = list(per_stream.values())
+        if order == "fifo":
+            runs = [r for _, r in mine]
+        elif order == "interleave":
+            runs = [r for group in itertools.zip_longest(*lanes) for r in group if r]
+        elif order == "reverse":
+            runs = [r for lane in reversed(lanes) for r in lane]
+        else:
+            raise ValueError(f"unknown order {order!r}")
+        for r in runs:
+            r()
+
+    def _allocating(self) -> int:
+        stream = self.cuda.get_current_stream()
+        if stream.graph is not None:
+            raise RuntimeError("fake device: allocation on a capturing stream (CUDA: "
+                               "operation not permitted when stream is capturing)")
+        return self.cuda.runtime.getDevice()
+
+    def _fill(self, out: FakeDeviceArray, value: Any) -> FakeDeviceArray:
+        self.fills += 1
+        view = out.view(numpy.ndarray)
+        if not self.deferred:
+            view[...] = value
+            return out
+
+        def run() -> None:
+            view[...] = value
+
+        self.submit(self.cuda.get_current_stream(), run)
+        return out
+
     @staticmethod
     def _device(x: Any) -> None:
         if not isinstance(x, FakeDeviceArray):
             raise TypeError(f"fake device got a host array ({type(x).__name__})")
 
     def empty(self, shape: Any, dtype: Any) -> FakeDeviceArray:
+        device = self._allocating()
         out = numpy.empty(shape, dtype=dtype)
         out.view(numpy.uint8)[...] = 0xFF  # never reads as zero or a number
-        return out.view(FakeDeviceArray)
+        out = out.view(FakeDeviceArray)
+        out._device_id = device
+        return out
 
     def zeros(self, shape: Any, dtype: Any) -> FakeDeviceArray:
-        return numpy.zeros(shape, dtype=dtype).view(FakeDeviceArray)
+        return self._fill(self.empty(shape, dtype), 0)
 
     def ones(self, shape: Any, dtype: Any) -> FakeDeviceArray:
-        return numpy.ones(shape, dtype=dtype).view(FakeDeviceArray)
+        return self._fill(self.empty(shape, dtype), 1)
 
     def zeros_like(self, x: Any) -> FakeDeviceArray:
         self._device(x)
@@ -568,13 +785,16 @@ class FakeCupy:
 
     def array(self, x: Any, copy: bool = True) -> FakeDeviceArray:
         self._device(x)
-        return numpy.array(x, copy=True).view(FakeDeviceArray)
+        out = numpy.array(x, copy=True).view(FakeDeviceArray)
+        out._device_id = self._allocating()
+        return out
 
     def asarray(self, x: Any) -> FakeDeviceArray:
         if isinstance(x, FakeDeviceArray):
             return x
+        device = self._allocating()
         _Transfers.writes += 1
-        return to_fake_device(numpy.asarray(x))
+        return to_fake_device(numpy.asarray(x), device)
 
     def ascontiguousarray(self, x: Any) -> FakeDeviceArray:
         self._device(x)
@@ -601,8 +821,8 @@ class HarnessBackend(kc.CupyBackend):
 
     name = "fake-device"
 
-    def __init__(self, block: int = 64, max_grid: int = 2) -> None:
-        super().__init__(cupy=FakeCupy(block, max_grid))
+    def __init__(self, block: int = 64, max_grid: int = 2, **fake: Any) -> None:
+        super().__init__(cupy=FakeCupy(block, max_grid, **fake))
 
     @property
     def launches(self) -> List[str]:

@@ -129,7 +129,7 @@ def test_formula_snippets_have_one_source():
     for name in NAMES:
         assert source.count(f"{name}_op(c, clip,") == 2, "both entry points use the op"
     assert source.count("__shfl_down_sync") == 1, "one lane tree, for chunks and tensors"
-    assert "atomicAdd(" in source and "atomicAdd(partials" not in source  # ints only
+    assert "atomicCAS(" in source and "atomicAdd(" not in source  # integer tickets only
 
 
 def test_import_does_not_need_cupy():
@@ -300,14 +300,14 @@ def test_update_kernel_matches_numpy_reference(name, dtype, shape, coefs, seed, 
 
 
 def launch_norm(dtype, g, w, l2, grad_clip, grid, block):
-    """optim_clip_norm on the host; returns (clip factor, counter after)."""
+    """optim_clip_norm on the host; returns (clip factor, ticket after)."""
     n = g.size
     partials = numpy.full(max(kc.n_chunks(n), 1), numpy.nan)
-    counter = numpy.zeros(1, dtype=numpy.uint32)
+    ticket = numpy.zeros(1, dtype=numpy.uint64)
     clip = numpy.full(1, numpy.nan)
     ch.harness(dtype).launch("optim_clip_norm", grid, block,
-                             [g, w, float(l2), float(grad_clip), n, partials, counter, clip])
-    return clip[0], int(counter[0])
+                             [g, w, float(l2), float(grad_clip), n, partials, ticket, 1, clip])
+    return clip[0], int(ticket[0])
 
 
 @needs_gxx
@@ -401,7 +401,7 @@ def test_clip_norm_kernels_do_not_read_the_weights_when_l2_is_0():
             chunks = [kc.n_chunks(n) for n in sizes]
             clip = numpy.full(1, numpy.nan)
             h.launch("optim_clip_norm", 2, 64, [gs[0], ws[0], 0.0, 1.0, sizes[0],
-                     numpy.zeros(chunks[0]), numpy.zeros(1, numpy.uint32), clip])
+                     numpy.zeros(chunks[0]), numpy.zeros(1, numpy.uint64), 1, clip])
             assert clip[0] == want[0], (clip, want)
             tensors = numpy.zeros((2, len(kc.TENSOR_FIELDS)), numpy.int64)
             tensors[:, 0] = [w.ctypes.data for w in ws]
@@ -412,7 +412,7 @@ def test_clip_norm_kernels_do_not_read_the_weights_when_l2_is_0():
             rows = numpy.full((2, kc.ROW), numpy.nan)
             rows[:, kc.COEFS.index("l2")] = l2s
             h.launch("optim_clip_norm_many", 2, 64, [tensors, chunk_tensor, rows, 1.0,
-                     sum(chunks), numpy.zeros(sum(chunks)), numpy.zeros(2, numpy.uint32)])
+                     sum(chunks), numpy.zeros(sum(chunks)), numpy.zeros(2, numpy.uint64), 1])
             assert list(rows[:, kc.CLIP_SLOT]) == want, (rows, want)
         print("ok")
     """)

@@ -396,8 +396,8 @@ def test_known_key_with_bad_arrays_is_an_error(device):
 
 def test_launches_follow_the_current_stream(device):
     """Kernels launch on CuPy's current stream (as PyTorch's stream is made current
-    with cupy.cuda.ExternalStream); each stream gets its own norm workspace and
-    step_many tables, so streams never share scratch memory."""
+    with cupy.cuda.ExternalStream); the clip norm's scratch memory is the key's own,
+    whatever the stream; step_many's tables are rebuilt for another stream."""
     cuda = device.cupy.cuda
     opt = make("adam_defaults")
     w = ch.to_fake_device(numpy.ones(5000, numpy.float32))
@@ -414,7 +414,10 @@ def test_launches_follow_the_current_stream(device):
         opt("k", w, grad())
     streams = [s for _, s in device.cupy.launches]
     assert streams == [cuda.null] * 2 + [torch_stream] * 4 + [other] * 2
-    assert {key[1] for key in device._workspaces} == {0, 0xABC0, other.ptr}
+    plan = opt._plans["k"]
+    norm_args = [args for name, args in device.cupy.launch_args if name == NORM]
+    assert len(norm_args) == 3 and all(a[5] == plan.workspace.partials.data.ptr
+                                             for a in norm_args)
     with torch_stream:
         opt.step_many(["k"], [w], [grad()])
     before = device.moved_to_device
@@ -437,6 +440,12 @@ def test_check_gpu_script_dry_run():
     assert res.stdout.count("bitwise") == 2
     assert res.stdout.count("ok (0 host reads)") == 2
     assert res.stdout.count("ok (fake stream)") == 2
+    for line in ("graph                       float64    ok\n",
+                 "threads: per-thread streams float32    ok (2 threads, the CPU's bits)",
+                 "graph, then a bigger key    float64    ok (replayed after a bigger key",
+                 "disturbed ticket            float32    ok (3 disturbances, 9 updates"):
+        assert line in res.stdout, line
+    assert res.stdout.count(" ok (") == 2 * 5  # every check but "graph" says why
     assert "OK: worst error 0.00" in res.stdout  # bitwise equal to the Cython kernels
 
 

@@ -26,6 +26,8 @@ class Backend(Protocol):
     def launch_many(self, batches: dict, hyper: Any, keys: List[Any], weights: List[Any],
                     gradients: List[Any], plans: List[Any], counts: List[int],
                     lr_scale: float) -> None: ...
+    # optional: RuntimeError when `what` would run under CUDA graph capture
+    def refuse_capture(self, what: str) -> None: ...
 
 
 class NumpyBackend:

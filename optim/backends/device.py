@@ -44,6 +44,13 @@ class DeviceUpdates:
         opt.nr_update[key] = t
         return True
 
+    def refuse_capture(self, what: str) -> None:
+        """The backend's RuntimeError when `what` (which allocates) would run under CUDA
+        graph capture (backends without graphs have no `refuse_capture`)."""
+        refuse = getattr(self.backend, "refuse_capture", None)
+        if refuse is not None:
+            refuse(what)
+
     def plan(self, key: KeyT, weights: Any, state: Dict[str, Any]) -> Any:
         opt = self.opt
         return self.backend.plan(key, opt._hyper.kind, opt.averages is not None, weights,
@@ -89,6 +96,7 @@ class DeviceUpdates:
                   lr_scale: float) -> None:
         """Checked tensors: one launch per group of tensors sharing dtype and kernel, plus
         one clip norm launch per group; new keys get their state first."""
+        self.refuse_capture("step_many")
         opt = self.opt
         plans, new = [], []
         for key, w in zip(keys, weights):
