@@ -46,6 +46,7 @@ except ImportError:  # a checkout built in place but not installed; never ahead 
 
 from optim import _kernels  # noqa: E402
 from optim import _kernels_cuda as kc  # noqa: E402
+from optim.backends import cupy as cupy_backend  # noqa: E402
 from optim._cuda_workspace import Workspace  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,10 +68,10 @@ class Device:
             self.name = "CPU harness (g++, emulated warps), --fake"
             self.sync: Callable[[], None] = lambda: None
             return
-        cupy = kc._import_cupy()
+        cupy = cupy_backend._import_cupy()
         if cupy.cuda.runtime.getDeviceCount() == 0:
             raise SystemExit("no CUDA device visible to CuPy")
-        self.backend = kc.CupyBackend()
+        self.backend = cupy_backend.CupyBackend()
         props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
         self.name = f"{props['name'].decode()} (CuPy {cupy.__version__})"
         self.sync = lambda: cupy.cuda.get_current_stream().synchronize()

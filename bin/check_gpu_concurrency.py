@@ -179,7 +179,7 @@ def check_disturbed_ticket(dev: Any, dtype: Any) -> str:
         want, w = w0[0].copy(), backend.from_host(w0[0])
         cpu(0, want, grads[0][0].copy())
         opt(0, w, backend.from_host(grads[0][0]))
-        ws = opt._plans[0].workspace
+        ws = opt._dev.plans[0].workspace
         disturbances: Dict[str, int] = {
             "3 stray increments": 3,
             "the last epoch, half counted": (ws.epoch << 32) | 5,

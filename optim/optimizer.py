@@ -3,7 +3,7 @@
 The class holds Thinc's API, the hyperparameters and their schedules, and the state
 (moments, averages, lookahead weights, counts). An update asks the arrays' backend to do
 it (`optim.backends`: `CpuUpdates` over `optim._kernels`, `DeviceUpdates` over a device
-backend such as `optim._kernels_cuda`), and each backend owns its fast paths and caches.
+backend such as `optim.backends.cupy`), and each backend owns its fast paths and caches.
 """
 import itertools
 import numbers

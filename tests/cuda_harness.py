@@ -40,6 +40,8 @@ import numpy
 
 from optim import _kernels_cuda as kc
 
+from optim.backends import cupy as cupy_backend
+
 DTYPES = (numpy.float32, numpy.float64)
 IDENTIFIER = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*\b")
 
@@ -812,7 +814,7 @@ class FakeCupy:
         return FakeModule(self, code, options).get_function(name)
 
 
-class HarnessBackend(kc.CupyBackend):
+class HarnessBackend(cupy_backend.CupyBackend):
     """optim's real GPU backend (`CupyBackend`) running on `FakeCupy`.
 
     `launches`: kernel names in launch order; `moved_to_host` / `moved_to_device`:

@@ -37,6 +37,7 @@ import reference
 from test_cpu import needs_mprotect, run_unreadable
 from optim import _kernels
 from optim import _kernels_cuda as kc
+from optim.backends import cupy as cupy_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = Path(_kernels.__file__).resolve().parent  # the installed optim/ (it ships .pxd)
@@ -134,8 +135,8 @@ def test_formula_snippets_have_one_source():
 
 def test_import_does_not_need_cupy():
     code = ("import sys; sys.modules['cupy'] = None\n"
-            "import optim, optim._kernels_cuda as kc, numpy\n"
-            "b = kc.CupyBackend()\n"
+            "import optim, optim.backends.cupy, optim._kernels_cuda as kc, numpy\n"
+            "b = optim.backends.cupy.CupyBackend()\n"
             "assert not b.is_array(numpy.zeros(3))\n"
             "src = kc.cuda_source('float32')\n"
             "try:\n    b.function('float32', 'optim_adam')\nexcept ImportError as e:\n"
@@ -147,8 +148,8 @@ def test_import_does_not_need_cupy():
 
 def test_missing_cupy_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)
-    monkeypatch.setattr(kc, "_cupy", None)
-    backend = kc.CupyBackend()
+    monkeypatch.setattr(cupy_backend, "_cupy", None)
+    backend = cupy_backend.CupyBackend()
     for call in (lambda: backend.function("float32", "optim_sgd"), backend.ensure_available,
                  lambda: backend.zeros_like(None)):
         with pytest.raises(ImportError, match=r"optim\[cuda12x\]"):

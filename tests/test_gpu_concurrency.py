@@ -256,7 +256,7 @@ def test_costs_of_a_clipped_update_are_counted(use):
         opt("k", w, ch.to_fake_device(numpy.full(3 * 4096, 0.5, numpy.float32)))
     after = (len(dev.launches), dev.moved_to_host, dev.moved_to_device, dev.cupy.fills)
     assert [a - b for a, b in zip(after, before)] == [10, 0, 0, 0]
-    assert opt._plans["k"].workspace.epoch == 6
+    assert opt._dev.plans["k"].workspace.epoch == 6
 
 
 # ---------------------------------------------------------------- 4: the unclipped factor
@@ -307,7 +307,7 @@ def test_two_devices_each_launch_their_own_modules(use, dtype):
     for k in range(2):
         assert_bits(ws[k], want[k], f"key {k}")
     assert {device for device, _ in dev._modules} == {0, 1}
-    assert opt.mom1[1]._device_id == 1 and opt._plans[1].device == 1
+    assert opt.mom1[1]._device_id == 1 and opt._dev.plans[1].device == 1
     with pytest.raises(ValueError, match=r"key 1: .*device 1 .*current device is 0"):
         opt(1, ws[1], ch.to_fake_device(grads[0][1], 1))
     with cuda.Device(1), pytest.raises(ValueError, match=r"key 0: its state is on device 0"):

@@ -22,6 +22,7 @@ import pytest
 import cuda_harness as ch
 import optim
 from optim import _kernels_cuda as kc
+from optim.backends import cupy as cupy_backend
 from optim import backends
 
 NORM, NORM_MANY = "optim_clip_norm", "optim_clip_norm_many"
@@ -214,7 +215,7 @@ def test_device_arrays_are_validated(device):
 
 def test_without_cupy_the_gpu_path_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)
-    monkeypatch.setattr(kc, "_cupy", None)
+    monkeypatch.setattr(cupy_backend, "_cupy", None)
     previous = backends.set_gpu_backend(None)  # the default: CuPy
     try:
         opt = optim.Adam(0.01)
@@ -414,7 +415,7 @@ def test_launches_follow_the_current_stream(device):
         opt("k", w, grad())
     streams = [s for _, s in device.cupy.launches]
     assert streams == [cuda.null] * 2 + [torch_stream] * 4 + [other] * 2
-    plan = opt._plans["k"]
+    plan = opt._dev.plans["k"]
     norm_args = [args for name, args in device.cupy.launch_args if name == NORM]
     assert len(norm_args) == 3 and all(a[5] == plan.workspace.partials.data.ptr
                                              for a in norm_args)

@@ -10,7 +10,7 @@ import numpy
 
 
 class Backend(Protocol):
-    """A device backend (`optim._kernels_cuda.CupyBackend` is the one there is)."""
+    """A device backend (`optim.backends.cupy.CupyBackend` is the one there is)."""
 
     name: str
 
@@ -60,7 +60,7 @@ def get_gpu_backend() -> Any:
     """The backend `Optimizer.to_gpu()` moves state to (CuPy unless replaced)."""
     global _gpu_backend
     if _gpu_backend is None:
-        from .._kernels_cuda import CupyBackend
+        from .cupy import CupyBackend
 
         _gpu_backend = CupyBackend()
     return _gpu_backend

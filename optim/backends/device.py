@@ -15,11 +15,11 @@ class DeviceUpdates:
     def __init__(self, opt: Any, backend: Any) -> None:
         self.backend = backend
         self.opt = opt
-        self.plans: Dict[KeyT, Any] = {}   # key -> prepared launch (_kernels_cuda.Plan)
+        self.plans: Dict[KeyT, Any] = {}   # key -> prepared launch (optim.backends.cupy.Plan)
         self.tables: Dict[Any, Any] = {}   # step_many's device tables per group
 
     def check(self, key: KeyT, weights: Any, gradient: Any) -> None:
-        from .._kernels_cuda import check_device_pair
+        from .cupy import check_device_pair
 
         check_device_pair(key, weights, gradient)
 
