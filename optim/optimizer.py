@@ -5,7 +5,6 @@ The class holds Thinc's API, the hyperparameters and their schedules, and the st
 it (`optim.backends`: `CpuUpdates` over `optim._kernels`, `DeviceUpdates` over a device
 backend such as `optim.backends.cupy`), and each backend owns its fast paths and caches.
 """
-import itertools
 import numbers
 from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -13,14 +12,15 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy
 import srsly
 
-from . import _kernels, serialize
+from . import serialize
 from .backends import NUMPY, backend_for, get_gpu_backend
 from .backends.cpu import CpuUpdates
 from .backends.device import DeviceUpdates
 from .hyperparams import (ADAM_DEFAULTS, HYPERPARAMETERS, RADAM_DEFAULTS, SGD_DEFAULTS, KeyT,
                           any_empty, check_value, is_empty, shape_error)
 from .registry import registry
-from .schedules import Schedule, depends_on_key, is_step_schedule, sequence
+from .scheduled import ScheduledHyperparameters
+from .schedules import Schedule
 
 # A number, a list, an iterator (Thinc 8.3), an optim schedule, or a callable read as
 # `value(step, key=..., last_score=...)` (a Thinc 9 `Schedule`).
@@ -78,15 +78,14 @@ def RAdam(learn_rate: FloatOrSeq = RADAM_DEFAULTS["learn_rate"], *, ops: Any = N
                      schedules=schedules)
 
 
-class Optimizer:
+class Optimizer(ScheduledHyperparameters):
     """SGD, Adam or RAdam with Thinc's semantics; updates weights in place.
 
     Call it as Thinc's `Model.finish_update` does: `optimizer(key, weights, gradient)`.
     """
 
-    __slots__ = ("_mom1", "_mom2", "_averages", "_lookahead", "_nr_update", "schedules",
-                 "ops", "_hyper", "_shapes", "_schedule_start", "_step", "_last_score",
-                 "_on_gpu", "_stale", "_cpu", "_dev", "_keyed", "__weakref__")
+    __slots__ = ("_mom1", "_mom2", "_averages", "_lookahead", "_nr_update", "ops", "_shapes",
+                 "_on_gpu", "_stale", "_cpu", "_dev", "__weakref__")
 
     def __init__(self, learn_rate: FloatOrSeq, *, ops: Any = None,
                  L2: FloatOrSeq = ADAM_DEFAULTS["L2"],
@@ -106,14 +105,9 @@ class Optimizer:
         self._averages: Optional[Dict[KeyT, Any]] = {} if use_averages else None
         self._lookahead: Dict[KeyT, Any] = {}  # the slow weights
         self._nr_update: Dict[KeyT, int] = defaultdict(int)
-        self.schedules: Dict[str, Any] = {}
+        self._init_hyperparameters()
         self.ops = _ops_name(ops)
-        self._hyper = _kernels.Hyper()
         self._shapes: Dict[KeyT, Tuple[int, ...]] = {}
-        self._schedule_start: Dict[str, int] = {}
-        self._keyed: Dict[str, Callable[..., float]] = {}  # read per key at each update
-        self._step = 0
-        self._last_score: Optional[Tuple[int, float]] = None
         self._on_gpu = False  # the state is on a device: the device's hot paths first
         self._stale: set = set()  # keys whose state misses arrays the settings now need
         self._cpu = CpuUpdates(self)  # NumPy arrays: fast paths, the kept step_many batch
@@ -131,180 +125,12 @@ class Optimizer:
 
     # ------------------------------------------------------------ hyperparameters
 
-    def _set_hyperparameter(self, name: str, value: Any, *, absolute: bool = False) -> None:
-        """A number, or a schedule whose value at the current step is taken now (Thinc).
-
-        absolute=True reads a schedule at the optimizer's step rather than from its own
-        start (Thinc 9's semantics, used by optim.thinc's Thinc 9 wrapper)."""
-        kind = self._hyper.kind
-        self._assign(name, value, absolute)
-        self._after_kind(kind)
-
     def _after_kind(self, previous: str) -> None:
         """If the update kind changed (e.g. beta1 scheduled up from 0), every key needs
         the state arrays of the new kind: send them through the general path once."""
         if self._hyper.kind != previous:
             self._stale.update(self._shapes)
             self._cpu.forget()
-
-    def _assign(self, name: str, value: Any, absolute: bool = False) -> None:
-        if isinstance(value, numbers.Real):
-            self.schedules.pop(name, None)
-            self._schedule_start.pop(name, None)
-            self._keyed.pop(name, None)
-            setattr(self._hyper, name, check_value(name, value))
-        else:
-            self._add_schedule(name, value, start=0, absolute=absolute)
-
-    def _add_schedule(self, name: str, schedule: Any, *, start: int,
-                      absolute: bool = False) -> None:
-        """Follow `schedule` for `name`. start=0: its first value applies now; start=-1:
-        from the next `step_schedules()` on (the `schedules=` argument's behaviour).
-        absolute=True, and always for a Thinc 9 style callable: the value at step s is
-        the schedule's at s (an iterator skips to it)."""
-        if name not in HYPERPARAMETERS:
-            raise ValueError(
-                f"cannot schedule {name!r}: schedulable are {', '.join(HYPERPARAMETERS)}"
-            )
-        if isinstance(schedule, (list, tuple)):
-            if not schedule:
-                raise ValueError(f"invalid schedule for {name!r}: the list is empty")
-            schedule = sequence([check_value(name, v) for v in schedule])
-        keyed = False
-        if isinstance(schedule, Schedule):
-            self._schedule_start[name] = (0 if absolute else
-                                          schedule._cursor + start - self._step)
-        elif is_step_schedule(schedule):  # Thinc 9: schedule(step, key=..., last_score=...)
-            self._schedule_start[name] = 0
-            keyed = depends_on_key(schedule)
-        else:
-            if isinstance(schedule, (str, bytes, dict)):
-                raise ValueError(f"invalid schedule for {name!r}: expected numbers, got "
-                                 f"{type(schedule).__name__}: {schedule!r}")
-            try:
-                schedule = iter(schedule)
-            except TypeError:
-                raise ValueError(
-                    f"invalid value for {name!r}: expected a number, a list of numbers, an "
-                    f"iterator or a schedule, got {type(schedule).__name__}"
-                ) from None
-            self._schedule_start[name] = start
-            try:
-                first = check_value(name, next(schedule))
-            except StopIteration:
-                raise ValueError(f"invalid schedule for {name!r}: it yields no values") from None
-            if absolute:  # Thinc 9 reads item `step` (the last one once they run out)
-                for value in itertools.islice(schedule, self._step):
-                    first = check_value(name, value)
-            if start == 0:
-                setattr(self._hyper, name, first)
-            else:  # checked now, used at the next step_schedules()
-                schedule = itertools.chain([first], schedule)
-        self.schedules[name] = schedule
-        self._keyed.pop(name, None)
-        if keyed:
-            self._keyed[name] = schedule
-        elif _indexed(schedule):
-            self._evaluate_schedules((name,))
-
-    def _evaluate_schedules(self, names: Iterable[str]) -> None:
-        """Set each named hyperparameter to its schedule's value at the current step
-        (schedules read per key are left to the updates)."""
-        for name in names:
-            schedule = self.schedules[name]
-            if name in self._keyed or not _indexed(schedule):
-                continue
-            index = self._step + self._schedule_start[name]
-            if index >= 0:
-                value = schedule(index, last_score=self._last_score)
-                setattr(self._hyper, name, check_value(name, value))
-
-    def _apply_keyed(self, key: KeyT) -> None:
-        """Set the hyperparameters read per key to their values for `key` (Thinc 9's
-        `schedule(step, key=key, last_score=last_score)`, once per update)."""
-        kind = self._hyper.kind
-        step, last_score = self._step, self._last_score
-        for name, schedule in self._keyed.items():
-            value = schedule(step, key=key, last_score=last_score)
-            setattr(self._hyper, name, check_value(name, value))
-        self._after_kind(kind)
-
-    def step_schedules(self) -> None:
-        """Advance the step: every scheduled hyperparameter takes its next value."""
-        kind = self._hyper.kind
-        self._step += 1
-        for name, schedule in self.schedules.items():
-            if not _indexed(schedule):
-                try:
-                    value = next(schedule)
-                except StopIteration:  # exhausted: keep the last value, as Thinc does
-                    continue
-                setattr(self._hyper, name, check_value(name, value))
-        self._evaluate_schedules(self.schedules)
-        self._after_kind(kind)
-
-    def hyperparameter(self, name: str, step: Optional[int] = None, **extra: Any) -> float:
-        """The value `name` takes at `step` (default: the current one), as Thinc 9's
-        `optimizer.learn_rate(step=step, **extra)`: a schedule is called with `extra`
-        (key, last_score); an iterator can only be read at the current step."""
-        if name not in HYPERPARAMETERS:
-            raise ValueError(f"unknown hyperparameter {name!r}: known are "
-                             f"{', '.join(HYPERPARAMETERS)}")
-        if step is None:
-            step = self._step
-        elif isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-            raise ValueError(f"step must be an integer >= 0, got {step!r}")
-        schedule = self.schedules.get(name)
-        if schedule is None:
-            return getattr(self._hyper, name)
-        if not _indexed(schedule):
-            if step != self._step:
-                raise ValueError(f"{name} follows an iterator: it can only be read at the "
-                                 f"current step {self._step}, not at step {step}")
-            return getattr(self._hyper, name)
-        index = step + self._schedule_start[name]
-        if index < 0:  # a `schedules=` entry before the first step_schedules()
-            return getattr(self._hyper, name)
-        return check_value(name, schedule(index, **extra))
-
-    @property
-    def step(self) -> int:
-        """How many times `step_schedules()` has been called."""
-        return self._step
-
-    @property
-    def last_score(self) -> Optional[Tuple[int, float]]:
-        """(step, score) of the last evaluation, as Thinc 9 keeps it."""
-        return self._last_score
-
-    @last_score.setter
-    def last_score(self, score: float) -> None:
-        kind = self._hyper.kind
-        self._last_score = (self._step, float(score))
-        self._evaluate_schedules(self.schedules)
-        self._after_kind(kind)
-
-    def _hyper_get(name: str):  # noqa: N805 - builds properties below
-        def get(self: "Optimizer") -> float:
-            keyed = self._keyed.get(name)
-            if keyed is not None:  # no key here: the schedule's own default
-                return check_value(name, keyed(self._step, last_score=self._last_score))
-            return getattr(self._hyper, name)
-
-        def set(self: "Optimizer", value: FloatOrSeq) -> None:
-            self._set_hyperparameter(name, value)
-
-        return property(get, set, doc=f"The current {name} (set a number or a schedule).")
-
-    learn_rate = _hyper_get("learn_rate")
-    beta1 = b1 = _hyper_get("beta1")
-    beta2 = b2 = _hyper_get("beta2")
-    eps = _hyper_get("eps")
-    L2 = _hyper_get("L2")
-    grad_clip = _hyper_get("grad_clip")
-    weight_decay = _hyper_get("weight_decay")
-    lookahead_alpha = _hyper_get("lookahead_alpha")
-    del _hyper_get
 
     @property
     def lookahead_k(self) -> int:
@@ -319,23 +145,10 @@ class Optimizer:
         self._cpu.forget()
 
     @property
-    def use_radam(self) -> bool:
-        return self._hyper.use_radam
-
-    @property
-    def L2_is_weight_decay(self) -> bool:
-        return self._hyper.L2_is_weight_decay
-
-    @property
     def use_averages(self) -> bool:
         return self.averages is not None
 
     # ------------------------------------------------------------ updates
-
-    @property
-    def kind(self) -> str:
-        """The update the hyperparameters describe: "sgd", "adam" or "radam"."""
-        return self._hyper.kind
 
     def _state_dict(slot: str, doc: str):  # noqa: N805 - builds properties below
         def get(self: "Optimizer") -> Any:
@@ -542,8 +355,8 @@ class Optimizer:
     def __getstate__(self) -> Dict[str, Any]:
         """Copies (copy.deepcopy, pickle) leave out the backends' caches (the prepared
         device launches hold compiled kernels): they are rebuilt at the copy's first update."""
-        return {name: getattr(self, name) for name in Optimizer.__slots__
-                if name not in ("__weakref__", "_cpu", "_dev")}
+        return {name: getattr(self, name) for name in _SLOTS
+                if name not in ("_cpu", "_dev")}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         for name, value in state.items():
@@ -678,8 +491,8 @@ class Optimizer:
                 f"this state is for a {loaded.kind} optimizer, not {self.kind}; "
                 "use optim.load(path) or Optimizer.from_bytes on a matching optimizer"
             )
-        for name in Optimizer.__slots__:
-            if name not in ("__weakref__", "_cpu", "_dev"):
+        for name in _SLOTS:
+            if name not in ("_cpu", "_dev"):
                 setattr(self, name, getattr(loaded, name))
         self._cpu, self._dev = CpuUpdates(self), None  # over the new dicts
         return self
@@ -702,11 +515,6 @@ class Optimizer:
                 f"keys={len(self._shapes)} step={self._step}>")
 
 
-def _indexed(schedule: Any) -> bool:
-    """A schedule read by step (optim's or a callable), not an iterator."""
-    return isinstance(schedule, Schedule) or is_step_schedule(schedule)
-
-
 def _ops_name(ops: Any) -> Optional[str]:
     """Accept None, a backend name, or a Thinc Ops object; keep its name."""
     if ops is None:
@@ -716,3 +524,8 @@ def _ops_name(ops: Any) -> Optional[str]:
     if name not in known:
         raise ValueError(f"ops must be None, one of {sorted(known)} or a Thinc Ops, got {ops!r}")
     return name
+
+
+# Every slot of the class and its base, for copies and from_bytes.
+_SLOTS = tuple(name for cls in Optimizer.__mro__ for name in getattr(cls, "__slots__", ())
+               if name != "__weakref__")
