@@ -485,6 +485,45 @@ def step(Hyper hyper, object key, object weights, object gradient, object mom1,
     mom1/mom2 are required for Adam and RAdam (None for SGD); average is None when
     averages are off; slow (the lookahead weights) is read only on sync steps.
     """
+    step_c(hyper, key, weights, gradient, mom1, mom2, average, slow, t, lr_scale)
+
+
+cdef class KnownKeys:
+    """The per-call hot path of known NumPy keys, in C: the optimizer's state dicts, held
+    directly (optim.backends.cpu.CpuUpdates is this plus the step_many paths)."""
+
+    cdef readonly Hyper hyper
+    cdef readonly dict mom1, mom2, lookahead, shapes
+    cdef readonly object averages, nr_update  # dict or None; a defaultdict(int)
+
+    def __init__(self, Hyper hyper, dict mom1, dict mom2, object averages, dict lookahead,
+                 object nr_update, dict shapes) -> None:
+        self.hyper, self.mom1, self.mom2, self.averages = hyper, mom1, mom2, averages
+        self.lookahead, self.nr_update, self.shapes = lookahead, nr_update, shapes
+
+    def step_known(self, object key, object weights, object gradient,
+                   double lr_scale=1.0) -> bool:
+        """Update a known key whose state is complete; False (nothing touched) when the
+        general path is needed (a new key, other array types, an empty gradient)."""
+        shape = self.shapes.get(key)
+        if (shape is None or type(weights) is not cnp.ndarray
+                or type(gradient) is not cnp.ndarray or not (<cnp.ndarray>gradient).size):
+            return False
+        if weights.shape != shape:
+            from optim.hyperparams import shape_error
+
+            raise ValueError(shape_error(key, weights.shape, shape))
+        cdef long t = self.nr_update[key] + 1
+        averages = self.averages
+        step_c(self.hyper, key, weights, gradient, self.mom1.get(key), self.mom2.get(key),
+               None if averages is None else averages.get(key), self.lookahead.get(key), t,
+               lr_scale)
+        self.nr_update[key] = t
+        return True
+
+
+cdef int step_c(Hyper hyper, object key, object weights, object gradient, object mom1,
+                object mom2, object average, object slow, long t, double lr_scale) except -1:
     cdef Task task
     fill_task(&task, hyper, key, weights, gradient, mom1, mom2, average, slow, t, lr_scale)
     cdef Kind kind = hyper._kind()
@@ -495,6 +534,7 @@ def step(Hyper hyper, object key, object weights, object gradient, object mom1,
             run_task(&task, kind, grad_clip, n_threads)
     else:
         run_task(&task, kind, grad_clip, 1)
+    return 0
 
 
 def step_many(Hyper hyper, list keys, list weights, list gradients, list mom1, list mom2,

@@ -2,46 +2,26 @@
 object owns the CPU fast paths and their cache (the last `step_many`'s `Batch`)."""
 from typing import Any, Dict, List, Optional
 
-import numpy
-
 from .. import _kernels
-from ..hyperparams import KeyT, shape_error
+from ..hyperparams import KeyT
 
 
-class CpuUpdates:
-    """`Updates` (see optim.backends) for NumPy arrays."""
+class CpuUpdates(_kernels.KnownKeys):
+    """`Updates` (see optim.backends) for NumPy arrays. The per-call hot path,
+    `step_known(key, weights, gradient, lr_scale) -> bool`, is `_kernels.KnownKeys`'s (C);
+    it holds the optimizer's own dicts, and the optimizer builds a new CpuUpdates
+    whenever one of them is replaced."""
 
-    __slots__ = ("hyper", "mom1", "mom2", "averages", "lookahead", "nr_update", "shapes",
-                 "batch")
+    __slots__ = ("batch",)
 
     def __init__(self, opt: Any) -> None:
-        # The optimizer's own dicts, held directly: the hot paths read them at C speed.
-        # The optimizer builds a new CpuUpdates whenever one of them is replaced.
-        self.hyper = opt._hyper
-        self.mom1, self.mom2 = opt._mom1, opt._mom2
-        self.averages, self.lookahead = opt._averages, opt._lookahead
-        self.nr_update, self.shapes = opt._nr_update, opt._shapes
+        super().__init__(opt._hyper, opt._mom1, opt._mom2, opt._averages, opt._lookahead,
+                         opt._nr_update, opt._shapes)
         self.batch: Optional[_kernels.Batch] = None
 
     @staticmethod
     def check(key: KeyT, weights: Any, gradient: Any) -> None:
         _kernels.check_pair(key, weights, gradient)
-
-    def step_known(self, key: KeyT, weights: Any, gradient: Any, lr_scale: float) -> bool:
-        """The per-call hot path: a known key, state complete. False: take the general path."""
-        shape = self.shapes.get(key)
-        if (shape is None or type(weights) is not numpy.ndarray
-                or type(gradient) is not numpy.ndarray or not gradient.size):
-            return False
-        if weights.shape != shape:
-            raise ValueError(shape_error(key, weights.shape, shape))
-        t = self.nr_update[key] + 1
-        averages = self.averages
-        _kernels.step(self.hyper, key, weights, gradient, self.mom1.get(key),
-                      self.mom2.get(key), None if averages is None else averages.get(key),
-                      self.lookahead.get(key), t, lr_scale)
-        self.nr_update[key] = t
-        return True
 
     def step(self, key: KeyT, weights: Any, gradient: Any, state: Dict[str, Any], t: int,
              lr_scale: float) -> None:
