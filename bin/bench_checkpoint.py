@@ -88,7 +88,7 @@ def bench_pipeline(repeats, epochs):
                 if proc.returncode != 0:
                     raise SystemExit(proc.stderr[-2000:])
                 if extra:
-                    steps = max(int(p.name[5:]) for p in (out / "checkpoints").glob("step-*"))
+                    steps = max(int(p.stem[5:]) for p in (out / "checkpoints").glob("step-*.ckpt"))
     base = statistics.median(times["none"])
     print(f"\nspaCy pipeline (tok2vec + tagger + textcat, {epochs} epochs, {steps} steps), "
           f"whole runs, median of {repeats}:")
