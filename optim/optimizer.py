@@ -213,7 +213,7 @@ class Optimizer(ScheduledHyperparameters):
         NumPy tensors are validated together, then updated in one loop outside the GIL.
         A call with the same keys as the last one (a training loop's) reruns that call's
         task table and gathered state once C code has checked the new arrays and that
-        the state is the same (`_kernels.Batch`).
+        the state is the same (`_batch.Batch`).
         """
         keys, weights, gradients = list(keys), list(weights), list(gradients)
         if self._keyed:

@@ -20,7 +20,7 @@ from reference import clip_sum_squares
 from test_reference import hyperparams, shapes
 
 import optim
-from optim import Optimizer, _kernels, cpu
+from optim import Optimizer, _batch, _kernels, cpu
 from optim._roofline import Plan
 
 LEVELS = cpu.available_isas()
@@ -422,10 +422,10 @@ def test_adam_on_signed_zeros_and_infinities_is_the_documented_formula(dtype):
 
 def test_known_shapes_accepts_only_ndarrays_of_the_recorded_shapes():
     w, g = numpy.zeros((3, 4), "float32"), numpy.ones((3, 4), "float32")
-    assert _kernels.known_shapes([(3, 4)], [w], [g])
-    assert _kernels.known_shapes([], [], [])
+    assert _batch.known_shapes([(3, 4)], [w], [g])
+    assert _batch.known_shapes([], [], [])
     for recorded, ws, gs in [([(4, 3)], [w], [g]), ([(12,)], [w], [g]), ([None], [w], [g]),
                              ([(3, 4)], [w.view(numpy.matrix)], [g]),
                              ([(3, 4)], [w], [[1.0]]), ([(0,)], [w[:0, 0]], [g[:0, 0]]),
                              ([(3, 4)], [w, w], [g])]:
-        assert not _kernels.known_shapes(recorded, ws, gs)
+        assert not _batch.known_shapes(recorded, ws, gs)

@@ -2,7 +2,7 @@
 object owns the CPU fast paths and their cache (the last `step_many`'s `Batch`)."""
 from typing import Any, Dict, List, Optional
 
-from .. import _kernels
+from .. import _batch, _kernels
 from ..hyperparams import KeyT
 
 
@@ -17,7 +17,7 @@ class CpuUpdates(_kernels.KnownKeys):
     def __init__(self, opt: Any) -> None:
         super().__init__(opt._hyper, opt._mom1, opt._mom2, opt._averages, opt._lookahead,
                          opt._nr_update, opt._shapes)
-        self.batch: Optional[_kernels.Batch] = None
+        self.batch: Optional[_batch.Batch] = None
 
     @staticmethod
     def check(key: KeyT, weights: Any, gradient: Any) -> None:
@@ -40,12 +40,12 @@ class CpuUpdates(_kernels.KnownKeys):
                         lr_scale: float) -> bool:
         """Known keys with complete state: the kernels validate dtypes, contiguity and
         every shape; False (nothing touched) when the general path is needed."""
-        if not _kernels.known_shapes(list(map(self.shapes.get, keys)), weights, gradients):
+        if not _batch.known_shapes(list(map(self.shapes.get, keys)), weights, gradients):
             return False
         nr_update = self.nr_update
         counts = [t + 1 for t in map(nr_update.__getitem__, keys)]
         no_state = [None] * len(keys)
-        batch = _kernels.step_many(
+        batch = _batch.step_many(
             self.hyper, keys, weights, gradients,
             list(map(self.mom1.get, keys)) if self.mom1 else no_state,
             list(map(self.mom2.get, keys)) if self.mom2 else no_state,
@@ -60,7 +60,7 @@ class CpuUpdates(_kernels.KnownKeys):
                   states: List[Dict[str, Any]], counts: List[int], lr_scale: float) -> Any:
         """Checked tensors with their (possibly new) state: one call; returns the Batch
         for `keep` once the optimizer has stored the new state."""
-        return _kernels.step_many(self.hyper, keys, weights, gradients,
+        return _batch.step_many(self.hyper, keys, weights, gradients,
                                   [s["mom1"] for s in states], [s["mom2"] for s in states],
                                   [s["average"] for s in states],
                                   [s["slow"] for s in states], counts, lr_scale)
@@ -69,7 +69,7 @@ class CpuUpdates(_kernels.KnownKeys):
         """The dicts a kept batch took its state arrays from."""
         return (self.mom1, self.mom2, self.averages, self.lookahead, self.shapes)
 
-    def keep(self, batch: "_kernels.Batch") -> None:
+    def keep(self, batch: "_batch.Batch") -> None:
         """Keep a batch whose state arrays are the ones the dicts hold now, to run again
         when the same keys come next. Batch.again also checks that the dicts still map
         the keys to its arrays, so an entry a user replaced is seen too."""

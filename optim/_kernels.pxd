@@ -1,0 +1,36 @@
+# The C-level interface of optim._kernels: the hyperparameters the loops read, one
+# update's task, and the functions that validate and run tasks. optim._batch
+# (step_many's kept batch) is built on it.
+from optim._loops cimport Coefs, Kind
+
+
+cdef class Hyper:
+    cdef public double learn_rate, beta1, beta2, eps, L2, grad_clip, weight_decay
+    cdef public double lookahead_alpha
+    cdef public long lookahead_k
+    cdef public bint L2_is_weight_decay, use_radam
+
+    cdef Kind _kind(self) noexcept
+
+
+cdef struct Task:  # one update: its arrays (data pointers), size, dtype, count, scalars
+    void* w
+    void* g
+    void* m
+    void* v
+    void* avg
+    void* slow
+    Py_ssize_t n
+    int dtype
+    long t
+    Coefs c
+
+
+cdef int n_threads() noexcept
+cdef Coefs make_coefs(Hyper h, long t, double lr_scale) noexcept
+cdef bint syncs(Hyper h, long t) noexcept
+cdef int fill_task(Task* task, Hyper h, object key, object weights, object gradient,
+                   object mom1, object mom2, object average, object slow, long t,
+                   double lr_scale, const Task* previous=*) except -1
+cdef void run_tasks(Task* tasks, const Py_ssize_t* sizes, Py_ssize_t n_tasks, Kind kind,
+                    double grad_clip, int n_threads) noexcept nogil
