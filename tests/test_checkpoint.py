@@ -215,3 +215,16 @@ def test_load_checkpoint_names_another_model_a_newer_format_and_a_damaged_file(t
     assert not (tmp_path / "d").exists()
     with pytest.raises(TypeError, match="Thinc Model or a spaCy Language"):
         checkpoint.param_names(object())
+
+
+def test_files_written_atomically_get_the_usual_permissions(tmp_path):
+    """Not mkstemp's 0600: what open() gives (0666 less the umask), so a checkpoint or a
+    state file can be read by whoever could read any other file of the run."""
+    old = os.umask(0o027)
+    try:
+        checkpoint.write_bundle(tmp_path / "a", {"x": b"1"})
+        optim.Adam(0.1).to_disk(tmp_path / "b")
+    finally:
+        os.umask(old)
+    for name in ("a", "b"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640
