@@ -22,6 +22,7 @@ import hashlib
 import os
 import random
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -178,33 +179,66 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 def save_checkpoint(path: Any, model: Any, optimizer: Any, **extra: Any) -> None:
     """Write `model`'s weights, `optimizer`'s whole state (under stable parameter names),
     the random generators' states and `extra` (msgpack-able values: your step, epoch,
-    position in the data) to one file, atomically."""
+    position in the data) to one file, atomically.
+
+    With an optim.distributed optimizer on 2+ ranks, call it on every rank with the
+    same path: every rank's generators are gathered, the state is the whole group's,
+    and rank 0 alone writes."""
     names = param_names(model)
     msg = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION,
         "params": param_shapes(model), "model": model.to_bytes(),
-        "optimizer": named_optimizer_state(optimizer, names),
+        "optimizer": named_optimizer_state(optimizer, names),  # a collective when sharded
         "rng": rng_state(), "extra": extra,
     }
+    group = _group_of(optimizer)
+    if group is not None:
+        msg["ranks"] = group.all_gather_bytes(srsly.msgpack_dumps(msg.pop("rng")),
+                                              "the gathering of a checkpoint")
+        msg["rng"] = None
     try:
         data = srsly.msgpack_dumps(msg)
     except TypeError as err:
         raise TypeError(f"save_checkpoint: extra values must be msgpack-able ({err})") from None
-    write_atomic(path, data)
+    if group is None or group.rank == 0:
+        write_atomic(path, data)
+    if group is not None:
+        group.barrier("the end of a checkpoint")
 
 
 def load_checkpoint(path: Any, model: Any, optimizer: Any = None, *,
                     restore_rng: bool = True) -> Tuple[Any, Dict[str, Any]]:
     """Load weights into `model` (rebuilt the same way, in this process), the optimizer
     state into `optimizer` (or a new `optim.Optimizer` if None) under this model's keys,
-    and the random generators' states; returns `(optimizer, extra)`."""
+    and the random generators' states; returns `(optimizer, extra)`.
+
+    A checkpoint of 2+ ranks gives each rank its own generators when the world size is
+    the same; at another world size (or into a plain optimizer) the weights and the
+    optimizer load exactly and the generators are left as they are, with a warning."""
     msg = _checked_message(read_file(path), str(path))
     check_same_model(msg["params"], model, str(path))
     optimizer = load_optimizer_state(optimizer, msg["optimizer"], param_names(model))
     model.from_bytes(msg["model"])
-    if restore_rng:
-        set_rng_state(msg["rng"])
+    rng = msg["rng"]
+    ranks = msg.get("ranks")
+    if ranks is not None:
+        group = _group_of(optimizer)
+        if group is not None and group.world_size == len(ranks):
+            rng = srsly.msgpack_loads(ranks[group.rank])
+        elif restore_rng:
+            warnings.warn(f"{path} was written by {len(ranks)} ranks and this process is "
+                          f"rank {0 if group is None else group.rank} of "
+                          f"{1 if group is None else group.world_size}: the random "
+                          "generators are not restored", stacklevel=2)
+    if restore_rng and rng is not None:
+        set_rng_state(rng)
     return optimizer, dict(msg["extra"])
+
+
+def _group_of(optimizer: Any) -> Any:
+    """The process group of an optim.distributed optimizer on 2+ ranks, else None."""
+    group = getattr(optimizer, "group", None)
+    return group if group is not None and getattr(group, "world_size", 1) > 1 else None
 
 
 def _checked_message(data: bytes, what: str) -> Dict[str, Any]:

@@ -304,6 +304,52 @@ def scenario_resume(out):
              state_nbytes=opt.state_nbytes())
 
 
+CKPT_STEPS, CKPT_AT = 30, 13
+
+
+def _dropout_mlp(X, Y):
+    from thinc.api import Dropout
+
+    fix_random_seed(0)
+    model = chain(Relu(32), Dropout(0.2), Relu(32), Softmax())
+    model.initialize(X=X[:5], Y=Y[:5])
+    return model
+
+
+def scenario_thinc_checkpoint_save(out):
+    """2 ranks, a model with dropout: train CKPT_STEPS steps, optim.thinc.save_checkpoint
+    after step CKPT_AT's update; replicated and sharded."""
+    from optim.thinc import save_checkpoint
+
+    group = dist_opt.join(timeout=60)
+    rank, world = group.rank, group.world_size
+    data = data_cache()
+    for name, sharded in (("replicated", False), ("sharded", True)):
+        model = _dropout_mlp(data[0], data[1])
+        opt = dist_opt.Adam(**hyper(), sharded=sharded)
+        numpy.random.seed(100 + rank)  # each rank its own dropout stream
+        train(model, opt, data, range(CKPT_AT), rank, world)
+        save_checkpoint(out / f"thinc-{name}.ckpt", model, opt, step=CKPT_AT)
+        train(model, opt, data, range(CKPT_AT, CKPT_STEPS), rank, world)
+        numpy.savez(out / f"thinc-{name}-straight-rank{rank}.npz", **weights_of(model))
+
+
+def scenario_thinc_checkpoint_resume(out):
+    """2 ranks: load_checkpoint into a model rebuilt with other ids, train to CKPT_STEPS."""
+    from optim.thinc import load_checkpoint
+
+    group = dist_opt.join(timeout=60)
+    rank, world = group.rank, group.world_size
+    data = data_cache()
+    for name, sharded in (("replicated", False), ("sharded", True)):
+        [_dropout_mlp(data[0], data[1]) for _ in range(2)]  # other ids than when saved
+        model = _dropout_mlp(data[0], data[1])
+        opt = dist_opt.Adam(**hyper(), sharded=sharded)
+        opt, extra = load_checkpoint(out / f"thinc-{name}.ckpt", model, opt)
+        train(model, opt, data, range(extra["step"], CKPT_STEPS), rank, world)
+        numpy.savez(out / f"thinc-{name}-resumed-rank{rank}.npz", **weights_of(model))
+
+
 def scenario_hang(out):
     """Rank 1 stops participating at step 3; rank 0 must time out with a clear error."""
     _fail_scenario(out, lambda: time.sleep(120), timeout=3.0)

@@ -691,3 +691,31 @@ def test_empty_gradient_is_a_no_op_whatever_the_weights(sharded):
     assert (0, "x") not in opt.optimizer.nr_update
     with pytest.raises(ValueError, match="shape"):  # non-empty gradients stay checked
         opt((2, "b"), numpy.zeros((1, 2)), numpy.zeros(3))
+
+
+def test_thinc_checkpoint_on_two_ranks_resumes_bitwise(tmp_path):
+    """optim.thinc.save_checkpoint under torch.distributed: every rank's generators
+    (dropout draws) are gathered and rank 0 writes one file; load_checkpoint on 2 ranks
+    (model rebuilt with other ids) continues to the uninterrupted run's weights, bit for
+    bit, replicated and sharded."""
+    _check_ok(launch("thinc_checkpoint_save", tmp_path))
+    _check_ok(launch("thinc_checkpoint_resume", tmp_path))
+    for name in ("replicated", "sharded"):
+        for rank in (0, 1):
+            straight = dict(numpy.load(tmp_path / f"thinc-{name}-straight-rank{rank}.npz"))
+            resumed = dict(numpy.load(tmp_path / f"thinc-{name}-resumed-rank{rank}.npz"))
+            assert straight.keys() == resumed.keys() and len(straight) == 6
+            for label in straight:
+                assert straight[label].tobytes() == resumed[label].tobytes(), (name, label)
+    # one file per run, and a single process loads it with a warning about the generators
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["thinc-replicated.ckpt",
+                                                               "thinc-sharded.ckpt"]
+    from thinc.api import Dropout, Relu, Softmax, chain
+
+    from optim.thinc import load_checkpoint
+
+    model = chain(Relu(32), Dropout(0.2), Relu(32), Softmax())
+    model.initialize(X=numpy.zeros((2, 64), "f"), Y=numpy.zeros((2, 10), "f"))
+    with pytest.warns(UserWarning, match="written by 2 ranks .* not restored"):
+        opt, extra = load_checkpoint(tmp_path / "thinc-sharded.ckpt", model)
+    assert extra == {"step": 13} and len(opt.mom1) == 6  # the whole sharded state
