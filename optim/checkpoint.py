@@ -12,15 +12,17 @@ parameter names, random number generators, and whatever the loop adds.
 * `save_checkpoint(path, model, optimizer, **extra)` / `load_checkpoint(path, model, ...)`:
   one file, written atomically, for a custom Thinc loop.
 * `write_bundle` / `read_bundle`, `Checkpoints`: named byte strings in one file that
-  appears whole or not at all (a temporary file, fsynced, renamed) and carries a SHA-256
-  digest of its body, so a damaged one (truncated, corrupt) is told from an intact one;
-  a directory of them, the newest two kept.
+  appears whole or not at all (a temporary file, fsynced, renamed) and carries each
+  one's size and SHA-256 digest, so a damaged one (truncated, corrupt) is told from an
+  intact one; a directory of them, the newest two kept.
 
 Nothing here imports Thinc or spaCy: models are walked by duck typing.
 """
 import hashlib
+import json
 import os
 import random
+import struct
 import sys
 import warnings
 from pathlib import Path
@@ -262,13 +264,22 @@ def check_version(version: Any, what: str) -> None:
 
 # ------------------------------------------------------------------ checkpoint files
 
+_MAGIC = b"optim checkpoint\n"
+_HEADER_LEN = struct.Struct("<Q")
+
+
 def write_bundle(path: Any, files: Dict[str, bytes]) -> None:
     """Write named byte strings as one checkpoint file, atomically (temporary file,
-    fsync, rename), with a SHA-256 digest of its body for `read_bundle` to check."""
-    body = srsly.msgpack_dumps({name: bytes(data) for name, data in files.items()})
-    write_atomic(path, srsly.msgpack_dumps({
-        "format": BUNDLE_FORMAT, "version": FORMAT_VERSION, "size": len(body),
-        "sha256": hashlib.sha256(body).hexdigest(), "body": body}))
+    fsync, rename): a magic line, a JSON header (format, version, each file's name, size
+    and SHA-256) and the files one after another, streamed without a joined copy (a
+    checkpoint of a large model is as large as its arrays, not twice or three times)."""
+    names = list(files)
+    header = json.dumps({"format": BUNDLE_FORMAT, "version": FORMAT_VERSION,
+                         "files": [[name, len(files[name]),
+                                    hashlib.sha256(files[name]).hexdigest()]
+                                   for name in names]}).encode("utf8")
+    write_atomic(path, [_MAGIC, _HEADER_LEN.pack(len(header)), header,
+                        *(files[name] for name in names)])
 
 
 def read_bundle(path: Any) -> Dict[str, bytes]:
@@ -278,19 +289,35 @@ def read_bundle(path: Any) -> Dict[str, bytes]:
         data = read_file(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    try:
-        outer = srsly.msgpack_loads(data)
-    except Exception:  # msgpack raises many types on damaged input
-        raise CheckpointError(f"{path}: unreadable ({len(data)} bytes; truncated?)") from None
-    if not isinstance(outer, dict) or outer.get("format") != BUNDLE_FORMAT:
+    start = len(_MAGIC) + _HEADER_LEN.size
+    if not data.startswith(_MAGIC) or len(data) < start:
+        if _MAGIC.startswith(data[: len(_MAGIC)]) and len(data) < start:
+            raise CheckpointError(f"{path}: truncated ({len(data)} bytes)")
         raise CheckpointError(f"{path}: not an optim checkpoint file")
-    check_version(outer.get("version"), str(path))
-    body = outer.get("body")
-    if not isinstance(body, bytes) or len(body) != outer.get("size"):
-        raise CheckpointError(f"{path}: truncated")
-    if hashlib.sha256(body).hexdigest() != outer.get("sha256"):
-        raise CheckpointError(f"{path}: corrupt (checksum mismatch)")
-    return srsly.msgpack_loads(body)
+    (header_len,) = _HEADER_LEN.unpack_from(data, len(_MAGIC))
+    if len(data) < start + header_len:
+        raise CheckpointError(f"{path}: truncated ({len(data)} bytes)")
+    try:
+        header = json.loads(data[start: start + header_len])
+        entries = [(str(n), int(size), str(digest)) for n, size, digest in header["files"]]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path}: unreadable header") from None
+    if header.get("format") != BUNDLE_FORMAT:
+        raise CheckpointError(f"{path}: not an optim checkpoint file")
+    check_version(header.get("version"), str(path))
+    position, files = start + header_len, {}
+    expected = position + sum(size for _, size, _ in entries)
+    if len(data) != expected:
+        raise CheckpointError(f"{path}: truncated ({len(data)} bytes of {expected})"
+                              if len(data) < expected else
+                              f"{path}: {len(data) - expected} bytes too many")
+    for name, size, digest in entries:
+        piece = data[position: position + size]
+        if hashlib.sha256(piece).hexdigest() != digest:
+            raise CheckpointError(f"{path}: {name} is corrupt (checksum mismatch)")
+        files[name] = piece
+        position += size
+    return files
 
 
 class Checkpoints:

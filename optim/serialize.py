@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy
 import srsly
@@ -218,15 +218,17 @@ def _count(value: Any, what: str) -> int:
 
 # ------------------------------------------------------------------ files
 
-def write_atomic(path: Any, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it."""
+def write_atomic(path: Any, data: Union[bytes, Iterable[bytes]]) -> None:
+    """Write `data` (bytes, or byte strings written one after another: no joined copy)
+    to a temporary file beside `path`, fsync, then rename over it."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         if hasattr(os, "fchmod"):  # mkstemp makes 0600; give what open() would: 0666 & ~umask
             os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for piece in ([data] if isinstance(data, (bytes, bytearray, memoryview)) else data):
+                f.write(piece)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -31,10 +31,12 @@ def test_a_bundle_reads_back_and_each_kind_of_damage_is_named(tmp_path):
     data = (tmp_path / "ck").read_bytes()
     position = data.index(files["a.bin"][:50])
     damaged = {
-        "truncated": (data[: len(data) // 2], "unreadable"),
+        "truncated": (data[: len(data) // 2], "truncated \\(627 bytes of 1255\\)"),
+        "cut in the header": (data[:40], "truncated \\(40 bytes\\)"),
         "flipped": (data[:position] + bytes([data[position] ^ 1]) + data[position + 1:],
-                    "corrupt \\(checksum mismatch\\)"),
-        "empty": (b"", "unreadable \\(0 bytes; truncated\\?\\)"),
+                    "a.bin is corrupt \\(checksum mismatch\\)"),
+        "empty": (b"", "truncated \\(0 bytes\\)"),
+        "longer": (data + b"x", "1 bytes too many"),
         "foreign": (b"\x80", "not an optim checkpoint file"),
     }
     for name, (content, message) in damaged.items():
@@ -61,18 +63,19 @@ def test_checkpoints_keeps_the_last_two_and_falls_back_past_damage(tmp_path):
     store = Checkpoints(tmp_path / "cks")
     assert store.newest() is None
     for step in (5, 10, 15):
-        store.write(step, {"step": str(step).encode()})
+        store.write(step, {"step": str(step).encode() * 50})
     assert [s for s, _ in store.steps()] == [15, 10]
     newest = tmp_path / "cks" / "step-00000015.ckpt"
     newest.write_bytes(newest.read_bytes()[:-3])
     warnings = []
     path, files = store.newest(warn=warnings.append)
-    assert path.name == "step-00000010.ckpt" and files == {"step": b"10"}
-    assert warnings == [f"skipping a damaged checkpoint: {newest}: unreadable "
-                        f"({newest.stat().st_size} bytes; truncated?); using step-00000010.ckpt"]
+    assert path.name == "step-00000010.ckpt" and files == {"step": b"10" * 50}
+    assert warnings == [f"skipping a damaged checkpoint: {newest}: truncated "
+                        f"({newest.stat().st_size} bytes of {newest.stat().st_size + 3}); "
+                        "using step-00000010.ckpt"]
     (tmp_path / "cks" / "step-00000010.ckpt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="no intact checkpoint in .*step-00000015.*"
-                                              "step-00000010.ckpt: unreadable"):
+                                              "step-00000010.ckpt: truncated"):
         store.newest()
     assert len(store.steps()) == 2  # nothing deleted
     assert Checkpoints(tmp_path / "x", writer=False).write(1, {"a": b""}) is None

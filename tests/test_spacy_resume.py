@@ -235,7 +235,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_with_a_warning(
     newest.write_bytes(data[: len(data) // 2])  # truncated
     code, out, err = _run(command)
     assert code == 0, err[-3000:]
-    assert f"skipping a damaged checkpoint: {newest}: unreadable" in out
+    assert f"skipping a damaged checkpoint: {newest}: truncated" in out
     assert f"Resuming at step {steps[0]} " in out
     _assert_same_outputs(reference["output"], out_dir)
 
