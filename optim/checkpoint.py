@@ -181,15 +181,14 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 def save_checkpoint(path: Any, model: Any, optimizer: Any, **extra: Any) -> None:
     """Write `model`'s weights, `optimizer`'s whole state (under stable parameter names),
     the random generators' states and `extra` (msgpack-able values: your step, epoch,
-    position in the data) to one file, atomically.
+    position in the data) to one checkpoint file (`write_bundle`), atomically.
 
     With an optim.distributed optimizer on 2+ ranks, call it on every rank with the
     same path: every rank's generators are gathered, the state is the whole group's,
     and rank 0 alone writes."""
     names = param_names(model)
     msg = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION,
-        "params": param_shapes(model), "model": model.to_bytes(),
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "params": param_shapes(model),
         "optimizer": named_optimizer_state(optimizer, names),  # a collective when sharded
         "rng": rng_state(), "extra": extra,
     }
@@ -199,11 +198,11 @@ def save_checkpoint(path: Any, model: Any, optimizer: Any, **extra: Any) -> None
                                               "the gathering of a checkpoint")
         msg["rng"] = None
     try:
-        data = srsly.msgpack_dumps(msg)
+        state = srsly.msgpack_dumps(msg)
     except TypeError as err:
         raise TypeError(f"save_checkpoint: extra values must be msgpack-able ({err})") from None
     if group is None or group.rank == 0:
-        write_atomic(path, data)
+        write_bundle(path, {"state.msgpack": state, "model.bin": model.to_bytes()})
     if group is not None:
         group.barrier("the end of a checkpoint")
 
@@ -217,10 +216,11 @@ def load_checkpoint(path: Any, model: Any, optimizer: Any = None, *,
     A checkpoint of 2+ ranks gives each rank its own generators when the world size is
     the same; at another world size (or into a plain optimizer) the weights and the
     optimizer load exactly and the generators are left as they are, with a warning."""
-    msg = _checked_message(read_file(path), str(path))
+    files = read_bundle(path)
+    msg = _checked_message(files.get("state.msgpack", b""), str(path))
     check_same_model(msg["params"], model, str(path))
     optimizer = load_optimizer_state(optimizer, msg["optimizer"], param_names(model))
-    model.from_bytes(msg["model"])
+    model.from_bytes(files["model.bin"])
     rng = msg["rng"]
     ranks = msg.get("ranks")
     if ranks is not None:
