@@ -9,12 +9,15 @@ One panel per (optimizer, dtype, layout), log-log axes, one line per implementat
 Needs matplotlib: pip install "thinc-optim[plot]" (or pip install matplotlib).
 """
 import argparse
+import io
 import json
 import math
 import os
 import sys
 from collections import defaultdict
 from typing import Any, Dict, Iterable, Optional, Sequence
+
+from ..serialize import write_atomic
 
 STYLES = {"optim": "C0", "thinc": "C1", "torch": "C2", "numpy": "C3"}
 
@@ -92,7 +95,9 @@ def plot(data: Dict[str, Any], path: str, optimizers: Optional[Iterable[str]] = 
                  f"({m.get('cpu_count', '?')} CPUs, device {m.get('device', '?')}), "
                  f"median time per update", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()  # then written atomically: a kill leaves the old picture whole
+    fig.savefig(buffer, dpi=120, format=os.path.splitext(str(path))[1][1:] or "png")
+    write_atomic(path, buffer.getvalue())
     return path
 
 

@@ -168,6 +168,7 @@ def format_report(result: Dict[str, Any]) -> str:
 
 
 def write_json(result: Dict[str, Any], path: str) -> None:
-    with open(path, "w", encoding="utf8") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
+    """Write the result atomically (a killed run leaves the previous file whole)."""
+    from ..serialize import write_atomic
+
+    write_atomic(path, (json.dumps(result, indent=1) + "\n").encode("utf8"))
