@@ -26,7 +26,7 @@ import struct
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy
 import srsly
@@ -49,51 +49,43 @@ def param_names(obj: Any) -> Dict[Any, str]:
     """`{optimizer key: stable name}` for every parameter of a Thinc model or of every
     component of a spaCy pipeline, in walk order (a node shared by two components is
     named by the first)."""
-    names: Dict[Any, str] = {}
-    if hasattr(obj, "components") and hasattr(obj, "pipe_names"):
-        for component, proc in obj.components:
-            model = getattr(proc, "model", None)
-            if hasattr(model, "walk"):
-                _name_model(model, f"{component}/", names)
-    elif hasattr(obj, "walk"):
-        _name_model(obj, "", names)
-    else:
-        raise TypeError(f"param_names: expected a Thinc Model or a spaCy Language, got "
-                        f"{type(obj).__name__}")
-    return names
-
-
-def _name_model(model: Any, prefix: str, names: Dict[Any, str]) -> None:
-    for index, node in enumerate(model.walk()):
-        for j, shim in enumerate(getattr(node, "shims", ())):
-            torch_model = getattr(shim, "_model", None)
-            if hasattr(torch_model, "named_parameters"):
-                for pname, _ in torch_model.named_parameters():
-                    names.setdefault((shim.id, pname), f"{prefix}{index}/shim{j}/{pname}")
-        for pname in node.param_names:
-            if node.has_param(pname):
-                names.setdefault((node.id, pname), f"{prefix}{index}/{pname}")
+    return {key: name for key, name, _ in _named_params(obj)}
 
 
 def param_shapes(obj: Any) -> Dict[str, List[int]]:
     """`{stable name: shape}` of the node parameters of `obj` (what a checkpoint of it
     holds), for telling a checkpoint of another model from one of this model."""
-    shapes: Dict[str, List[int]] = {}
-    nodes = []
-    if hasattr(obj, "components"):
-        for component, proc in obj.components:
-            model = getattr(proc, "model", None)
-            if hasattr(model, "walk"):
-                nodes.extend((f"{component}/", i, n) for i, n in enumerate(model.walk()))
+    return {name: list(node.get_param(key[1]).shape)
+            for key, name, node in _named_params(obj) if node is not None}
+
+
+def _named_params(obj: Any) -> Iterator[Tuple[Any, str, Any]]:
+    """`(key, stable name, node)` of every parameter, in walk order, each key once: a
+    node's PyTorch shims' parameters (node None: their arrays are torch's) first, then
+    the node's own."""
+    if hasattr(obj, "components") and hasattr(obj, "pipe_names"):
+        models = [(f"{component}/", proc.model) for component, proc in obj.components
+                  if hasattr(getattr(proc, "model", None), "walk")]
+    elif hasattr(obj, "walk"):
+        models = [("", obj)]
     else:
-        nodes.extend(("", i, n) for i, n in enumerate(obj.walk()))
+        raise TypeError(f"expected a Thinc Model or a spaCy Language, got "
+                        f"{type(obj).__name__}")
     seen = set()
-    for prefix, index, node in nodes:
-        for pname in node.param_names:
-            if node.has_param(pname) and (node.id, pname) not in seen:
-                seen.add((node.id, pname))
-                shapes[f"{prefix}{index}/{pname}"] = list(node.get_param(pname).shape)
-    return shapes
+    for prefix, model in models:
+        for index, node in enumerate(model.walk()):
+            found = []
+            for j, shim in enumerate(getattr(node, "shims", ())):
+                torch_model = getattr(shim, "_model", None)
+                if hasattr(torch_model, "named_parameters"):
+                    found += [((shim.id, pname), f"{prefix}{index}/shim{j}/{pname}", None)
+                              for pname, _ in torch_model.named_parameters()]
+            found += [((node.id, pname), f"{prefix}{index}/{pname}", node)
+                      for pname in node.param_names if node.has_param(pname)]
+            for key, name, owner in found:
+                if key not in seen:
+                    seen.add(key)
+                    yield key, name, owner
 
 
 def check_same_model(saved: Dict[str, List[int]], obj: Any, what: str) -> None:
@@ -147,13 +139,23 @@ def load_optimizer_state(optimizer: Any, msg: Dict[str, Any], names: Dict[Any, s
 
 # ------------------------------------------------------------------ random generators
 
+def python_random_state() -> List[Any]:
+    """Python's `random` state as a msgpack-friendly list."""
+    version, mt, gauss = random.getstate()
+    return [version, list(mt), gauss]
+
+
+def set_python_random_state(saved: List[Any]) -> None:
+    version, mt, gauss = saved
+    random.setstate((version, tuple(mt), gauss))
+
+
 def rng_state() -> Dict[str, Any]:
     """The states of Python's `random`, NumPy's global generator and, where imported,
     torch's CPU generator, as msgpack-friendly values."""
-    version, mt, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = numpy.random.get_state()
     state: Dict[str, Any] = {
-        "python": [version, list(mt), gauss],
+        "python": python_random_state(),
         "numpy": [name, numpy.asarray(keys, dtype=numpy.uint32), int(pos), int(has_gauss),
                   float(cached)],
     }
@@ -164,8 +166,7 @@ def rng_state() -> Dict[str, Any]:
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt), gauss))
+    set_python_random_state(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     numpy.random.set_state((name, numpy.array(keys, dtype=numpy.uint32), pos, has_gauss,
                             cached))

@@ -298,7 +298,7 @@ class Optimizer(ScheduledHyperparameters):
                 f"key {key!r}: weights are {backend.name} arrays but the gradient is a "
                 f"{grad_backend.name} array; move both to the same device first"
             )
-        self._updates_for(backend).check(key, weights, gradient)
+        (CpuUpdates if backend is NUMPY else DeviceUpdates).check(key, weights, gradient)
         shape = self._shapes.get(key)
         if shape is not None and weights.shape != shape:
             raise ValueError(shape_error(key, weights.shape, shape))

@@ -32,7 +32,9 @@ from .checkpoint import (
     named_optimizer_state,
     param_names,
     param_shapes,
+    python_random_state,
     rng_state,
+    set_python_random_state,
     set_rng_state,
 )
 
@@ -94,7 +96,7 @@ def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any
     and, with `resume` (from `load_resume`), a continuation of a checkpointed run."""
     from spacy.schemas import ConfigSchemaTraining
     from spacy.training.loop import create_before_to_disk_callback, create_evaluation_callback
-    from spacy.training.loop import update_meta
+    from spacy.training.loop import subdivide_batch, update_meta
     from spacy.util import registry, resolve_dot_names
     from thinc.api import constant, fix_random_seed, set_gpu_allocator
     from wasabi import Printer
@@ -116,7 +118,7 @@ def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any
     evaluate = create_evaluation_callback(nlp, dev_corpus, T["score_weights"])
     dropout = T["dropout"]
     dropouts = constant(dropout) if isinstance(dropout, float) else dropout
-    names = param_names(nlp)
+    names, shapes = param_names(nlp), param_shapes(nlp)  # the architecture stays put
 
     state = LoopState()
     if resume is not None:
@@ -152,7 +154,7 @@ def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any
                 "state.msgpack": srsly.msgpack_dumps({
                     "format": STATE_FORMAT, "version": FORMAT_VERSION,
                     "loop": state.to_dict(), "optimizer": opt_msg, "ranks": ranks,
-                    "params": param_shapes(nlp), "world_size": group.world_size}),
+                    "params": shapes, "world_size": group.world_size}),
                 "pipeline.bin": nlp.to_bytes(exclude=["vocab"]),
                 "strings.json": srsly.json_dumps(list(nlp.vocab.strings)).encode("utf8"),
                 "config.cfg": (config_text or nlp.config.to_str()).encode("utf8")})
@@ -186,7 +188,7 @@ def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any
             if before_update:
                 before_update(nlp, {"step": step, "epoch": epoch})
             drop = next(dropouts)
-            for subbatch in _subdivide_batch(batch, T["accumulate_gradient"]):
+            for subbatch in subdivide_batch(batch, T["accumulate_gradient"]):
                 nlp.update(subbatch, drop=drop, losses=state.losses, sgd=False,
                            exclude=exclude, annotates=annotating)
             for name, proc in nlp.pipeline:
@@ -226,11 +228,12 @@ def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any
             if T["max_steps"] and step >= T["max_steps"]:
                 break
             stopping = _any_rank(group, stop())
+            path = None
             if checkpoints is not None and (
                     stopping or (checkpoint_every and state.step % checkpoint_every == 0)):
                 path = write_checkpoint()
             if stopping:
-                raise Stopped(state.step, path if checkpoints is not None else None)
+                raise Stopped(state.step, path)
     except Stopped:
         raise
     except Exception as e:
@@ -274,10 +277,9 @@ def _train_batches(nlp: Any, corpus: Callable, batcher: Callable, max_epochs: in
             raise ValueError(Errors.E986)
     while max_epochs < 1 or epoch != max_epochs:
         if epoch < replay_epochs:
-            random.setstate(_python_state(epoch_states[epoch]))
+            set_python_random_state(epoch_states[epoch])
         else:
-            version, mt, gauss = random.getstate()
-            epoch_states.append([version, list(mt), gauss])
+            epoch_states.append(python_random_state())
         if max_epochs >= 0:
             random.shuffle(examples)
         else:
@@ -285,27 +287,6 @@ def _train_batches(nlp: Any, corpus: Callable, batcher: Callable, max_epochs: in
         for batch in batcher(examples):
             yield epoch, batch
         epoch += 1
-
-
-def _python_state(saved: Any) -> Tuple[Any, ...]:
-    version, mt, gauss = saved
-    return (version, tuple(mt), gauss)
-
-
-def _subdivide_batch(batch: Any, accumulate_gradient: int) -> Iterator[List[Any]]:
-    """`spacy.training.loop.subdivide_batch`."""
-    batch = list(batch)
-    batch.sort(key=lambda eg: len(eg.predicted))
-    sub_len = len(batch) // accumulate_gradient
-    start = 0
-    for _ in range(accumulate_gradient):
-        subbatch = batch[start: start + sub_len]
-        if subbatch:
-            yield subbatch
-        start += len(subbatch)
-    subbatch = batch[start:]
-    if subbatch:
-        yield subbatch
 
 
 def _replace_dir(final: Path, write: Callable[[Path], Any]) -> None:

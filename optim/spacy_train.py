@@ -112,8 +112,9 @@ def _flatten(section: Any, prefix: str = "") -> Dict[str, Any]:
 
 def load_resume(files: Dict[str, bytes], path: Path, nlp: Any, group: Any,
                 say: Any) -> Dict[str, Any]:
-    """Check a checkpoint against the config and the rebuilt pipeline, load its weights
-    into `nlp`, and return what `spacy_loop.train` needs to continue."""
+    """Check a checkpoint against the rebuilt pipeline, load its weights into `nlp`, and
+    return what `spacy_loop.train` needs to continue (this rank's generators, where the
+    world size is the checkpoint's)."""
     import srsly
 
     from .checkpoint import CheckpointError, check_same_model, check_version

@@ -14,7 +14,10 @@ import numpy
 
 from .. import _device, _kernels
 from .._cuda_workspace import Workspace, next_epoch, refuse_capture
-from .._kernels_cuda import (BLOCK, CUPY_HINT, ENTRY_POINTS, KERNELS, NVRTC_OPTIONS, ROW, TENSOR_FIELDS, cuda_source, n_chunks, norm_grid, update_grid, variant_kernels)
+from .._kernels_cuda import (BLOCK, CUPY_HINT, ENTRY_POINTS, KERNELS, NVRTC_OPTIONS, ROW,
+                             TENSOR_FIELDS, cuda_source, n_chunks, norm_grid, update_grid,
+                             variant_kernels)
+from ..hyperparams import shape_error
 
 # ---------------------------------------------------------------- CuPy
 
@@ -349,8 +352,7 @@ def _check_arrays(key: Any, weights: Any, gradient: Any, plan: Plan) -> None:
         raise TypeError(f"key {key!r}: weights are {weights.dtype} but this key's state is "
                         f"{plan.dtype}")
     if weights.shape != plan.shape:
-        raise ValueError(f"key {key!r}: weights have shape {tuple(weights.shape)}, but this "
-                         f"key was updated with shape {tuple(plan.shape)} before")
+        raise ValueError(shape_error(key, weights.shape, plan.shape))
 
 
 def _missing_state(key: Any, plan: Plan, bits: int) -> None:

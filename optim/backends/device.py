@@ -18,7 +18,8 @@ class DeviceUpdates:
         self.plans: Dict[KeyT, Any] = {}   # key -> prepared launch (optim.backends.cupy.Plan)
         self.tables: Dict[Any, Any] = {}   # step_many's device tables per group
 
-    def check(self, key: KeyT, weights: Any, gradient: Any) -> None:
+    @staticmethod
+    def check(key: KeyT, weights: Any, gradient: Any) -> None:
         from .cupy import check_device_pair
 
         check_device_pair(key, weights, gradient)
