@@ -4,11 +4,24 @@
 from optim._loops cimport Coefs, Kind
 
 
+# What an update does with a gradient holding a NaN or an inf (Hyper.nonfinite), and
+# what became of a task (Task.outcome).
+cdef enum:
+    NONFINITE_APPLY = 0  # Thinc's numbers: the update runs whatever the gradient holds
+    NONFINITE_SKIP = 1   # nothing changes but the gradient, which is zeroed
+    NONFINITE_RAISE = 2  # nothing changes; the caller raises FloatingPointError
+    OUTCOME_UPDATED = 0
+    OUTCOME_NAN = 1      # skipped or refused: the gradient holds a NaN
+    OUTCOME_INF = 2      # skipped or refused: an inf (and no NaN)
+    OUTCOME_FROZEN = 3   # frozen weights: the gradient was zeroed, nothing else
+
+
 cdef class Hyper:
     cdef public double learn_rate, beta1, beta2, eps, L2, grad_clip, weight_decay
     cdef public double lookahead_alpha
     cdef public long lookahead_k
-    cdef public bint L2_is_weight_decay, use_radam
+    cdef public bint L2_is_weight_decay, use_radam, frozen
+    cdef public int nonfinite
 
     cdef Kind _kind(self) noexcept
 

@@ -30,6 +30,7 @@ cimport numpy as cnp
 cnp.import_array()
 
 KIND_NAMES = ("sgd", "adam", "radam")
+NONFINITE_MODES = ("apply", "skip", "raise")  # Hyper.nonfinite indexes this
 cdef Py_ssize_t GIL_FREE_SIZE = 1 << 15  # release the GIL for tensors at least this large
 
 NORM_ORDER = {"chunk": NORM_CHUNK, "lanes": NORM_LANES}
@@ -122,6 +123,20 @@ cdef class Hyper:
     @property
     def kind(self) -> str:
         return KIND_NAMES[self._kind()]
+
+    def copy(self) -> Hyper:
+        """A new Hyper with the same values."""
+        cdef Hyper other = Hyper.__new__(Hyper)
+        other.set_from(self)
+        return other
+
+    def set_from(self, Hyper other) -> None:
+        """Take every value of `other`."""
+        self.learn_rate, self.beta1, self.beta2 = other.learn_rate, other.beta1, other.beta2
+        self.eps, self.L2, self.grad_clip = other.eps, other.L2, other.grad_clip
+        self.weight_decay, self.lookahead_alpha = other.weight_decay, other.lookahead_alpha
+        self.lookahead_k, self.L2_is_weight_decay = other.lookahead_k, other.L2_is_weight_decay
+        self.use_radam, self.frozen, self.nonfinite = other.use_radam, other.frozen, other.nonfinite
 
     cdef Kind _kind(self) noexcept:
         if self.use_radam:
