@@ -85,7 +85,7 @@ class Optimizer(ScheduledHyperparameters):
     """
 
     __slots__ = ("_mom1", "_mom2", "_averages", "_lookahead", "_nr_update", "ops", "_shapes",
-                 "_on_gpu", "_stale", "_cpu", "_dev", "__weakref__")
+                 "_on_gpu", "_stale", "_cpu", "_dev", "_skipped", "__weakref__")
 
     def __init__(self, learn_rate: FloatOrSeq, *, ops: Any = None,
                  L2: FloatOrSeq = ADAM_DEFAULTS["L2"],
@@ -112,6 +112,7 @@ class Optimizer(ScheduledHyperparameters):
         self._stale: set = set()  # keys whose state misses arrays the settings now need
         self._cpu = CpuUpdates(self)  # NumPy arrays: fast paths, the kept step_many batch
         self._dev: Optional[DeviceUpdates] = None  # device arrays: plans and tables
+        self._skipped: Dict[KeyT, int] = {}  # key -> updates skipped (non-finite gradient)
         self._hyper.use_radam = bool(use_radam)
         self._hyper.L2_is_weight_decay = bool(L2_is_weight_decay)
         self.lookahead_k = lookahead_k
@@ -149,6 +150,16 @@ class Optimizer(ScheduledHyperparameters):
         return self.averages is not None
 
     # ------------------------------------------------------------ updates
+
+    def _hyper_for(self, key: KeyT) -> Any:
+        """The `_kernels.Hyper` that updates `key`: its group's, or the optimizer's.
+        (`.frozen`: only zero the gradient; `.nonfinite`: 0 apply, 1 skip, 2 raise.)"""
+        return self._hyper
+
+    def _nonfinite_found(self, key: KeyT, outcome: int, weights: Any, count: int = 1) -> None:
+        """An update of `key` found a NaN (outcome 1) or an inf (2) in its gradient and
+        changed nothing but the gradient: raise (nonfinite="raise") or count it."""
+        self._skipped[key] = self._skipped.get(key, 0) + count
 
     def _state_dict(slot: str, doc: str):  # noqa: N805 - builds properties below
         def get(self: "Optimizer") -> Any:
