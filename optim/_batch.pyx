@@ -10,7 +10,9 @@ from libc.limits cimport LONG_MAX
 from libc.math cimport isfinite
 from cymem.cymem cimport Pool
 
-from optim._kernels cimport Hyper, Task, fill_task, make_coefs, n_threads, run_tasks, syncs
+from optim._kernels cimport (
+    OUTCOME_UPDATED, Hyper, Task, fill_task, make_coefs, n_threads, run_tasks, syncs,
+)
 from optim._loops cimport KIND_SGD, Kind
 
 cimport numpy as cnp
@@ -18,24 +20,26 @@ cimport numpy as cnp
 cnp.import_array()
 
 
-def step_many(Hyper hyper, list keys, list weights, list gradients, list mom1, list mom2,
+def step_many(list hypers, list keys, list weights, list gradients, list mom1, list mom2,
               list averages, list slows, list counts, double lr_scale=1.0) -> Batch:
     """Update many tensors in one call: validates them all, then loops without the GIL.
 
-    Each list holds one entry per key (None where a state array is absent); counts[i]
-    is the update number t of keys[i]. Same results as calling `step` in order. Returns
-    the batch, which `Batch.again` runs again for the same keys and state arrays.
+    Each list holds one entry per key (None where a state array is absent): hypers[i]
+    is the `Hyper` of keys[i] (its group's), counts[i] its update number t. Same results
+    as calling `step` in order. Returns the batch, which `Batch.again` runs again for
+    the same keys and state arrays; `batch.outcomes()` lists the updates that found a
+    non-finite gradient (in raise mode, none of the call's updates was written then).
     """
     cdef Py_ssize_t n = len(keys)
-    for name, seq in (("weights", weights), ("gradients", gradients), ("mom1", mom1),
-                      ("mom2", mom2), ("averages", averages), ("slows", slows),
-                      ("counts", counts)):
+    for name, seq in (("hypers", hypers), ("weights", weights), ("gradients", gradients),
+                      ("mom1", mom1), ("mom2", mom2), ("averages", averages),
+                      ("slows", slows), ("counts", counts)):
         if len(seq) != n:
             raise ValueError(f"step_many: {len(seq)} {name} for {n} keys")
     cdef Batch batch = Batch.__new__(Batch)
-    batch.fill(hyper, keys, weights, gradients, mom1, mom2, averages, slows, counts,
+    batch.fill(hypers, keys, weights, gradients, mom1, mom2, averages, slows, counts,
                lr_scale)
-    batch.run(hyper)
+    batch.run()
     return batch
 
 
@@ -96,6 +100,8 @@ cdef class Batch:
     cdef Py_ssize_t* dim_start
     cdef Py_ssize_t n
     cdef list keys
+    cdef tuple hypers           # each task's Hyper
+    cdef bint wrote             # the last run wrote (False: refused in raise mode)
     cdef tuple state            # n * N_STATE arrays or None, task by task
     cdef tuple stores           # the state dicts `bind` recorded, and their lengths
     cdef Py_ssize_t* store_sizes
@@ -105,21 +111,26 @@ cdef class Batch:
     cdef Py_ssize_t* count_task  # per entry of count_keys: the task it counts, or -1
     cdef bint busy              # checking or running: no other call may refill it
 
-    cdef int fill(self, Hyper hyper, list keys, list weights, list gradients, list mom1,
+    cdef int fill(self, list hypers, list keys, list weights, list gradients, list mom1,
                   list mom2, list averages, list slows, list counts,
                   double lr_scale) except -1:
         """Validate every update (raising fill_task's errors) and fill the tables."""
         cdef Py_ssize_t i, d, n = len(keys), n_dims = 0
+        for hyper in hypers:
+            if not isinstance(hyper, Hyper):
+                raise TypeError(f"step_many: hypers must be Hyper objects, got "
+                                f"{type(hyper).__name__}")
         self.mem = Pool()
         self.n = n
         self.keys = list(keys)
+        self.hypers = tuple(hypers)
         self.tasks = <Task*>self.mem.alloc(max(n, 1), sizeof(Task))
         self.sizes = <Py_ssize_t*>self.mem.alloc(max(n, 1), sizeof(Py_ssize_t))
         self.dim_start = <Py_ssize_t*>self.mem.alloc(n + 1, sizeof(Py_ssize_t))
         for i in range(n):
-            fill_task(&self.tasks[i], hyper, keys[i], weights[i], gradients[i], mom1[i],
-                      mom2[i], averages[i], slows[i], counts[i], lr_scale,
-                      &self.tasks[i - 1] if i else NULL)
+            fill_task(&self.tasks[i], <Hyper>hypers[i], keys[i], weights[i], gradients[i],
+                      mom1[i], mom2[i], averages[i], slows[i], counts[i], lr_scale,
+                      &self.tasks[i - 1] if i and hypers[i] is hypers[i - 1] else NULL)
             self.sizes[i] = self.tasks[i].n
             n_dims += cnp.PyArray_NDIM(<cnp.ndarray>weights[i])
             self.dim_start[i + 1] = n_dims
@@ -131,14 +142,26 @@ cdef class Batch:
                             for x in (mom1[i], mom2[i], averages[i], slows[i])])
         return 0
 
-    cdef int run(self, Hyper hyper) except -1:
+    cdef int run(self) except -1:
         """The loops over the filled tasks, without the GIL."""
-        cdef Kind kind = hyper._kind()
-        cdef double grad_clip = hyper.grad_clip
         cdef int threads = n_threads()
+        cdef bint wrote
         with nogil:
-            run_tasks(self.tasks, self.sizes, self.n, kind, grad_clip, threads)
+            wrote = run_tasks(self.tasks, self.sizes, self.n, threads)
+        self.wrote = wrote
         return 0
+
+    def outcomes(self) -> list:
+        """(index, outcome) of each update of the last run that found its gradient
+        non-finite (1: a NaN, 2: an inf): skipped, or in raise mode refused."""
+        cdef Py_ssize_t i
+        return [(i, self.tasks[i].outcome) for i in range(self.n)
+                if self.tasks[i].outcome != OUTCOME_UPDATED]
+
+    @property
+    def written(self) -> bool:
+        """False if the last run wrote nothing (a raise-mode update was refused)."""
+        return self.wrote
 
     def bind(self, tuple stores, object counts) -> Batch:
         """Record the dicts the state arrays came from, as they are now: stores[k] for
@@ -212,8 +235,8 @@ cdef class Batch:
                     return 0
         return 1
 
-    def again(self, Hyper hyper, list keys, list weights, list gradients, object nr_update,
-              double lr_scale, tuple stores) -> bool:
+    def again(self, list keys, list weights, list gradients, object nr_update,
+              double lr_scale, tuple stores, object on_nonfinite) -> bool:
         """Run the batch again on new weights and gradients of the same keys (equal, in
         the same order), the counts read from and written back to `nr_update`. The
         lists must be the caller's own (no other code holds them).
@@ -221,17 +244,21 @@ cdef class Batch:
         Returns False, having touched nothing, when anything differs from what the
         batch was filled with (the caller then takes the general path, which raises
         the precise error): other keys, replaced state dicts, an array that fill_task
-        would reject, a missing count or an invalid lr_scale."""
+        would reject, a missing count or an invalid lr_scale. An update that found its
+        gradient non-finite keeps its count and is reported to
+        `on_nonfinite(key, outcome, weights)` (which raises in raise mode)."""
         if self.busy:
             return False
         self.busy = True  # from the start: comparing and hashing keys runs Python code
         try:
-            return self.refill(hyper, keys, weights, gradients, nr_update, lr_scale,
-                               stores) == 1
+            if self.refill(keys, weights, gradients, nr_update, lr_scale, stores) == 0:
+                return False
         finally:
             self.busy = False
+        report_nonfinite(self, keys, weights, on_nonfinite)
+        return True
 
-    cdef int refill(self, Hyper hyper, list keys, list weights, list gradients,
+    cdef int refill(self, list keys, list weights, list gradients,
                     object nr_update, double lr_scale, tuple stores) except -1:
         """again's work: 1 if it ran, 0 if it touched nothing."""
         cdef Py_ssize_t i, n = self.n
@@ -240,8 +267,8 @@ cdef class Batch:
         cdef int typenum, ndim
         cdef const Py_ssize_t* dims
         cdef object w, g, m, v, avg, slow
-        cdef Kind kind = hyper._kind()
-        cdef bint moments = kind != KIND_SGD
+        cdef Hyper hyper
+        cdef bint moments
         # The caller's lists are its own copies: Python code run by comparing or hashing
         # keys cannot change them. First what runs such code, then only C.
         if (PyList_GET_SIZE(weights) != n or PyList_GET_SIZE(gradients) != n
@@ -253,6 +280,8 @@ cdef class Batch:
         for i in range(n):
             task = &self.tasks[i]
             t = task.t
+            hyper = <Hyper>PyTuple_GET_ITEM(self.hypers, i)
+            moments = hyper._kind() != KIND_SGD
             typenum, ndim = task.dtype, self.dim_start[i + 1] - self.dim_start[i]
             dims = &self.dims[self.dim_start[i]]
             w = <object>PyList_GET_ITEM(weights, i)
@@ -280,12 +309,16 @@ cdef class Batch:
                 if not fits(slow, typenum, ndim, dims):
                     return 0
                 task.slow = cnp.PyArray_DATA(<cnp.ndarray>slow)
-            if i and self.tasks[i - 1].t == t:
+            if i and self.tasks[i - 1].t == t and hyper is self.hypers[i - 1]:
                 task.c = self.tasks[i - 1].c
             else:
                 task.c = make_coefs(hyper, t, lr_scale)
-        self.run(hyper)
-        self.count(keys, nr_update)
+            task.kind = hyper._kind()
+            task.grad_clip = hyper.grad_clip
+            task.nonfinite = hyper.nonfinite
+        self.run()
+        if self.wrote:
+            self.count(keys, nr_update)
         return 1
 
     cdef int read_counts(self, list keys, object nr_update) except -1:
@@ -317,16 +350,30 @@ cdef class Batch:
         return 1
 
     cdef int count(self, list keys, object nr_update) except -1:
-        """nr_update[keys[i]] = the task's t, one int object per run of equal counts."""
+        """nr_update[keys[i]] = the task's t, one int object per run of equal counts
+        (updates that found a non-finite gradient keep their count)."""
         cdef Py_ssize_t i
         cdef long last = -1
         cdef object t = None
         for i in range(self.n):
+            if self.tasks[i].outcome != OUTCOME_UPDATED:
+                continue
             if self.tasks[i].t != last:
                 last = self.tasks[i].t
                 t = last
             PyDict_SetItem(nr_update, <object>PyList_GET_ITEM(keys, i), t)
         return 0
+
+
+cdef int report_nonfinite(Batch batch, list keys, list weights,
+                          object on_nonfinite) except -1:
+    """Tell `on_nonfinite(key, outcome, weights)` of each update of the batch's last run
+    that found a non-finite gradient (none, almost always: one C loop)."""
+    cdef Py_ssize_t i
+    for i in range(batch.n):
+        if batch.tasks[i].outcome != OUTCOME_UPDATED:
+            on_nonfinite(keys[i], batch.tasks[i].outcome, weights[i])
+    return 0
 
 
 def known_shapes(list shapes, list weights, list gradients) -> bool:

@@ -26,7 +26,7 @@ cdef class Hyper:
     cdef Kind _kind(self) noexcept
 
 
-cdef struct Task:  # one update: its arrays (data pointers), size, dtype, count, scalars
+cdef struct Task:  # one update: its arrays (data pointers), size, dtype, count, settings
     void* w
     void* g
     void* m
@@ -37,6 +37,10 @@ cdef struct Task:  # one update: its arrays (data pointers), size, dtype, count,
     int dtype
     long t
     Coefs c
+    Kind kind         # from the key's Hyper (a group may be SGD in an Adam optimizer)
+    double grad_clip  # 0: no clipping
+    int nonfinite     # NONFINITE_APPLY / _SKIP / _RAISE
+    int outcome       # set by run_tasks: OUTCOME_UPDATED / _NAN / _INF
 
 
 cdef int n_threads() noexcept
@@ -45,5 +49,5 @@ cdef bint syncs(Hyper h, long t) noexcept
 cdef int fill_task(Task* task, Hyper h, object key, object weights, object gradient,
                    object mom1, object mom2, object average, object slow, long t,
                    double lr_scale, const Task* previous=*) except -1
-cdef void run_tasks(Task* tasks, const Py_ssize_t* sizes, Py_ssize_t n_tasks, Kind kind,
-                    double grad_clip, int n_threads) noexcept nogil
+cdef bint run_tasks(Task* tasks, const Py_ssize_t* sizes, Py_ssize_t n_tasks,
+                    int n_threads) noexcept nogil

@@ -16,6 +16,7 @@ from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_New
 from cpython.tuple cimport PyTuple_GET_ITEM
 from libc.limits cimport LONG_MAX
 from libc.math cimport pow, sqrt, isfinite
+from libc.string cimport memset
 from cymem.cymem cimport Pool
 
 from optim._loops cimport (
@@ -307,8 +308,8 @@ cdef int fill_task(Task* task, Hyper h, object key, object weights, object gradi
                    object mom1, object mom2, object average, object slow, long t,
                    double lr_scale, const Task* previous=NULL) except -1:
     """Validate one update's arguments and fill `task`; touches no array memory.
-    `previous`: a task filled for the same hyperparameters (its coefs are reused when
-    its t is this one's)."""
+    `previous`: a task filled with the same Hyper (its coefs are reused when its t is
+    this one's)."""
     cdef int typenum = check_pair_c(key, weights, gradient)
     check_call(key, t, lr_scale)
     cdef Kind kind = h._kind()
@@ -324,6 +325,10 @@ cdef int fill_task(Task* task, Hyper h, object key, object weights, object gradi
     task.n = cnp.PyArray_SIZE(<cnp.ndarray>weights)
     task.dtype = typenum
     task.t = t
+    task.kind = kind
+    task.grad_clip = h.grad_clip
+    task.nonfinite = h.nonfinite
+    task.outcome = OUTCOME_UPDATED
     if previous != NULL and previous.t == t:
         task.c = previous.c
     else:
@@ -432,26 +437,75 @@ cdef void split_piece(void* arg, Py_ssize_t i) noexcept nogil:
               piece_start(s.task.n, s.n_pieces, i + 1))
 
 
-cdef void run_task(Task* task, Kind kind, double grad_clip, int n_threads) noexcept nogil:
-    """Clip factor (if clipping), then the fused pass. A large task is cut into pieces
-    of whole norm chunks for up to n_threads threads: each element's arithmetic is the
-    same in any piece, so the bits do not depend on n_threads."""
-    cdef Split s = Split(task, kind, pieces_for(task.n, n_threads))
-    if grad_clip > 0.0:
-        task.c.clip_scale = clip_factor(
-            sum_squares(task.dtype, task.g, task.w, task.c.l2, task.n, n_threads), grad_clip)
+cdef int find_nonfinite(const Task* task) noexcept nogil:
+    """OUTCOME_NAN if a term of the clip norm (g + l2*w in the arrays' type, or g) is a
+    NaN, OUTCOME_INF if one is infinite (and none a NaN), else 0: the confirmation of a
+    sum of squares that is not finite, which finite float64 terms can overflow."""
+    if task.dtype == cnp.NPY_FLOAT32:
+        return scan_terms(<const float*>task.g, <const float*>task.w, <float>task.c.l2, task.n)
+    return scan_terms(<const double*>task.g, <const double*>task.w, task.c.l2, task.n)
+
+
+cdef int scan_terms(const real_t* g, const real_t* w, real_t l2, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef real_t x
+    cdef int found = 0
+    for i in range(n):
+        x = g[i] + l2 * w[i] if l2 != 0 else g[i]
+        if x != x:
+            return OUTCOME_NAN
+        if x - x != 0:
+            found = OUTCOME_INF
+    return found
+
+
+cdef void zero_gradient(Task* task) noexcept nogil:
+    memset(task.g, 0, task.n * (sizeof(float) if task.dtype == cnp.NPY_FLOAT32
+                                else sizeof(double)))
+
+
+cdef int measure(Task* task, int n_threads) noexcept nogil:
+    """Before anything is written: the clip factor into the task's coefs (1 without
+    clipping), and, when the task checks (nonfinite skip or raise), whether its gradient
+    holds a NaN or an inf: 0, OUTCOME_NAN or OUTCOME_INF (docs/numerics.md)."""
+    cdef double sumsq
+    cdef int found = 0
+    task.c.clip_scale = 1.0
+    if task.grad_clip > 0.0 or task.nonfinite != NONFINITE_APPLY:
+        sumsq = sum_squares(task.dtype, task.g, task.w, task.c.l2, task.n, n_threads)
+        if task.nonfinite != NONFINITE_APPLY and not isfinite(sumsq):
+            found = find_nonfinite(task)
+        if task.grad_clip > 0.0:
+            task.c.clip_scale = clip_factor(sumsq, task.grad_clip)
+    return found
+
+
+cdef void apply(Task* task, int n_threads) noexcept nogil:
+    """The fused pass. A large task is cut into pieces of whole norm chunks for up to
+    n_threads threads: each element's arithmetic is the same in any piece, so the bits
+    do not depend on n_threads."""
+    cdef Split s = Split(task, task.kind, pieces_for(task.n, n_threads))
     if s.n_pieces == 1:
-        run_range(task, kind, 0, task.n)
+        run_range(task, task.kind, 0, task.n)
     else:
         optim_parallel(split_piece, &s, s.n_pieces, n_threads)
+
+
+cdef void run_task(Task* task, int n_threads) noexcept nogil:
+    """Measure, then the fused pass; a gradient found non-finite in skip mode is zeroed
+    and nothing else is written, in raise mode nothing at all (task.outcome says)."""
+    task.outcome = measure(task, n_threads)
+    if task.outcome == OUTCOME_UPDATED:
+        apply(task, n_threads)
+    elif task.nonfinite == NONFINITE_SKIP:
+        zero_gradient(task)
 
 
 cdef struct Groups:  # step_many's small tasks: group b is tasks first[b] .. first[b+1]-1
     Task* tasks
     const Py_ssize_t* first
-    Kind kind
-    double grad_clip
     int n_threads
+    bint measured  # raise mode: every task was measured (and found finite) before
 
 
 cdef void group_piece(void* arg, Py_ssize_t b) noexcept nogil:
@@ -460,53 +514,103 @@ cdef void group_piece(void* arg, Py_ssize_t b) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(gr.first[b], gr.first[b + 1]):
         if pieces_for(gr.tasks[i].n, gr.n_threads) == 1:
-            run_task(&gr.tasks[i], gr.kind, gr.grad_clip, 1)
+            if gr.measured:
+                apply(&gr.tasks[i], 1)
+            else:
+                run_task(&gr.tasks[i], 1)
 
 
-cdef void run_tasks(Task* tasks, const Py_ssize_t* sizes, Py_ssize_t n_tasks, Kind kind,
-                    double grad_clip, int n_threads) noexcept nogil:
+cdef bint run_tasks(Task* tasks, const Py_ssize_t* sizes, Py_ssize_t n_tasks,
+                    int n_threads) noexcept nogil:
     """step_many's loop. Tasks large enough to split run one after another as in `step`;
     the others are cut into contiguous groups of about equal size, each task run whole
-    by one thread. The tasks must not share memory."""
+    by one thread. The tasks must not share memory. If a task is in raise mode, every
+    task is measured first and nothing is written when one is found non-finite: returns
+    False then (the outcomes say which), else True."""
     cdef Py_ssize_t i, n_groups
     cdef Py_ssize_t first[MAX_PIECES + 1]
-    cdef Groups gr = Groups(tasks, &first[0], kind, grad_clip, n_threads)
+    cdef Groups gr = Groups(tasks, &first[0], n_threads, False)
+    for i in range(n_tasks):
+        if tasks[i].nonfinite == NONFINITE_RAISE:
+            gr.measured = True
+    if gr.measured:
+        for i in range(n_tasks):
+            tasks[i].outcome = measure(&tasks[i], n_threads)
+        for i in range(n_tasks):
+            if tasks[i].outcome != OUTCOME_UPDATED:
+                return False
     for i in range(n_tasks):
         if pieces_for(sizes[i], n_threads) > 1:
-            run_task(&tasks[i], kind, grad_clip, n_threads)
+            if gr.measured:
+                apply(&tasks[i], n_threads)
+            else:
+                run_task(&tasks[i], n_threads)
     n_groups = deal(sizes, n_tasks, n_threads, first)
     optim_parallel(group_piece, &gr, n_groups, n_threads)
+    return True
 
 
 # ---------------------------------------------------------------- Python entry points
 
 def step(Hyper hyper, object key, object weights, object gradient, object mom1,
-         object mom2, object average, object slow, long t, double lr_scale=1.0) -> None:
-    """Update `weights` in place and zero `gradient`: the t-th update of `key`.
+         object mom2, object average, object slow, long t, double lr_scale=1.0) -> int:
+    """Update `weights` in place and zero `gradient`: the t-th update of `key`. Returns
+    the outcome: 0 updated; 1 / 2: a NaN / an inf was found (hyper.nonfinite skip: only
+    the gradient was zeroed; raise: nothing was written).
 
     mom1/mom2 are required for Adam and RAdam (None for SGD); average is None when
     averages are off; slow (the lookahead weights) is read only on sync steps.
     """
-    step_c(hyper, key, weights, gradient, mom1, mom2, average, slow, t, lr_scale)
+    return step_c(hyper, key, weights, gradient, mom1, mom2, average, slow, t, lr_scale)
+
+
+def zero_gradient_of(object key, object weights, object gradient) -> None:
+    """A frozen key's update: validate the pair, zero the gradient, nothing else."""
+    cdef Task task
+    check_pair_c(key, weights, gradient)
+    task.g = cnp.PyArray_DATA(<cnp.ndarray>gradient)
+    task.n = cnp.PyArray_SIZE(<cnp.ndarray>gradient)
+    task.dtype = cnp.PyArray_TYPE(<cnp.ndarray>gradient)
+    zero_gradient(&task)
 
 
 cdef class KnownKeys:
     """The per-call hot path of known NumPy keys, in C: the optimizer's state dicts, held
-    directly (optim.backends.cpu.CpuUpdates is this plus the step_many paths)."""
+    directly (optim.backends.cpu.CpuUpdates is this plus the step_many paths).
+
+    `key_hyper` (None without groups) maps each key whose group is resolved to its
+    Hyper; `on_nonfinite(key, outcome, weights)` hears of every skipped or refused
+    update (it raises in raise mode)."""
 
     cdef readonly Hyper hyper
     cdef readonly dict mom1, mom2, lookahead, shapes
     cdef readonly object averages, nr_update  # dict or None; a defaultdict(int)
+    cdef public object key_hyper, on_nonfinite
 
     def __init__(self, Hyper hyper, dict mom1, dict mom2, object averages, dict lookahead,
-                 object nr_update, dict shapes) -> None:
+                 object nr_update, dict shapes, object key_hyper=None,
+                 object on_nonfinite=None) -> None:
         self.hyper, self.mom1, self.mom2, self.averages = hyper, mom1, mom2, averages
         self.lookahead, self.nr_update, self.shapes = lookahead, nr_update, shapes
+        self.key_hyper, self.on_nonfinite = key_hyper, on_nonfinite
 
     def step_known(self, object key, object weights, object gradient,
                    double lr_scale=1.0) -> bool:
         """Update a known key whose state is complete; False (nothing touched) when the
         general path is needed (a new key, other array types, an empty gradient)."""
+        cdef Hyper hyper = self.hyper
+        cdef PyObject* found
+        if self.key_hyper is not None:
+            found = PyDict_GetItem(self.key_hyper, key)
+            if found == NULL:
+                return False  # the general path resolves the key's group
+            hyper = <Hyper>found
+            if hyper.frozen:
+                if (type(weights) is not cnp.ndarray or type(gradient) is not cnp.ndarray
+                        or not (<cnp.ndarray>gradient).size):
+                    return False
+                zero_gradient_of(key, weights, gradient)
+                return True
         shape = self.shapes.get(key)
         if (shape is None or type(weights) is not cnp.ndarray
                 or type(gradient) is not cnp.ndarray or not (<cnp.ndarray>gradient).size):
@@ -517,26 +621,29 @@ cdef class KnownKeys:
             raise ValueError(shape_error(key, weights.shape, shape))
         cdef long t = self.nr_update[key] + 1
         averages = self.averages
-        step_c(self.hyper, key, weights, gradient, self.mom1.get(key), self.mom2.get(key),
-               None if averages is None else averages.get(key), self.lookahead.get(key), t,
-               lr_scale)
-        self.nr_update[key] = t
+        cdef int outcome = step_c(hyper, key, weights, gradient, self.mom1.get(key),
+                                  self.mom2.get(key),
+                                  None if averages is None else averages.get(key),
+                                  self.lookahead.get(key), t, lr_scale)
+        if outcome == OUTCOME_UPDATED:
+            self.nr_update[key] = t
+        else:
+            self.on_nonfinite(key, outcome, weights)
         return True
 
 
 cdef int step_c(Hyper hyper, object key, object weights, object gradient, object mom1,
                 object mom2, object average, object slow, long t, double lr_scale) except -1:
+    """One validated update; returns its outcome (OUTCOME_UPDATED / _NAN / _INF)."""
     cdef Task task
     fill_task(&task, hyper, key, weights, gradient, mom1, mom2, average, slow, t, lr_scale)
-    cdef Kind kind = hyper._kind()
-    cdef double grad_clip = hyper.grad_clip
     cdef int n_threads = N_THREADS
     if task.n >= GIL_FREE_SIZE:
         with nogil:
-            run_task(&task, kind, grad_clip, n_threads)
+            run_task(&task, n_threads)
     else:
-        run_task(&task, kind, grad_clip, 1)
-    return 0
+        run_task(&task, 1)
+    return task.outcome
 
 
 def check_pair(object key, object weights, object gradient) -> None:

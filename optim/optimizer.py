@@ -6,16 +6,19 @@ it (`optim.backends`: `CpuUpdates` over `optim._kernels`, `DeviceUpdates` over a
 backend such as `optim.backends.cupy`), and each backend owns its fast paths and caches.
 """
 import numbers
+import warnings
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy
 import srsly
 
-from . import serialize
+from . import _kernels, serialize
 from .backends import NUMPY, backend_for, get_gpu_backend
 from .backends.cpu import CpuUpdates
 from .backends.device import DeviceUpdates
+from .groups import Group, GroupsT, build_groups, check_matches, group_for, key_path
 from .hyperparams import (ADAM_DEFAULTS, HYPERPARAMETERS, RADAM_DEFAULTS, SGD_DEFAULTS, KeyT,
                           any_empty, check_value, is_empty, shape_error)
 from .registry import registry
@@ -33,12 +36,14 @@ def SGD(learn_rate: FloatOrSeq, *, ops: Any = None, L2: FloatOrSeq = SGD_DEFAULT
         use_averages: bool = SGD_DEFAULTS["use_averages"],
         lookahead_k: int = SGD_DEFAULTS["lookahead_k"],
         lookahead_alpha: FloatOrSeq = SGD_DEFAULTS["lookahead_alpha"],
-        schedules: Optional[Dict[str, Any]] = None) -> "Optimizer":
+        schedules: Optional[Dict[str, Any]] = None, groups: GroupsT = None,
+        nonfinite: str = "apply", max_consecutive_skips: Optional[int] = None) -> "Optimizer":
     """Plain stochastic gradient descent."""
     return Optimizer(learn_rate, ops=ops, L2=L2, grad_clip=grad_clip,
                      L2_is_weight_decay=L2_is_weight_decay, use_averages=use_averages,
                      beta1=0.0, beta2=0.0, lookahead_k=lookahead_k,
-                     lookahead_alpha=lookahead_alpha, schedules=schedules)
+                     lookahead_alpha=lookahead_alpha, schedules=schedules, groups=groups,
+                     nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips)
 
 
 @registry.optimizers("Adam.v1")
@@ -50,12 +55,14 @@ def Adam(learn_rate: FloatOrSeq = ADAM_DEFAULTS["learn_rate"], *, ops: Any = Non
          use_averages: bool = ADAM_DEFAULTS["use_averages"],
          lookahead_k: int = ADAM_DEFAULTS["lookahead_k"],
          lookahead_alpha: FloatOrSeq = ADAM_DEFAULTS["lookahead_alpha"],
-         schedules: Optional[Dict[str, Any]] = None) -> "Optimizer":
+         schedules: Optional[Dict[str, Any]] = None, groups: GroupsT = None,
+         nonfinite: str = "apply", max_consecutive_skips: Optional[int] = None) -> "Optimizer":
     """Adam, with Thinc's defaults (clipping at 1.0, parameter averages on)."""
     return Optimizer(learn_rate, ops=ops, L2=L2, beta1=beta1, beta2=beta2, eps=eps,
                      grad_clip=grad_clip, L2_is_weight_decay=L2_is_weight_decay,
                      use_averages=use_averages, lookahead_k=lookahead_k,
-                     lookahead_alpha=lookahead_alpha, schedules=schedules)
+                     lookahead_alpha=lookahead_alpha, schedules=schedules, groups=groups,
+                     nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips)
 
 
 @registry.optimizers("RAdam.v1")
@@ -69,23 +76,34 @@ def RAdam(learn_rate: FloatOrSeq = RADAM_DEFAULTS["learn_rate"], *, ops: Any = N
           use_averages: bool = RADAM_DEFAULTS["use_averages"],
           lookahead_k: int = RADAM_DEFAULTS["lookahead_k"],
           lookahead_alpha: FloatOrSeq = RADAM_DEFAULTS["lookahead_alpha"],
-          schedules: Optional[Dict[str, Any]] = None) -> "Optimizer":
+          schedules: Optional[Dict[str, Any]] = None, groups: GroupsT = None,
+          nonfinite: str = "apply", max_consecutive_skips: Optional[int] = None) -> "Optimizer":
     """Rectified Adam (Liu et al. 2019), fused into one pass."""
     return Optimizer(learn_rate, ops=ops, beta1=beta1, beta2=beta2, eps=eps,
                      weight_decay=weight_decay, L2=L2, L2_is_weight_decay=L2_is_weight_decay,
                      grad_clip=grad_clip, use_averages=use_averages, use_radam=True,
                      lookahead_k=lookahead_k, lookahead_alpha=lookahead_alpha,
-                     schedules=schedules)
+                     schedules=schedules, groups=groups, nonfinite=nonfinite,
+                     max_consecutive_skips=max_consecutive_skips)
+
+
+class NonFiniteError(FloatingPointError):
+    """Non-finite gradients: an update refused (nonfinite="raise"), or too many
+    consecutive steps that skipped one (max_consecutive_skips)."""
 
 
 class Optimizer(ScheduledHyperparameters):
     """SGD, Adam or RAdam with Thinc's semantics; updates weights in place.
 
     Call it as Thinc's `Model.finish_update` does: `optimizer(key, weights, gradient)`.
+    `groups` gives parameters other settings by path (`bind`); `nonfinite` says what an
+    update does with a gradient holding a NaN or an inf: "apply" (Thinc), "skip", "raise".
     """
 
     __slots__ = ("_mom1", "_mom2", "_averages", "_lookahead", "_nr_update", "ops", "_shapes",
-                 "_on_gpu", "_stale", "_cpu", "_dev", "_skipped", "__weakref__")
+                 "_on_gpu", "_stale", "_cpu", "_dev", "_groups", "_key_hyper", "_paths",
+                 "_frozen_any", "_group_keyed", "_skipped", "_skip_limit", "_skip_run",
+                 "_skipped_in_step", "_last_skip", "_warned", "__weakref__")
 
     def __init__(self, learn_rate: FloatOrSeq, *, ops: Any = None,
                  L2: FloatOrSeq = ADAM_DEFAULTS["L2"],
@@ -99,7 +117,9 @@ class Optimizer(ScheduledHyperparameters):
                  use_radam: bool = False,
                  L2_is_weight_decay: bool = ADAM_DEFAULTS["L2_is_weight_decay"],
                  weight_decay: FloatOrSeq = RADAM_DEFAULTS["weight_decay"],
-                 schedules: Optional[Dict[str, Any]] = None) -> None:
+                 schedules: Optional[Dict[str, Any]] = None, groups: GroupsT = None,
+                 nonfinite: str = "apply",
+                 max_consecutive_skips: Optional[int] = None) -> None:
         self._mom1: Dict[KeyT, Any] = {}
         self._mom2: Dict[KeyT, Any] = {}
         self._averages: Optional[Dict[KeyT, Any]] = {} if use_averages else None
@@ -110,9 +130,22 @@ class Optimizer(ScheduledHyperparameters):
         self._shapes: Dict[KeyT, Tuple[int, ...]] = {}
         self._on_gpu = False  # the state is on a device: the device's hot paths first
         self._stale: set = set()  # keys whose state misses arrays the settings now need
-        self._cpu = CpuUpdates(self)  # NumPy arrays: fast paths, the kept step_many batch
         self._dev: Optional[DeviceUpdates] = None  # device arrays: plans and tables
+        self._groups: List[Group] = build_groups(groups)
+        self._paths: Dict[KeyT, str] = {}  # key -> path (bind), what groups match
+        # key -> its Hyper (its group's or ours), resolved at its first update; None
+        # without groups (every key is updated with self._hyper)
+        self._key_hyper: Optional[Dict[KeyT, Any]] = {} if self._groups else None
+        self._frozen_any = any(g.frozen for g in self._groups)
+        self._group_keyed = any(g._keyed for g in self._groups)
         self._skipped: Dict[KeyT, int] = {}  # key -> updates skipped (non-finite gradient)
+        self._skip_limit = _check_skip_limit(max_consecutive_skips)
+        self._skip_run = 0  # consecutive steps that skipped an update
+        self._skipped_in_step = False
+        self._last_skip: Optional[Tuple[KeyT, int, int]] = None  # key, outcome, step
+        self._warned: set = set()  # keys warned of for non-finite weights
+        self._hyper.nonfinite = _nonfinite_mode(nonfinite)
+        self._cpu = CpuUpdates(self)  # NumPy arrays: fast paths, the kept step_many batch
         self._hyper.use_radam = bool(use_radam)
         self._hyper.L2_is_weight_decay = bool(L2_is_weight_decay)
         self.lookahead_k = lookahead_k
@@ -123,15 +156,25 @@ class Optimizer(ScheduledHyperparameters):
             self._set_hyperparameter(name, value)
         for name, schedule in (schedules or {}).items():
             self._add_schedule(name, schedule, start=-1)
+        self._after_kind(self._hyper.kind)  # the groups take the values set above
 
     # ------------------------------------------------------------ hyperparameters
 
     def _after_kind(self, previous: str) -> None:
-        """If the update kind changed (e.g. beta1 scheduled up from 0), every key needs
-        the state arrays of the new kind: send them through the general path once."""
-        if self._hyper.kind != previous:
+        """After any change of hyperparameters: the groups take the new values. If an
+        update kind changed (e.g. beta1 scheduled up from 0), every key needs the state
+        arrays of the new kind: send them through the general path once."""
+        changed = self._hyper.kind != previous
+        for group in self._groups:
+            kind = group.hyper.kind
+            group.refresh(self._hyper)
+            changed = changed or group.hyper.kind != kind
+        if changed:
             self._stale.update(self._shapes)
             self._cpu.forget()
+
+    def _children(self) -> List[Group]:
+        return self._groups
 
     @property
     def lookahead_k(self) -> int:
@@ -142,6 +185,7 @@ class Optimizer(ScheduledHyperparameters):
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
             raise ValueError(f"lookahead_k must be an integer >= 0, got {k!r}")
         self._hyper.lookahead_k = int(k)
+        self._after_kind(self._hyper.kind)
         self._stale.update(self._shapes)
         self._cpu.forget()
 
@@ -154,12 +198,136 @@ class Optimizer(ScheduledHyperparameters):
     def _hyper_for(self, key: KeyT) -> Any:
         """The `_kernels.Hyper` that updates `key`: its group's, or the optimizer's.
         (`.frozen`: only zero the gradient; `.nonfinite`: 0 apply, 1 skip, 2 raise.)"""
-        return self._hyper
+        key_hyper = self._key_hyper
+        if key_hyper is None:
+            return self._hyper
+        hyper = key_hyper.get(key)
+        if hyper is None:
+            group = group_for(self._groups, self.path_of(key))
+            hyper = key_hyper[key] = self._hyper if group is None else group.hyper
+        return hyper
 
     def _nonfinite_found(self, key: KeyT, outcome: int, weights: Any, count: int = 1) -> None:
         """An update of `key` found a NaN (outcome 1) or an inf (2) in its gradient and
-        changed nothing but the gradient: raise (nonfinite="raise") or count it."""
+        changed nothing but the gradient (skip: counted) or nothing at all (raise)."""
+        what = "a NaN" if outcome == 1 else "an infinity"
+        where = f"key {key!r}" + (f" ({self._paths[key]})" if key in self._paths else "")
+        weights_bad = not _all_finite(weights)
+        cause = (" Its weights are already non-finite: the gradient is not at fault, and "
+                 "skipping updates cannot repair them." if weights_bad else "")
+        if self._hyper_for(key).nonfinite == 2:
+            raise NonFiniteError(
+                f"{where}: the gradient holds {what} at step {self._step} (update "
+                f"{self.nr_update.get(key, 0) + 1} of this key); nothing was written "
+                f"(nonfinite='raise').{cause}")
         self._skipped[key] = self._skipped.get(key, 0) + count
+        self._skipped_in_step = True
+        self._last_skip = (key, outcome, self._step)
+        if weights_bad and key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"{where}: skipped an update at step {self._step}.{cause}",
+                          RuntimeWarning, stacklevel=3)
+
+    # ------------------------------------------------------------ groups
+
+    def bind(self, obj: Any) -> "Optimizer":
+        """Name the parameters this optimizer will update, for `groups`: a Thinc Model
+        (`<node name>/<param>`), a spaCy Language (`<component>/<node name>/<param>`), or
+        a mapping key -> path. Each group must match one of them (ValueError naming
+        it). Returns self."""
+        if isinstance(obj, Mapping):
+            paths = {key: str(path) for key, path in obj.items()}
+            what = "the mapping"
+        else:
+            from .checkpoint import param_paths
+
+            paths = param_paths(obj)
+            what = f"the bound {type(obj).__name__}"
+        check_matches(self._groups, paths.values(), what)
+        self._paths = paths
+        if self._key_hyper is not None:
+            self._key_hyper.clear()  # resolved again from the new paths
+        self._stale.update(self._shapes)
+        self._forget_launches()
+        return self
+
+    def path_of(self, key: KeyT) -> str:
+        """The path groups match `key` by: the bound one, else its parameter name."""
+        return key_path(key, self._paths)
+
+    def group_of(self, key: KeyT) -> Optional[str]:
+        """The name of the group that decides `key`'s settings (None: the optimizer's)."""
+        group = group_for(self._groups, self.path_of(key))
+        return None if group is None else group.name
+
+    @property
+    def groups(self) -> List[Dict[str, Any]]:
+        """The groups, in order, as plain data (name, match and settings)."""
+        return [group.describe() for group in self._groups]
+
+    @property
+    def paths(self) -> Dict[KeyT, str]:
+        """key -> path of the bound parameters (a copy)."""
+        return dict(self._paths)
+
+    # ------------------------------------------------------------ non-finite gradients
+
+    @property
+    def nonfinite(self) -> str:
+        """What an update does with a NaN or an inf in its gradient: "apply", "skip"
+        or "raise" (docs/numerics.md)."""
+        return _kernels.NONFINITE_MODES[self._hyper.nonfinite]
+
+    @nonfinite.setter
+    def nonfinite(self, mode: str) -> None:
+        self._hyper.nonfinite = _nonfinite_mode(mode)
+        self._after_kind(self._hyper.kind)
+        self._forget_launches()
+
+    @property
+    def max_consecutive_skips(self) -> Optional[int]:
+        """step_schedules() raises NonFiniteError after this many consecutive steps that
+        skipped an update (None: never)."""
+        return self._skip_limit
+
+    @max_consecutive_skips.setter
+    def max_consecutive_skips(self, limit: Optional[int]) -> None:
+        self._skip_limit = _check_skip_limit(limit)
+
+    def _sync(self) -> None:
+        """Bring counts kept on a device (skip mode) up to date on the host."""
+        if self._dev is not None:
+            sync = getattr(self._dev, "sync", None)
+            if sync is not None:
+                sync()
+
+    @property
+    def skipped(self) -> Dict[KeyT, int]:
+        """key -> how many of its updates were skipped (non-finite gradient), a copy."""
+        self._sync()
+        return dict(self._skipped)
+
+    @property
+    def skipped_total(self) -> int:
+        self._sync()
+        return sum(self._skipped.values())
+
+    def step_schedules(self) -> None:
+        """Advance the step (every scheduled hyperparameter takes its next value). With
+        max_consecutive_skips, NonFiniteError once that many steps in a row skipped."""
+        if self._skip_limit is not None:
+            self._sync()
+            self._skip_run = self._skip_run + 1 if self._skipped_in_step else 0
+            if self._skip_run >= self._skip_limit:
+                key, outcome, step = self._last_skip
+                raise NonFiniteError(
+                    f"{self._skip_run} consecutive steps skipped an update whose gradient "
+                    f"was not finite (max_consecutive_skips={self._skip_limit}); the last "
+                    f"was {self.path_of(key)} at step {step}. The run is not learning: "
+                    "lower the learning rate, check the data, or resume from an earlier "
+                    "checkpoint.")
+        self._skipped_in_step = False
+        super().step_schedules()
 
     def _state_dict(slot: str, doc: str):  # noqa: N805 - builds properties below
         def get(self: "Optimizer") -> Any:
@@ -183,7 +351,7 @@ class Optimizer(ScheduledHyperparameters):
     def __call__(self, key: KeyT, weights: Any, gradient: Any, *,
                  lr_scale: float = 1.0) -> Tuple[Any, Any]:
         """Update `weights` in place from `gradient` and zero `gradient`; returns both."""
-        if self._keyed and not is_empty(gradient):
+        if (self._keyed or self._group_keyed) and not is_empty(gradient):
             self._apply_keyed(key)
         if not self._stale:  # the hot path of the backend the state lives on
             fast = self._dev if self._on_gpu else self._cpu
@@ -196,6 +364,13 @@ class Optimizer(ScheduledHyperparameters):
         if is_empty(gradient):  # Thinc returns at once, whatever the weights are
             return weights, gradient
         backend = self.check_pair(key, weights, gradient)
+        hyper = self._hyper_for(key)
+        if hyper.frozen:  # no state, nothing but the gradient zeroed
+            if backend is NUMPY:
+                _kernels.zero_gradient_of(key, weights, gradient)
+            else:
+                gradient.fill(0)
+            return weights, gradient
         updates = self._updates_for(backend)
         if backend is not NUMPY:
             updates.refuse_capture(f"key {key!r}: this update prepares the key's launch "
@@ -203,11 +378,23 @@ class Optimizer(ScheduledHyperparameters):
                                    "or a changed hyperparameter) and")
         state = self._state_for(key, backend, weights)
         t = self.nr_update.get(key, 0) + 1
-        updates.step(key, weights, gradient, state, t, lr_scale)
-        self._commit(key, weights.shape, state, t)
+        outcome = updates.step(key, weights, gradient, state, t, lr_scale)
         if backend is not NUMPY:
             self._on_gpu = True
+        if outcome:  # a non-finite gradient: nothing of this call is kept
+            self._nonfinite_found(key, outcome, weights)
+            return weights, gradient
+        self._commit(key, weights.shape, state, t)
         return weights, gradient
+
+    def _apply_keyed(self, key: KeyT) -> None:
+        """Hyperparameters read per key (Thinc 9), the optimizer's and the key's group's."""
+        super()._apply_keyed(key)
+        if self._group_keyed:
+            group = group_for(self._groups, self.path_of(key))
+            if group is not None and group._keyed:
+                group._apply_keyed(key)
+                group.refresh(self._hyper)
 
     def _updates_for(self, backend: Any) -> Any:
         """The updates object (and caches) of `backend` for this optimizer."""
@@ -227,10 +414,30 @@ class Optimizer(ScheduledHyperparameters):
         the state is the same (`_batch.Batch`).
         """
         keys, weights, gradients = list(keys), list(weights), list(gradients)
-        if self._keyed:
+        if self._keyed or self._group_keyed:
             self._step_many_keyed(keys, weights, gradients, lr_scale)
             return
+        if self._frozen_any and not self._on_gpu:
+            keys, weights, gradients = self._drop_frozen(keys, weights, gradients)
         self._step_many(keys, weights, gradients, lr_scale)
+
+    def _drop_frozen(self, keys: List[KeyT], weights: List[Any],
+                     gradients: List[Any]) -> Tuple[List[KeyT], List[Any], List[Any]]:
+        """Zero the host gradients of frozen keys (validated first); the rest."""
+        if not len(keys) == len(weights) == len(gradients):
+            raise ValueError(f"step_many: {len(keys)} keys, {len(weights)} weights and "
+                             f"{len(gradients)} gradients")
+        hyper_for = self._hyper_for
+        frozen = [i for i, key in enumerate(keys) if hyper_for(key).frozen
+                  and type(weights[i]) is numpy.ndarray and not is_empty(gradients[i])]
+        if not frozen:
+            return keys, weights, gradients
+        for i in frozen:
+            _kernels.check_pair(keys[i], weights[i], gradients[i])
+        for i in frozen:
+            _kernels.zero_gradient_of(keys[i], weights[i], gradients[i])
+        rest = sorted(set(range(len(keys))) - set(frozen))
+        return [keys[i] for i in rest], [weights[i] for i in rest], [gradients[i] for i in rest]
 
     def _step_many_keyed(self, keys: List[KeyT], weights: List[Any], gradients: List[Any],
                          lr_scale: float) -> None:
@@ -242,21 +449,23 @@ class Optimizer(ScheduledHyperparameters):
         if len(set(keys)) != len(keys):
             raise ValueError("step_many: each key may appear once per call")
         step, last_score = self._step, self._last_score
-        groups: Dict[Tuple[float, ...], List[int]] = {}
+        batches: Dict[Tuple[Any, ...], List[int]] = {}
         for i, (key, gradient) in enumerate(zip(keys, gradients)):
             if is_empty(gradient):
                 continue
             self.check_pair(key, weights[i], gradient)  # all before any group updates
+            group = group_for(self._groups, self.path_of(key)) if self._groups else None
             values = tuple(check_value(name, schedule(step, key=key, last_score=last_score))
-                           for name, schedule in self._keyed.items())
-            groups.setdefault(values, []).append(i)
-        for values, index in groups.items():
-            kind = self._hyper.kind
-            for name, value in zip(self._keyed, values):
-                setattr(self._hyper, name, value)
-            self._after_kind(kind)
-            self._step_many([keys[i] for i in index], [weights[i] for i in index],
-                            [gradients[i] for i in index], lr_scale)
+                           for source in (self, group) if source is not None
+                           for name, schedule in source._keyed.items())
+            batches.setdefault((id(group), values), []).append(i)
+        for (_, values), index in batches.items():
+            self._apply_keyed(keys[index[0]])  # the keys of a batch read the same values
+            picked = ([keys[i] for i in index], [weights[i] for i in index],
+                      [gradients[i] for i in index])
+            if self._frozen_any and not self._on_gpu:
+                picked = self._drop_frozen(*picked)
+            self._step_many(*picked, lr_scale)
 
     def _step_many(self, keys: List[KeyT], weights: List[Any], gradients: List[Any],
                    lr_scale: float) -> None:
@@ -269,7 +478,7 @@ class Optimizer(ScheduledHyperparameters):
         if len(set(keys)) != len(keys):
             raise ValueError("step_many: each key may appear once per call")
         if cpu is not None and cpu.step_many_known(keys, weights, gradients, lr_scale):
-            return  # (it takes no empty gradient)
+            return  # (it takes no empty gradient nor an unresolved or frozen key)
         if any_empty(gradients):  # no-ops, as in single calls
             todo = [i for i, g in enumerate(gradients) if not is_empty(g)]
             keys, weights = [keys[i] for i in todo], [weights[i] for i in todo]
@@ -288,11 +497,23 @@ class Optimizer(ScheduledHyperparameters):
                 for k, w, g in zip(keys, weights, gradients):
                     self(k, w, g, lr_scale=lr_scale)
             return
+        hypers = [self._hyper_for(k) for k in keys]
+        if any(h.frozen for h in hypers):  # (frozen device keys met host ones: rare)
+            keys, weights, gradients = self._drop_frozen(keys, weights, gradients)
+            hypers = [self._hyper_for(k) for k in keys]
         states = [self._state_for(k, NUMPY, w) for k, w in zip(keys, weights)]
         counts = [self.nr_update.get(k, 0) + 1 for k in keys]
-        batch = self._cpu.step_many(keys, weights, gradients, states, counts, lr_scale)
-        for key, w, state, t in zip(keys, weights, states, counts):
-            self._commit(key, w.shape, state, t)
+        batch = self._cpu.step_many(hypers, keys, weights, gradients, states, counts,
+                                    lr_scale)
+        skipped = dict(batch.outcomes())
+        if skipped and not batch.written:  # raise mode: nothing was written
+            i, outcome = next(iter(skipped.items()))
+            self._nonfinite_found(keys[i], outcome, weights[i])
+        for i, (key, w, state, t) in enumerate(zip(keys, weights, states, counts)):
+            if i not in skipped:
+                self._commit(key, w.shape, state, t)
+        for i, outcome in skipped.items():
+            self._nonfinite_found(keys[i], outcome, weights[i])
         self._cpu.keep(batch)
 
     def check_pair(self, key: KeyT, weights: Any, gradient: Any) -> Any:
@@ -316,8 +537,12 @@ class Optimizer(ScheduledHyperparameters):
         return backend
 
     def _state_for(self, key: KeyT, backend: Any, weights: Any) -> Dict[str, Any]:
-        """The key's state arrays, allocating (but not yet storing) any that are missing."""
-        needs_moments = self._hyper.kind != "sgd"
+        """The key's state arrays, allocating (but not yet storing) any that are missing
+        (none for a frozen key)."""
+        hyper = self._hyper_for(key)
+        if hyper.frozen:
+            return {"mom1": None, "mom2": None, "average": None, "slow": None}
+        needs_moments = hyper.kind != "sgd"
         state = {
             "mom1": self.mom1.get(key),
             "mom2": self.mom2.get(key),
@@ -336,11 +561,13 @@ class Optimizer(ScheduledHyperparameters):
             state["mom2"] = backend.zeros_like(weights)
         if self.averages is not None and state["average"] is None:
             state["average"] = backend.zeros_like(weights)
-        if self._hyper.lookahead_k > 0 and state["slow"] is None:
+        if hyper.lookahead_k > 0 and state["slow"] is None:
             state["slow"] = backend.copy(weights)
         return state
 
     def _commit(self, key: KeyT, shape: Tuple[int, ...], state: Dict[str, Any], t: int) -> None:
+        if self._hyper_for(key).frozen:
+            return
         for name, store in (("mom1", self.mom1), ("mom2", self.mom2),
                             ("average", self.averages), ("slow", self.lookahead)):
             if state[name] is not None and store is not None:
@@ -355,11 +582,14 @@ class Optimizer(ScheduledHyperparameters):
         renamed = {mapping.get(key, key) for key in self._shapes}
         if len(renamed) != len(self._shapes):
             raise ValueError("remap_keys: two keys would get the same name")
-        for store in self._state_dicts() + [self.nr_update, self._shapes]:
+        for store in self._state_dicts() + [self.nr_update, self._shapes, self._skipped,
+                                            self._paths]:
             items = [(mapping.get(k, k), v) for k, v in store.items()]
             store.clear()
             store.update(items)
         self._stale = {mapping.get(k, k) for k in self._stale}
+        if self._key_hyper is not None:
+            self._key_hyper.clear()
         self._forget_launches()
         return self
 
@@ -524,6 +754,30 @@ class Optimizer(ScheduledHyperparameters):
         rate = "per-key" if "learn_rate" in self._keyed else f"{self._hyper.learn_rate:g}"
         return (f"<optim.Optimizer {self._hyper.kind} learn_rate={rate} "
                 f"keys={len(self._shapes)} step={self._step}>")
+
+
+def _nonfinite_mode(mode: Any) -> int:
+    if mode not in _kernels.NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be one of {', '.join(map(repr, _kernels.NONFINITE_MODES))}"
+                         f", got {mode!r}")
+    return _kernels.NONFINITE_MODES.index(mode)
+
+
+def _check_skip_limit(limit: Any) -> Optional[int]:
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1:
+        raise ValueError(f"max_consecutive_skips must be None (no limit) or an integer >= 1, "
+                         f"got {limit!r}")
+    return int(limit)
+
+
+def _all_finite(x: Any) -> bool:
+    """Whether every element of x is finite (a host read for a device array)."""
+    if isinstance(x, numpy.ndarray):
+        return bool(numpy.isfinite(x).all())
+    xp = __import__(type(x).__module__.split(".")[0])
+    return bool(xp.isfinite(x).all())
 
 
 def _ops_name(ops: Any) -> Optional[str]:

@@ -32,6 +32,10 @@ class ScheduledHyperparameters:
     def _after_kind(self, previous: str) -> None:
         """Called after a change of hyperparameters; `previous` is the update kind before."""
 
+    def _children(self) -> Iterable["ScheduledHyperparameters"]:
+        """Schedules that advance with this one's step and see its last_score (groups)."""
+        return ()
+
     def _set_hyperparameter(self, name: str, value: Any, *, absolute: bool = False) -> None:
         """A number, or a schedule whose value at the current step is taken now (Thinc).
 
@@ -125,6 +129,8 @@ class ScheduledHyperparameters:
 
     def step_schedules(self) -> None:
         """Advance the step: every scheduled hyperparameter takes its next value."""
+        for child in self._children():
+            child.step_schedules()
         kind = self._hyper.kind
         self._step += 1
         for name, schedule in self.schedules.items():
@@ -173,6 +179,8 @@ class ScheduledHyperparameters:
 
     @last_score.setter
     def last_score(self, score: float) -> None:
+        for child in self._children():
+            child.last_score = score
         kind = self._hyper.kind
         self._last_score = (self._step, float(score))
         self._evaluate_schedules(self.schedules)
