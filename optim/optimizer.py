@@ -642,6 +642,7 @@ class Optimizer(ScheduledHyperparameters):
 
     def state(self) -> serialize.OptimizerState:
         """Everything that determines future updates, as plain data on the host."""
+        self._sync()
         hyper = self._hyper
         keys = []
         for key, shape in self._shapes.items():
@@ -662,24 +663,51 @@ class Optimizer(ScheduledHyperparameters):
                    "lookahead_k": int(hyper.lookahead_k)},
             schedules={name: (schedule, self._schedule_start[name])
                        for name, schedule in self.schedules.items()},
-            keys=keys)
+            keys=keys,
+            groups=[serialize.GroupState(
+                name=g.name, match=g.match, learn_rate_scale=g.learn_rate_scale,
+                frozen=g.frozen, values={n: getattr(g._hyper, n) for n in g.overrides},
+                schedules={n: (sched, g._schedule_start[n]) for n, sched in g.schedules.items()})
+                for g in self._groups],
+            nonfinite=self.nonfinite, max_consecutive_skips=self._skip_limit,
+            skip_run=self._skip_run, skipped=list(self._skipped.items()),
+            paths=list(self._paths.items()))
 
     @classmethod
     def from_state(cls, state: serialize.OptimizerState) -> "Optimizer":
         """A new optimizer (on the host) holding `state` (from `state()` or `decode`)."""
         values = dict(state.hyperparameters)
         flags = state.flags
+        groups = []
+        for g in state.groups:
+            table: Dict[str, Any] = {"name": g.name, "match": g.match, **g.values}
+            if g.frozen:
+                table["frozen"] = True
+            elif g.learn_rate_scale != 1.0:
+                table["learn_rate_scale"] = g.learn_rate_scale
+            groups.append(table)
         opt = cls(values.pop("learn_rate"), ops=state.ops,
                   use_averages=flags["use_averages"], use_radam=flags["use_radam"],
                   L2_is_weight_decay=flags["L2_is_weight_decay"],
-                  lookahead_k=flags["lookahead_k"], **values)
+                  lookahead_k=flags["lookahead_k"], groups=groups,
+                  nonfinite=state.nonfinite,
+                  max_consecutive_skips=state.max_consecutive_skips, **values)
         if opt.kind != state.kind:
             raise serialize.StateError(f"state says {state.kind!r} but its flags describe "
                                        f"{opt.kind!r}")
-        opt._step, opt._last_score = state.step, state.last_score
-        for name, (schedule, start) in state.schedules.items():
-            opt.schedules[name] = schedule
-            opt._schedule_start[name] = start
+        for held, saved in [(opt, state.schedules)] + [
+                (group, g.schedules) for group, g in zip(opt._groups, state.groups)]:
+            held._step, held._last_score = state.step, state.last_score
+            for name, (schedule, start) in saved.items():
+                if held is not opt and name not in held.overrides:
+                    raise serialize.StateError(f"group {held.name!r}: a schedule for "
+                                               f"{name!r}, which the group does not set")
+                held.schedules[name] = schedule
+                held._schedule_start[name] = start
+        opt._after_kind(opt.kind)
+        opt._skip_run = state.skip_run
+        opt._skipped.update(state.skipped)
+        opt._paths.update(state.paths)
         needed = {"mom1": opt.kind != "sgd", "mom2": opt.kind != "sgd",
                   "average": opt.averages is not None, "slow": opt.lookahead_k > 0}
         stores = dict(zip(serialize.STATE_ARRAYS, (opt.mom1, opt.mom2, opt.averages,

@@ -11,7 +11,7 @@ schedule as optim's equivalent: `optim.schedules.from_thinc`).
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -22,7 +22,8 @@ from .hyperparams import HYPERPARAMETERS, check_value
 from .schedules import Schedule, from_thinc, is_step_schedule
 
 FORMAT_NAME = "optim.Optimizer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: groups, nonfinite, skip counts, paths (version 1 still reads)
+NONFINITE_MODES = ("apply", "skip", "raise")
 STATE_ARRAYS = ("mom1", "mom2", "average", "slow")
 FLOAT_DTYPES = ("float32", "float64")
 
@@ -78,30 +79,39 @@ class OptimizerState:
     last_score: Optional[Tuple[int, float]]
     schedules: Dict[str, Tuple[Any, int]]  # name -> (schedule, start)
     keys: List[KeyState]
+    groups: List["GroupState"] = field(default_factory=list)
+    nonfinite: str = "apply"
+    max_consecutive_skips: Optional[int] = None
+    skip_run: int = 0  # consecutive steps that skipped an update, so far
+    skipped: List[Tuple[Any, int]] = field(default_factory=list)  # (key, updates skipped)
+    paths: List[Tuple[Any, str]] = field(default_factory=list)  # (key, bound path)
+
+
+@dataclass
+class GroupState:
+    """One per-parameter group: as written (name, match, learn_rate_scale, frozen, the
+    hyperparameters it sets) with its own schedules' positions."""
+
+    name: str
+    match: str
+    learn_rate_scale: float
+    frozen: bool
+    values: Dict[str, float]  # each hyperparameter the group sets: its current value
+    schedules: Dict[str, Tuple[Any, int]]  # name -> (schedule, start)
 
 
 def encode(state: OptimizerState) -> Dict[str, Any]:
     """The msgpack-ready message of `state` (a Thinc 9 schedule saved as optim's)."""
-    schedules = {}
-    for name, (schedule, start) in state.schedules.items():
-        if is_step_schedule(schedule):  # a Thinc 9 schedule: saved as optim's equivalent
-            try:
-                schedule = from_thinc(schedule)
-            except ValueError as err:
-                raise ValueError(f"cannot save the schedule of {name!r}: {err}") from None
-        if not isinstance(schedule, Schedule):
-            raise ValueError(
-                f"cannot save the schedule of {name!r}: it is a {type(schedule).__name__}, "
-                "whose position cannot be restored. Use a registered schedule (for example "
-                "optim.decaying(...) or a @schedules block in the config) or a list of values."
-            )
-        schedules[name] = {"schedule": schedule.to_dict(), "start": start}
     keys = []
     for record in state.keys:
         entry: Dict[str, Any] = {"key": encode_key(record.key), "shape": list(record.shape),
                                  "nr_update": int(record.nr_update)}
         entry.update(record.arrays)
         keys.append(entry)
+    groups = [{"name": g.name, "match": g.match, "learn_rate_scale": g.learn_rate_scale,
+               "frozen": g.frozen, "values": dict(g.values),
+               "schedules": _encode_schedules(g.schedules, f"group {g.name!r}: ")}
+              for g in state.groups]
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -111,9 +121,33 @@ def encode(state: OptimizerState) -> Dict[str, Any]:
         "ops": state.ops,
         "step": state.step,
         "last_score": None if state.last_score is None else list(state.last_score),
-        "schedules": schedules,
+        "schedules": _encode_schedules(state.schedules, ""),
         "keys": keys,
+        "groups": groups,
+        "nonfinite": state.nonfinite,
+        "max_consecutive_skips": state.max_consecutive_skips,
+        "skip_run": state.skip_run,
+        "skipped": [[encode_key(k), int(n)] for k, n in state.skipped],
+        "paths": [[encode_key(k), str(p)] for k, p in state.paths],
     }
+
+
+def _encode_schedules(held: Dict[str, Tuple[Any, int]], where: str) -> Dict[str, Any]:
+    schedules = {}
+    for name, (schedule, start) in held.items():
+        if is_step_schedule(schedule):  # a Thinc 9 schedule: saved as optim's equivalent
+            try:
+                schedule = from_thinc(schedule)
+            except ValueError as err:
+                raise ValueError(f"{where}cannot save the schedule of {name!r}: {err}") from None
+        if not isinstance(schedule, Schedule):
+            raise ValueError(
+                f"{where}cannot save the schedule of {name!r}: it is a {type(schedule).__name__}, "
+                "whose position cannot be restored. Use a registered schedule (for example "
+                "optim.decaying(...) or a @schedules block in the config) or a list of values."
+            )
+        schedules[name] = {"schedule": schedule.to_dict(), "start": start}
+    return schedules
 
 
 def decode(msg: Any) -> OptimizerState:
@@ -154,8 +188,48 @@ def _decode(msg: Any) -> OptimizerState:
     if msg["last_score"] is not None:
         score_step, score = _expect(msg["last_score"], list, "last_score")
         last_score = (_count(score_step, "last_score step"), float(score))
+    schedules = _decode_schedules(msg["schedules"])
+    keys, seen = [], set()
+    for record in _expect(msg["keys"], list, "keys"):
+        state = _decode_key(_expect(record, dict, "key record"))
+        if state.key in seen:
+            raise StateError(f"key {state.key!r} appears twice")
+        seen.add(state.key)
+        keys.append(state)
+    state = OptimizerState(
+        kind=msg["kind"], ops=msg["ops"], step=_count(msg["step"], "step"),
+        hyperparameters={name: check_value(name, hyper[name]) for name in HYPERPARAMETERS},
+        flags={"L2_is_weight_decay": flags["L2_is_weight_decay"],
+               "use_radam": flags["use_radam"], "use_averages": flags["use_averages"],
+               "lookahead_k": flags["lookahead_k"]},
+        last_score=last_score, schedules=schedules, keys=keys)
+    if version >= 2:
+        for record in _expect(msg["groups"], list, "groups"):
+            record = _expect(record, dict, "group")
+            values = _expect(record["values"], dict, "group values")
+            state.groups.append(GroupState(
+                name=_expect(record["name"], str, "group name"),
+                match=_expect(record["match"], str, "group match"),
+                learn_rate_scale=float(record["learn_rate_scale"]),
+                frozen=_expect(record["frozen"], bool, "group frozen"),
+                values={name: check_value(name, v) for name, v in values.items()},
+                schedules=_decode_schedules(record["schedules"])))
+        if msg["nonfinite"] not in NONFINITE_MODES:
+            raise StateError(f"invalid nonfinite {msg['nonfinite']!r}")
+        state.nonfinite = msg["nonfinite"]
+        limit = msg["max_consecutive_skips"]
+        state.max_consecutive_skips = None if limit is None else _count(limit, "skip limit")
+        state.skip_run = _count(msg["skip_run"], "skip_run")
+        state.skipped = [(decode_key(k), _count(n, "skip count"))
+                         for k, n in _expect(msg["skipped"], list, "skipped")]
+        state.paths = [(decode_key(k), _expect(p, str, "path"))
+                       for k, p in _expect(msg["paths"], list, "paths")]
+    return state
+
+
+def _decode_schedules(msg: Any) -> Dict[str, Tuple[Any, int]]:
     schedules = {}
-    for name, record in _expect(msg["schedules"], dict, "schedules").items():
+    for name, record in _expect(msg, dict, "schedules").items():
         record = _expect(record, dict, "schedule")
         start = record["start"]
         if not isinstance(start, int) or isinstance(start, bool):
@@ -164,20 +238,7 @@ def _decode(msg: Any) -> OptimizerState:
         if name not in HYPERPARAMETERS:
             raise StateError(f"cannot schedule {name!r}")
         schedules[name] = (schedule, start)
-    keys, seen = [], set()
-    for record in _expect(msg["keys"], list, "keys"):
-        state = _decode_key(_expect(record, dict, "key record"))
-        if state.key in seen:
-            raise StateError(f"key {state.key!r} appears twice")
-        seen.add(state.key)
-        keys.append(state)
-    return OptimizerState(
-        kind=msg["kind"], ops=msg["ops"], step=_count(msg["step"], "step"),
-        hyperparameters={name: check_value(name, hyper[name]) for name in HYPERPARAMETERS},
-        flags={"L2_is_weight_decay": flags["L2_is_weight_decay"],
-               "use_radam": flags["use_radam"], "use_averages": flags["use_averages"],
-               "lookahead_k": flags["lookahead_k"]},
-        last_score=last_score, schedules=schedules, keys=keys)
+    return schedules
 
 
 def _decode_key(record: Dict[str, Any]) -> KeyState:
@@ -267,5 +328,5 @@ def read_file(path: Any) -> bytes:
         return f.read()
 
 
-__all__ = ["StateError", "OptimizerState", "KeyState", "encode", "decode", "loads",
+__all__ = ["StateError", "OptimizerState", "KeyState", "GroupState", "encode", "decode", "loads",
            "write_atomic", "read_file", "encode_key", "decode_key"]
