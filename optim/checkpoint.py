@@ -121,12 +121,21 @@ def named_optimizer_state(optimizer: Any, names: Dict[Any, str]) -> Dict[str, An
         key = decode_key(record["key"])
         if key in names:
             record["key"] = encode_key((_NAME_TAG, names[key]))
+    for field in ("skipped", "paths"):  # [key, value] pairs
+        for pair in msg.get(field, ()):
+            key = decode_key(pair[0])
+            if key in names:
+                pair[0] = encode_key((_NAME_TAG, names[key]))
     return msg
 
 
-def load_optimizer_state(optimizer: Any, msg: Dict[str, Any], names: Dict[Any, str]) -> Any:
+def load_optimizer_state(optimizer: Any, msg: Dict[str, Any], names: Dict[Any, str], *,
+                         allow_group_change: bool = False) -> Any:
     """Put a `named_optimizer_state` back under this model's keys, into `optimizer`
-    (any optim optimizer, wrapped or distributed) or, with None, a new `optim.Optimizer`."""
+    (any optim optimizer, wrapped or distributed) or, with None, a new `optim.Optimizer`.
+
+    Per-parameter groups other than `optimizer`'s are a CheckpointError naming the
+    group; allow_group_change=True trains on with `optimizer`'s groups instead."""
     keys = {name: key for key, name in names.items()}
     unknown = []
     for record in msg["keys"]:
@@ -139,6 +148,19 @@ def load_optimizer_state(optimizer: Any, msg: Dict[str, Any], names: Dict[Any, s
     if unknown:
         raise CheckpointError(f"the checkpoint's optimizer holds state for parameters this "
                               f"model does not have: {', '.join(unknown[:5])}")
+    for field in ("skipped", "paths"):  # pairs of parameters this model lacks are dropped
+        pairs = []
+        for key, value in msg.get(field, ()):
+            name = decode_key(key)
+            if isinstance(name, tuple) and len(name) == 2 and name[0] == _NAME_TAG:
+                if name[1] not in keys:
+                    continue
+                key = encode_key(keys[name[1]])
+            pairs.append([key, value])
+        if field in msg:
+            msg[field] = pairs
+    if optimizer is not None:
+        _check_groups(optimizer, msg, allow_group_change)
     data = srsly.msgpack_dumps(msg)
     if optimizer is None:
         from .optimizer import Optimizer
@@ -146,6 +168,54 @@ def load_optimizer_state(optimizer: Any, msg: Dict[str, Any], names: Dict[Any, s
         return Optimizer.load_bytes(data)
     optimizer.from_bytes(data)
     return optimizer
+
+
+def _check_groups(optimizer: Any, msg: Dict[str, Any], allow: bool) -> None:
+    """CheckpointError naming the first group that differs between the checkpoint and
+    `optimizer` (its settings as written; schedules by definition, not position),
+    unless `allow`: then `optimizer`'s groups replace the saved ones in `msg`."""
+    from . import serialize
+    from .optimizer import Optimizer
+
+    core = optimizer
+    while not isinstance(core, Optimizer):
+        core = core.optimizer
+    now = serialize.encode_groups(core._group_states())
+    saved = msg.get("groups", [])
+    if _groups_as_written(saved) == _groups_as_written(now):
+        return
+    if allow:
+        msg["groups"] = now
+        return
+    saved_by, now_by = {g["name"]: g for g in saved}, {g["name"]: g for g in now}
+    names = [g["name"] for g in saved] + [g["name"] for g in now if g["name"] not in saved_by]
+    for name in names:
+        if name not in now_by:
+            problem = f"group {name!r} is in the checkpoint but not in this optimizer"
+        elif name not in saved_by:
+            problem = f"group {name!r} is new (the checkpoint has no such group)"
+        elif _groups_as_written([saved_by[name]]) != _groups_as_written([now_by[name]]):
+            problem = f"group {name!r} has other settings than in the checkpoint"
+        else:
+            continue
+        break
+    else:
+        problem = "the groups are in another order than in the checkpoint"
+    raise CheckpointError(f"{problem}; resuming would train under other settings. Restore "
+                          "the groups, or allow the change explicitly "
+                          "(allow_group_change=True; optim.spacy_train: --allow-config-change)")
+
+
+def _groups_as_written(groups: List[Dict[str, Any]]) -> List[Any]:
+    def definition(d: Any) -> Any:
+        if isinstance(d, dict) and "name" in d and "attrs" in d:
+            return (d["name"], {k: definition(v) for k, v in d["attrs"].items()})
+        return d
+
+    return [(g["name"], g["match"], float(g["learn_rate_scale"]), bool(g["frozen"]),
+             {n: v for n, v in g["values"].items() if n not in g["schedules"]},
+             {n: definition(r["schedule"]) for n, r in g["schedules"].items()})
+            for g in groups]
 
 
 # ------------------------------------------------------------------ random generators
@@ -220,7 +290,8 @@ def save_checkpoint(path: Any, model: Any, optimizer: Any, **extra: Any) -> None
 
 
 def load_checkpoint(path: Any, model: Any, optimizer: Any = None, *,
-                    restore_rng: bool = True) -> Tuple[Any, Dict[str, Any]]:
+                    restore_rng: bool = True,
+                    allow_group_change: bool = False) -> Tuple[Any, Dict[str, Any]]:
     """Load weights into `model` (rebuilt the same way, in this process), the optimizer
     state into `optimizer` (or a new `optim.Optimizer` if None) under this model's keys,
     and the random generators' states; returns `(optimizer, extra)`.
@@ -231,7 +302,8 @@ def load_checkpoint(path: Any, model: Any, optimizer: Any = None, *,
     files = read_bundle(path)
     msg = _checked_message(files.get("state.msgpack", b""), str(path))
     check_same_model(msg["params"], model, str(path))
-    optimizer = load_optimizer_state(optimizer, msg["optimizer"], param_names(model))
+    optimizer = load_optimizer_state(optimizer, msg["optimizer"], param_names(model),
+                                     allow_group_change=allow_group_change)
     model.from_bytes(files["model.bin"])
     rng = msg["rng"]
     ranks = msg.get("ranks")
