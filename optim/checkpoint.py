@@ -26,11 +26,12 @@ import struct
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy
 import srsly
 
+from .naming import param_names, param_paths, param_shapes  # noqa: F401 - re-exported
 from .serialize import StateError, decode_key, encode_key, read_file, write_atomic
 
 FORMAT_NAME = "optim.checkpoint"
@@ -44,60 +45,7 @@ class CheckpointError(ValueError):
 
 
 # ------------------------------------------------------------------ parameter names
-
-def param_names(obj: Any) -> Dict[Any, str]:
-    """`{optimizer key: stable name}` for every parameter of a Thinc model or of every
-    component of a spaCy pipeline, in walk order (a node shared by two components is
-    named by the first)."""
-    return {key: name for key, name, _, _ in _named_params(obj)}
-
-
-def param_paths(obj: Any) -> Dict[Any, str]:
-    """`{optimizer key: path}` for every parameter, as per-parameter groups match them:
-    `<node name>/<param>` in a Thinc model, `<component>/<node name>/<param>` in a spaCy
-    pipeline; a PyTorch shim's parameters by their own names under their node."""
-    return {key: path for key, _, _, path in _named_params(obj, declared=True)}
-
-
-def param_shapes(obj: Any) -> Dict[str, List[int]]:
-    """`{stable name: shape}` of the node parameters of `obj` (what a checkpoint of it
-    holds), for telling a checkpoint of another model from one of this model."""
-    return {name: list(node.get_param(key[1]).shape)
-            for key, name, node, _ in _named_params(obj) if node is not None}
-
-
-def _named_params(obj: Any, declared: bool = False) -> Iterator[Tuple[Any, str, Any, str]]:
-    """`(key, stable name, node, path)` of every parameter, in walk order, each key
-    once: a node's PyTorch shims' parameters (node None: their arrays are torch's)
-    first, then the node's own. The stable name counts nodes (`tagger/2/W`); the path
-    names them (`tagger/softmax/W`), for people. declared=True: a node's declared
-    parameters too, before the model is initialized."""
-    if hasattr(obj, "components") and hasattr(obj, "pipe_names"):
-        models = [(f"{component}/", proc.model) for component, proc in obj.components
-                  if hasattr(getattr(proc, "model", None), "walk")]
-    elif hasattr(obj, "walk"):
-        models = [("", obj)]
-    else:
-        raise TypeError(f"expected a Thinc Model or a spaCy Language, got "
-                        f"{type(obj).__name__}")
-    seen = set()
-    for prefix, model in models:
-        for index, node in enumerate(model.walk()):
-            found = []
-            for j, shim in enumerate(getattr(node, "shims", ())):
-                torch_model = getattr(shim, "_model", None)
-                if hasattr(torch_model, "named_parameters"):
-                    found += [((shim.id, pname), f"{prefix}{index}/shim{j}/{pname}", None,
-                               f"{prefix}{node.name}/{pname}")
-                              for pname, _ in torch_model.named_parameters()]
-            found += [((node.id, pname), f"{prefix}{index}/{pname}", node,
-                       f"{prefix}{node.name}/{pname}")
-                      for pname in node.param_names if declared or node.has_param(pname)]
-            for key, name, owner, path in found:
-                if key not in seen:
-                    seen.add(key)
-                    yield key, name, owner, path
-
+# (the walk is optim.naming's: param_names, param_paths, param_shapes)
 
 def check_same_model(saved: Dict[str, List[int]], obj: Any, what: str) -> None:
     """Raise CheckpointError naming the first differences if `obj`'s parameters are not

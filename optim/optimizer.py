@@ -19,6 +19,7 @@ from .backends import NUMPY, backend_for, get_gpu_backend
 from .backends.cpu import CpuUpdates
 from .backends.device import DeviceUpdates
 from .groups import Group, GroupsT, build_groups, check_matches, group_for, key_path
+from .naming import param_paths
 from .hyperparams import (ADAM_DEFAULTS, HYPERPARAMETERS, RADAM_DEFAULTS, SGD_DEFAULTS, KeyT,
                           any_empty, check_value, is_empty, shape_error)
 from .registry import registry
@@ -239,8 +240,6 @@ class Optimizer(ScheduledHyperparameters):
             paths = {key: str(path) for key, path in obj.items()}
             what = "the mapping"
         else:
-            from .checkpoint import param_paths
-
             paths = param_paths(obj)
             what = f"the bound {type(obj).__name__}"
         check_matches(self._groups, paths.values(), what)

@@ -10,7 +10,6 @@ import warnings
 import numpy
 import pytest
 
-import optim
 from optim import Adam, Optimizer, RAdam, SGD, _kernels
 from optim import cpu
 from optim.optimizer import NonFiniteError
