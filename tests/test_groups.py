@@ -294,3 +294,34 @@ def test_frozen_key_validates_its_arrays_and_zeroes_the_gradient():
         opt((1, "b"), numpy.ones(3, "f"), numpy.ones(4, "f"))
     with pytest.raises(TypeError, match="float32 or float64"):
         opt((1, "b"), numpy.ones(3, "i"), numpy.ones(3, "i"))
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_a_key_aware_schedule_inside_a_group(many):
+    """A Thinc 9 style callable reading the key (any callable `f(step, key=..., ...)`)
+    as a group's learn_rate: each key gets its value, bitwise as plain optimizers with
+    those rates; keys outside the group keep the optimizer's rate."""
+    def rate(step, *, key=None, last_score=None):
+        return 0.01 / (step + 1) if key == ("n", "W") else 0.02 / (step + 1)
+
+    opt = Adam(0.05, groups=[{"match": "W", "learn_rate": rate}])
+    plain = {("n", "W"): Adam([0.01 / (s + 1) for s in range(8)]),
+             ("m", "W"): Adam([0.02 / (s + 1) for s in range(8)]),
+             ("m", "b"): Adam(0.05)}
+    rng = numpy.random.RandomState(3)
+    w = {k: rng.randn(40).astype("f") for k in plain}
+    w_ref = {k: v.copy() for k, v in w.items()}
+    for _ in range(8):
+        grads = {k: rng.randn(40).astype("f") for k in plain}
+        keys = list(plain)
+        if many:
+            opt.step_many(keys, [w[k] for k in keys], [grads[k].copy() for k in keys])
+        else:
+            for k in keys:
+                opt(k, w[k], grads[k].copy())
+        for k, o in plain.items():
+            o(k, w_ref[k], grads[k].copy())
+            o.step_schedules()
+        opt.step_schedules()
+    for k in plain:
+        assert w[k].tobytes() == w_ref[k].tobytes(), k
