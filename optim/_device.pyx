@@ -9,6 +9,8 @@ from cpython.dict cimport PyDict_GetItem
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.object cimport PyObject
 
+from optim._kernels cimport Hyper
+
 
 def array_pointers(list arrays, list dtypes, list shapes, long device):
     """Each array's data pointer, after checking that it has the expected dtype and
@@ -51,3 +53,30 @@ def same_state(dict store, list keys, list expected) -> bool:
         elif got != PyList_GET_ITEM(expected, i):
             return False
     return True
+
+
+def plan_modes(list plans, list hypers) -> int:
+    """-1 if a key's plan no longer fits its Hyper (frozen or not, the update kind: the
+    general path plans it again), else what the Hypers ask beyond apply mode: 1 a frozen
+    key, 2 skip mode, 4 raise mode (or-ed)."""
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(plans)
+    cdef Hyper h
+    cdef object plan
+    cdef int mask = 0
+    if PyList_GET_SIZE(hypers) != n:
+        raise ValueError("plan_modes: plans and hypers disagree")
+    for i in range(n):
+        plan = <object>PyList_GET_ITEM(plans, i)
+        h = <Hyper?><object>PyList_GET_ITEM(hypers, i)
+        if h.frozen:
+            if not plan.frozen:
+                return -1
+            mask |= 1
+            continue
+        if plan.frozen or plan.kind_code != <int>h._kind():
+            return -1
+        if h.nonfinite == 1:
+            mask |= 2
+        elif h.nonfinite == 2:
+            mask |= 4
+    return mask

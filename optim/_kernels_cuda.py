@@ -40,10 +40,21 @@ NVRTC_OPTIONS: Tuple[str, ...] = ("--fmad=false",)
 NORM_CHUNK = _kernels.NORM_ORDER["chunk"]  # docs/numerics.md, "The clip norm"
 NORM_LANES = _kernels.NORM_ORDER["lanes"]
 COEFS: Tuple[str, ...] = _kernels.DEVICE_COEFS  # the double scalars of one update
-ROW = _kernels.DEVICE_ROW  # a step_many coefficient row: COEFS, then the clip factor
-CLIP_SLOT = ROW - 1
+# A step_many coefficient row: COEFS, then the per-tensor slots of
+# _kernels.DEVICE_SLOTS (clip factor, grad_clip, status, check, kernel, t, pick, extra,
+# window, counter; what each means is written there).
+SLOTS: Tuple[str, ...] = _kernels.DEVICE_SLOTS
+ROW = _kernels.DEVICE_ROW
+SLOT: Dict[str, int] = {name: len(COEFS) + i for i, name in enumerate(SLOTS)}
+CLIP_SLOT = SLOT["clip"]
+# the status slot's values
+GO, FROZEN, NAN, INF, OUT = (_kernels.DEVICE_GO, _kernels.DEVICE_FROZEN, _kernels.DEVICE_NAN,
+                             _kernels.DEVICE_INF, _kernels.DEVICE_OUT)
 BLOCK = 256  # threads per block (8 warps); the results do not depend on it
-TENSOR_FIELDS: Tuple[str, ...] = ("w", "g", "m", "v", "avg", "slow", "n", "first_chunk")
+# the tensor table: array addresses, size, first chunk, and the address of the key's
+# update count on the device (0: none; skip mode only)
+TENSOR_FIELDS: Tuple[str, ...] = ("w", "g", "m", "v", "avg", "slow", "n", "first_chunk",
+                                  "count")
 
 # The kernels' scalars, in type T, and how each is formed from the double coefficient
 # row `c` (COEFS order) and the clip factor: `1 - beta` and `1 - avg_keep` in double,
@@ -176,6 +187,21 @@ def _build_kernels() -> Dict[str, KernelSpec]:
 KERNELS: Dict[str, KernelSpec] = _build_kernels()
 
 
+def kernel_code(name: str) -> int:
+    """The row's `kernel` slot for kernel `name`: kind * 4 + variant bits
+    (_kernels.DEVICE_KINDS; bits = rectified | lookahead_sync << 1)."""
+    base = name[len("optim_"):].replace("_avg", "").replace("_la", "")
+    kind = base.split("_")[0]
+    bits = (1 if base == "radam_rect" else 0) | (2 if name.endswith("_la") else 0)
+    return _kernels.DEVICE_KINDS.index(kind) * 4 + bits
+
+
+def code_kernel(code: int, averages: bool) -> str:
+    """The kernel whose `kernel_code` is `code` (averages on or off)."""
+    kind = _kernels.DEVICE_KINDS[code // 4]
+    return kernel_name(kind, bool(code & 1), averages, bool(code & 2))
+
+
 def variant_kernels(kind: str, averages: bool) -> Tuple[str, str, str, str]:
     """The 4 kernels of an optimizer, indexed by `device_coefs`' variant bits
     (rectified | lookahead_sync << 1)."""
@@ -197,10 +223,13 @@ _NORM_PARAMS: Params = (
     ("long long", "n"), ("double*", "partials"), ("unsigned long long*", "tickets"),
     ("long long", "epoch"), ("double*", "clip"),
 )
+# step_many's clip norm: each tensor's grad_clip is in its row; `statuses`: one double
+# per tensor, its status copied for the host (skip and raise modes); `commit`: 0 only
+# decides the statuses (raise mode's check), 1 also moves the device counts.
 _NORM_MANY_PARAMS: Params = (
     ("const long long*", "tensors"), ("const int*", "chunk_tensor"), ("double*", "coefs"),
-    ("double", "grad_clip"), ("long long", "n_chunks"), ("double*", "partials"),
-    ("unsigned long long*", "tickets"), ("long long", "epoch"),
+    ("double*", "statuses"), ("long long", "n_chunks"), ("double*", "partials"),
+    ("unsigned long long*", "tickets"), ("long long", "epoch"), ("long long", "commit"),
 )
 _MANY_PARAMS: Params = (
     ("const long long*", "tensors"), ("const int*", "chunk_tensor"),
@@ -235,7 +264,19 @@ _COMMON = r"""
 #define OPTIM_ROW {row}
 #define OPTIM_CLIP_SLOT {clip_slot}
 #define OPTIM_TENSOR_FIELDS {tensor_fields}
+#define OPTIM_NCOEFS {ncoefs}
 {coef_defines}
+{slot_defines}
+// a row's status
+#define OPTIM_GO {go!r}
+#define OPTIM_FROZEN {frozen!r}
+#define OPTIM_NAN {nan!r}
+#define OPTIM_INF {inf!r}
+#define OPTIM_OUT {out!r}
+// a ticket's low 32 bits: chunks counted, and what the chunks' non-finite scans found
+#define OPTIM_COUNT_MASK 0x3fffffffu
+#define OPTIM_MARK_NAN 0x80000000u
+#define OPTIM_MARK_INF 0x40000000u
 
 // Thread and warp coordinates, and the grid-stride loops every kernel uses: the
 // results never depend on the grid or block size (a multiple of 32).
@@ -289,23 +330,26 @@ __device__ __forceinline__ double optim_chunk_sum_squares(
   return optim_chunk_lanes<true>(g, w, T(l2), len);
 }}
 
-// Count a finished chunk of a tensor (its sum already stored by lane 0); true in the
-// warp that finished the tensor's last chunk. Integer atomics only.
-// The ticket is (epoch << 32) | chunks counted. The first chunk of a launch to arrive
+// Count a finished chunk of a tensor (its sum already stored by lane 0), OR-ing `mark`
+// (OPTIM_MARK_* bits) into the count; returns, in every lane, the ticket's low 32 bits
+// after this chunk: the warp whose count reaches the tensor's chunks finished its last
+// chunk, and sees every chunk's marks. Integer atomics only.
+// The ticket is (epoch << 32) | marks | chunks counted. The first chunk of a launch to arrive
 // finds another epoch there (0 after a completed launch, or anything a disturbance left)
 // and starts the count afresh, so a disturbed ticket spoils no later launch: there is
 // no state to reset and nothing for the host to do. The last warp leaves 0 (no launch
 // has epoch 0), so a CUDA graph replaying one epoch twice starts afresh too.
-__device__ __forceinline__ bool optim_finished_last_chunk(unsigned long long* ticket,
-                                                           long long epoch,
-                                                           long long n_chunks) {{
+__device__ __forceinline__ unsigned int optim_count_chunk(unsigned long long* ticket,
+                                                          long long epoch,
+                                                          unsigned int mark) {{
   __threadfence();  // the chunk sum is visible device-wide before it is counted
   unsigned int done = 0;
   if (optim_lane() == 0) {{
     const unsigned long long tag = static_cast<unsigned long long>(epoch) << 32;
     unsigned long long seen = __ldcg(ticket);
     for (;;) {{
-      const unsigned long long next = (seen >> 32) == (tag >> 32) ? seen + 1ull : tag | 1ull;
+      const unsigned long long next =
+          ((seen >> 32) == (tag >> 32) ? seen + 1ull : tag | 1ull) | mark;
       const unsigned long long was = atomicCAS(ticket, seen, next);
       if (was == seen) {{
         done = static_cast<unsigned int>(next & 0xffffffffull);
@@ -314,8 +358,34 @@ __device__ __forceinline__ bool optim_finished_last_chunk(unsigned long long* ti
       seen = was;
     }}
   }}
-  done = __shfl_sync(0xffffffffu, done, 0);
-  return done == static_cast<unsigned int>(n_chunks);
+  return __shfl_sync(0xffffffffu, done, 0);
+}}
+
+__device__ __forceinline__ bool optim_finished_last_chunk(unsigned long long* ticket,
+                                                           long long epoch,
+                                                           long long n_chunks) {{
+  return optim_count_chunk(ticket, epoch, 0u) == static_cast<unsigned int>(n_chunks);
+}}
+
+// The non-finite scan of one chunk, as the CPU's (optim._kernels.find_nonfinite): each
+// term formed in T, g + l2*w when T(l2) != 0, else g; OPTIM_MARK_NAN if one is a NaN,
+// OPTIM_MARK_INF if one is infinite, in lane 0. Run only on a chunk whose sum of
+// squares is not finite: every chunk holding such a term is one, and a finite float64
+// term whose square overflows is none.
+__device__ __forceinline__ unsigned int optim_chunk_scan(const T* g, const T* w, const T l2,
+                                                         long long len) {{
+  double nans = 0.0, infs = 0.0;
+  for (long long i = optim_lane(); i < len; i += OPTIM_LANES) {{
+    const T x = l2 != T(0) ? T(g[i] + l2 * w[i]) : g[i];
+    if (x != x) {{
+      nans = 1.0;
+    }} else if (x - x != T(0)) {{
+      infs = 1.0;
+    }}
+  }}
+  nans = optim_lane_tree(nans);
+  infs = optim_lane_tree(infs);
+  return (nans > 0.0 ? OPTIM_MARK_NAN : 0u) | (infs > 0.0 ? OPTIM_MARK_INF : 0u);
 }}
 
 // The tensor's chunk sums, combined by the same rule: chunk k to lane k % 32, then
@@ -364,22 +434,60 @@ _NORM_KERNELS = r"""
   for (long long k = optim_warp(); k < n_chunks; k += optim_warps()) {{
     const int t = chunk_tensor[k];
     const long long* tensor = tensors + static_cast<long long>(t) * OPTIM_TENSOR_FIELDS;
+    double* row = coefs + static_cast<long long>(t) * OPTIM_ROW;
+    const double check = row[OPTIM_S_CHECK];
+    if (row[OPTIM_S_STATUS] == OPTIM_FROZEN ||
+        (check == 0.0 && !(row[OPTIM_S_GRAD_CLIP] > 0.0))) {{
+      continue;  // frozen, or neither clipped nor checked: the row keeps its factor 1.0
+    }}
     const T* w = reinterpret_cast<const T*>(tensor[0]);
     const T* g = reinterpret_cast<const T*>(tensor[1]);
     const long long n = tensor[6], first = tensor[7];
     const long long tensor_chunks = (n + OPTIM_CHUNK - 1) / OPTIM_CHUNK;
     const long long start = (k - first) * OPTIM_CHUNK;
-    double* row = coefs + static_cast<long long>(t) * OPTIM_ROW;
-    const double sum = optim_chunk_sum_squares(g + start, w + start, row[OPTIM_C_L2],
-                                               optim_chunk_len(n, start));
+    const long long len = optim_chunk_len(n, start);
+    const double l2 = row[OPTIM_C_L2];
+    const double sum = optim_chunk_sum_squares(g + start, w + start, l2, len);
     if (optim_lane() == 0) {{
       partials[k] = sum;
     }}
-    if (optim_finished_last_chunk(tickets + t, epoch, tensor_chunks)) {{
+    unsigned int mark = 0u;
+    if (check != 0.0) {{  // the same in all lanes (one tensor's row)
+      const double chunk = __shfl_sync(0xffffffffu, sum, 0);
+      if (!(chunk - chunk == 0.0)) {{
+        mark = optim_chunk_scan(g + start, w + start, T(l2), len);
+      }}
+    }}
+    const unsigned int word = optim_count_chunk(tickets + t, epoch, mark);
+    if ((word & OPTIM_COUNT_MASK) == static_cast<unsigned int>(tensor_chunks)) {{
       const double total = optim_tensor_sum_squares(partials + first, tensor_chunks);
       if (optim_lane() == 0) {{
-        row[OPTIM_CLIP_SLOT] = optim_clip_factor(total, grad_clip);
-        tickets[t] = 0ull;
+        row[OPTIM_CLIP_SLOT] = optim_clip_factor(total, row[OPTIM_S_GRAD_CLIP]);
+        if (check != 0.0) {{
+          double status = (word & OPTIM_MARK_NAN) != 0u ? OPTIM_NAN
+                          : ((word & OPTIM_MARK_INF) != 0u ? OPTIM_INF : OPTIM_GO);
+          // skip mode: the key's update count lives on the device; this update is
+          // count + 1 unless skipped, and runs the coefs of that count's window row
+          long long* count = reinterpret_cast<long long*>(tensor[8]);
+          const double counter = row[OPTIM_S_COUNTER];
+          if (commit != 0 && count != nullptr && counter > -1.5) {{
+            long long c = counter >= 0.0 ? static_cast<long long>(counter) : *count;
+            if (status == OPTIM_GO) {{
+              const long long j = c + 1 - static_cast<long long>(row[OPTIM_S_T]);
+              if (j < 0 || j >= static_cast<long long>(row[OPTIM_S_WINDOW])) {{
+                status = OPTIM_OUT;  // never by construction; refused, never a stray row
+              }} else {{
+                c = c + 1;
+                row[OPTIM_S_PICK] = j == 0 ? static_cast<double>(t)
+                                           : row[OPTIM_S_EXTRA] + static_cast<double>(j - 1);
+              }}
+            }}
+            *count = c;
+          }}
+          row[OPTIM_S_STATUS] = status;
+          statuses[t] = status;
+        }}
+        tickets[t] = 0ull;  // idle
       }}
     }}
   }}
@@ -424,25 +532,42 @@ def _update_kernel(spec: KernelSpec) -> str:
 def _update_many_kernel(spec: KernelSpec) -> str:
     pointers = "\n".join(
         f"T* p_{a} = reinterpret_cast<T*>(tensor[{TENSOR_FIELDS.index(a)}]);"
-        for a in spec.arrays)
+        for a in spec.arrays if a != "g")
     loop = _element_loop(spec, "p_", "start + threadIdx.x", "end", "blockDim.x")
     body = (
         "const int t = chunk_tensor[k];\n"
         "const long long* tensor = tensors + static_cast<long long>(t) * "
         "OPTIM_TENSOR_FIELDS;\n"
-        f"{pointers}\n"
+        "T* p_g = reinterpret_cast<T*>(tensor[1]);\n"
         "const long long n = tensor[6];\n"
         "const long long start = (k - tensor[7]) * OPTIM_CHUNK;\n"
         "const long long end = start + optim_chunk_len(n, start);\n"
-        "const double* row = coefs + static_cast<long long>(t) * OPTIM_ROW;\n"
-        "double c[OPTIM_ROW];  // in registers for the chunk's elements\n"
-        "for (int j = 0; j < OPTIM_ROW; ++j) {\n"
+        "const double* home = coefs + static_cast<long long>(t) * OPTIM_ROW;\n"
+        "if (home[OPTIM_S_STATUS] != OPTIM_GO) {\n"
+        "  // frozen, or skipped (a NaN or an inf): only the gradient is zeroed, by the\n"
+        "  // launch's kernel the tensor's own row names\n"
+        "  if (home[OPTIM_S_KERNEL] == my_kernel) {\n"
+        "    for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {\n"
+        "      p_g[i] = T(0);\n"
+        "    }\n"
+        "  }\n"
+        "  continue;\n"
+        "}\n"
+        "// the row of the update's count (skip mode: picked by the clip norm kernel)\n"
+        "const double* row = coefs + static_cast<long long>(home[OPTIM_S_PICK]) * OPTIM_ROW;\n"
+        "if (row[OPTIM_S_KERNEL] != my_kernel) {\n"
+        "  continue;  // another kernel of this launch runs that count\n"
+        "}\n"
+        f"{pointers}\n"
+        "double c[OPTIM_NCOEFS];  // in registers for the chunk's elements\n"
+        "for (int j = 0; j < OPTIM_NCOEFS; ++j) {\n"
         "  c[j] = row[j];\n"
         "}\n"
-        "const double clip = c[OPTIM_CLIP_SLOT];\n"
+        "const double clip = home[OPTIM_CLIP_SLOT];\n"
         f"{loop}"
     )
     return (f"{_signature(spec.name + '_many')} {{\n"
+            f"  const double my_kernel = {kernel_code(spec.name)}.0;  // kernel_code\n"
             "  // one block per chunk of OPTIM_CHUNK elements of one tensor\n"
             "  for (long long k = blockIdx.x; k < n_chunks; k += gridDim.x) {\n"
             f"{_indent(body, 4)}\n  }}\n}}\n")
@@ -453,12 +578,15 @@ def cuda_source(dtype: Any) -> str:
     ctype = {"float32": "float", "float64": "double"}[numpy.dtype(dtype).name]
     coef_defines = "\n".join(f"#define OPTIM_C_{name.upper()} {i}"
                              for i, name in enumerate(COEFS))
+    slot_defines = "\n".join(f"#define OPTIM_S_{name.upper()} {SLOT[name]}" for name in SLOTS)
     parts = [
         f"// optim's GPU kernels for {numpy.dtype(dtype).name} (generated by "
         "optim/_kernels_cuda.py)",
         f"typedef {ctype} T;",
         _COMMON.format(chunk=NORM_CHUNK, lanes=NORM_LANES, row=ROW, clip_slot=CLIP_SLOT,
-                       tensor_fields=len(TENSOR_FIELDS), coef_defines=coef_defines),
+                       tensor_fields=len(TENSOR_FIELDS), coef_defines=coef_defines,
+                       ncoefs=len(COEFS), slot_defines=slot_defines, go=GO, frozen=FROZEN,
+                       nan=NAN, inf=INF, out=OUT),
         _NORM_KERNELS.format(norm_signature=_signature("optim_clip_norm"),
                              norm_many_signature=_signature("optim_clip_norm_many")),
     ]

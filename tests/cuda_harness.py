@@ -536,8 +536,27 @@ class FakeStream:
 
 
 class _Runtime:
+    memcpyDeviceToHost = 2  # noqa: N815 - CUDA's name
+
     def __init__(self, cuda: "FakeCuda") -> None:
         self.cuda = cuda
+
+    def memcpyAsync(self, dst: int, src: int, size: int, kind: int,  # noqa: N802
+                    stream: int) -> None:
+        """An asynchronous copy on `stream` (the current one, which optim passes): queued
+        like a launch; counted in `async_reads` (device -> host into pinned memory)."""
+        current = self.cuda.get_current_stream()
+        if current.ptr != stream:
+            raise RuntimeError("fake device: memcpyAsync on a stream that is not current")
+        if kind != self.memcpyDeviceToHost:
+            raise NotImplementedError("fake device: only device -> host async copies")
+        cupy = self.cuda.cupy
+        cupy.async_reads += 1
+
+        def run() -> None:
+            ctypes.memmove(dst, src, size)
+
+        cupy.submit(current, run)
 
     def getDevice(self) -> int:  # noqa: N802 - CuPy's name
         return self.cuda._state().device
@@ -548,6 +567,33 @@ class _Runtime:
     @staticmethod
     def getDeviceProperties(device: int) -> Dict[str, Any]:  # noqa: N802
         return {"name": b"fake device (CPU harness)"}
+
+
+class FakeEvent:
+    """`cupy.cuda.Event`: `record(stream)` queues a marker on the stream; `done` says
+    (without waiting) whether the work before it has run; `synchronize()` runs it."""
+
+    def __init__(self, cuda: "FakeCuda") -> None:
+        self.cuda, self.stream, self._done = cuda, None, True
+
+    def record(self, stream: Optional["FakeStream"] = None) -> None:
+        self.stream = stream or self.cuda.get_current_stream()
+        self._done = False
+        self.cuda.cupy.events += 1
+
+        def run() -> None:
+            self._done = True
+
+        self.cuda.cupy.submit(self.stream, run)
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def synchronize(self) -> None:
+        if not self._done:
+            self.cuda.cupy.syncs += 1
+            self.cuda.cupy.run(streams=[self.stream])
 
 
 class _FakeDevice:
@@ -608,6 +654,15 @@ class FakeCuda:
 
     def ExternalStream(self, ptr: int) -> FakeStream:  # noqa: N802
         return FakeStream(self, ptr)
+
+    def Event(self, block: bool = False, disable_timing: bool = False,  # noqa: N802
+              interprocess: bool = False) -> FakeEvent:
+        return FakeEvent(self)
+
+    @staticmethod
+    def alloc_pinned_memory(size: int) -> bytearray:
+        """Pinned host memory: here any host memory (numpy.frombuffer reads it)."""
+        return bytearray(max(size, 1))
 
 
 class FakeFunction:
@@ -695,6 +750,9 @@ class FakeCupy:
         self.launches: List[Tuple[str, FakeStream]] = []
         self.launch_args: List[Tuple[str, List[Any]]] = []
         self.fills = 0
+        self.async_reads = 0  # device -> host copies into pinned memory, queued
+        self.events = 0  # events recorded
+        self.syncs = 0  # waits on an event whose work had not run
         self.queue: List[Tuple[FakeStream, Any]] = []
         self._lock = threading.Lock()
         self._reads0, self._writes0 = _Transfers.reads, _Transfers.writes
@@ -837,3 +895,8 @@ class HarnessBackend(cupy_backend.CupyBackend):
     @property
     def moved_to_device(self) -> int:
         return self.cupy.writes
+
+    @property
+    def async_to_host(self) -> int:
+        """Queued device -> host copies into pinned memory (skip mode's verdicts)."""
+        return self.cupy.async_reads

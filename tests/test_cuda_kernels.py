@@ -162,16 +162,27 @@ def test_device_coefs_are_the_cpu_coefs():
     hyper.learn_rate, hyper.beta1, hyper.beta2, hyper.eps = 0.01, 0.9, 0.99, 1e-7
     hyper.L2, hyper.L2_is_weight_decay, hyper.use_radam = 0.01, False, True
     hyper.weight_decay, hyper.lookahead_k, hyper.lookahead_alpha = 0.02, 3, 0.4
+    hyper.grad_clip = 0.7
     table = numpy.zeros((40, kc.ROW))
     variants = numpy.zeros(40, dtype=numpy.uint8)
-    _kernels.device_coef_table(hyper, list(range(40)), list(range(1, 41)), 0.5, table,
-                               variants)
-    for t in range(1, 41):
-        coefs = _kernels.coefs(hyper, t, 0.5)
-        got = _kernels.device_coefs(hyper, t, 0.5)
-        assert got[0] == int(coefs["rectified"]) | 2 * coefs["lookahead_sync"] == variants[t - 1]
-        assert list(got[1:]) == [coefs[name] for name in kc.COEFS] == list(table[t - 1, :-1])
-        assert table[t - 1, -1] == 1.0
+    ncoefs = len(kc.COEFS)
+    for hypers in (hyper, [hyper] * 40):  # one Hyper for all, or one per key
+        mask = _kernels.device_coef_table(hypers, list(range(40)), list(range(1, 41)), 0.5,
+                                          table, variants)
+        assert mask == 8 | 16  # clipping; several kernels (rectified or not, sync or not)
+        for t in range(1, 41):
+            coefs = _kernels.coefs(hyper, t, 0.5)
+            got = _kernels.device_coefs(hyper, t, 0.5)
+            bits = int(coefs["rectified"]) | 2 * coefs["lookahead_sync"]
+            assert got[0] == bits == variants[t - 1]
+            assert list(got[1:]) == [coefs[name] for name in kc.COEFS] == list(
+                table[t - 1, :ncoefs])
+            slots = dict(zip(kc.SLOTS, table[t - 1, ncoefs:]))
+            assert slots == {"clip": 1.0, "grad_clip": 0.7, "status": kc.GO, "check": 0.0,
+                             "kernel": 2 * 4 + bits, "t": t, "pick": t - 1, "extra": 0.0,
+                             "window": 1.0, "counter": -2.0}
+            assert kc.code_kernel(int(slots["kernel"]), True) == kc.kernel_name(
+                "radam", coefs["rectified"], True, coefs["lookahead_sync"])
     assert set(variants) == {0, 1, 2, 3}
     with pytest.raises(ValueError, match="key 'k': lr_scale"):
         _kernels.device_coefs(hyper, 1, -1.0, "k")
@@ -412,8 +423,12 @@ def test_clip_norm_kernels_do_not_read_the_weights_when_l2_is_0():
             chunk_tensor = numpy.repeat(numpy.arange(2, dtype=numpy.int32), chunks)
             rows = numpy.full((2, kc.ROW), numpy.nan)
             rows[:, kc.COEFS.index("l2")] = l2s
-            h.launch("optim_clip_norm_many", 2, 64, [tensors, chunk_tensor, rows, 1.0,
-                     sum(chunks), numpy.zeros(sum(chunks)), numpy.zeros(2, numpy.uint64), 1])
+            rows[:, kc.SLOT["grad_clip"]] = 1.0  # each tensor's grad_clip is in its row
+            rows[:, kc.SLOT["status"]] = kc.GO
+            rows[:, kc.SLOT["check"]] = 0.0
+            h.launch("optim_clip_norm_many", 2, 64, [tensors, chunk_tensor, rows,
+                     numpy.zeros(2), sum(chunks), numpy.zeros(sum(chunks)),
+                     numpy.zeros(2, numpy.uint64), 1, 1])
             assert list(rows[:, kc.CLIP_SLOT]) == want, (rows, want)
         print("ok")
     """)
