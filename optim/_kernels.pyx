@@ -740,6 +740,7 @@ def device_coef_table(object hypers, list keys, list counts, double lr_scale,
         out[i, SLOT0 + 9] = -2.0                               # counter
         if h.frozen:
             mask |= 1
+            out[i, SLOT0 + 1] = 0.0  # no clip norm either
             out[i, SLOT0 + 2] = DEVICE_FROZEN
             out[i, SLOT0 + 3] = 0.0
             out[i, SLOT0 + 4] = -1.0

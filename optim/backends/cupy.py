@@ -77,22 +77,25 @@ class Batch:
 class Record:
     """What one launch's skip-mode tensors became (their statuses: GO, NAN or INF), copied
     into pinned host memory behind the launch on its stream, and the event recorded
-    after the copy. `ready()` asks the event without waiting; `wait()` waits (a sync)."""
+    after the copy. `ready()` asks the event without waiting; `wait()` waits (a sync).
+    `sources`: the device arrays copied from, kept until the copies are known done."""
 
-    __slots__ = ("event", "host", "done")
+    __slots__ = ("event", "host", "done", "sources")
 
-    def __init__(self, event: Any, host: numpy.ndarray) -> None:
-        self.event, self.host, self.done = event, host, False
+    def __init__(self, event: Any, host: numpy.ndarray, sources: List[Any]) -> None:
+        self.event, self.host, self.done, self.sources = event, host, False, sources
 
     def ready(self) -> bool:
         if not self.done:
             self.done = bool(self.event.done)
+            if self.done:
+                self.sources = None
         return self.done
 
     def wait(self) -> None:
         if not self.done:
             self.event.synchronize()
-            self.done = True
+            self.done, self.sources = True, None
 
 
 class Expected:
@@ -425,6 +428,7 @@ class CupyBackend:
         # then an event; the host reads them once the event has passed (never waits here)
         host = numpy.frombuffer(cp.cuda.alloc_pinned_memory(8 * n), numpy.float64, n)
         positions = [-1] * n
+        sources = []
         stream_ptr = stream[1]
         offset = 0
         for dtype, kernels, averages, members, batch, coefs, uses_norm in ready:
@@ -434,12 +438,13 @@ class CupyBackend:
             m = len(index)
             cp.cuda.runtime.memcpyAsync(host.ctypes.data + 8 * offset, batch.statuses.data.ptr,
                                         8 * m, _DEVICE_TO_HOST, stream_ptr)
+            sources.append(batch.statuses)
             for j, i in enumerate(index):
                 positions[i] = offset + j
             offset += m
         event = cp.cuda.Event(block=False, disable_timing=True)
         event.record(cp.cuda.get_current_stream())
-        return Record(event, host), positions
+        return Record(event, host, sources), positions
 
     def _norm(self, dtype: str, device: int, batch: Batch, coefs: Any, commit: int) -> None:
         """The group's clip norm launch: clip factors, and the statuses of the tensors
