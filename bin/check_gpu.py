@@ -18,6 +18,12 @@ two are bitwise equal) and times an update on each side. Then:
   otherwise);
 * `graph`: a clipped update captured in a CUDA graph and replayed gives the same bits
   (nothing in an update synchronises);
+* `groups`: one step_many launch whose tensors each have their own Hyper (learning
+  rate, betas, eps, L2, grad_clip, decay; SGD, Adam and RAdam rows; frozen rows)
+  against the CPU kernels with each tensor's Hyper, bitwise;
+* `skip`: Adam with clipping and averages in nonfinite="skip" mode, per call and
+  step_many, a NaN and an inf put in two gradients: bitwise the run without those two
+  calls, and after sync() the update and skip counts; `raise`: nothing written;
 * concurrency (bin/check_gpu_concurrency.py): two host threads on per-thread default
   streams doing clipped updates at once; a graph captured, a key with more chunks
   updated eagerly, the graph replayed; a disturbed clip-norm ticket followed by
@@ -332,6 +338,114 @@ def check_graph(dev: Device, dtype: Any) -> str:
     return "ok" if err == 0.0 else f"FAIL: max error {err:g}"
 
 
+def check_groups(dev: Device, dtype: Any) -> str:
+    """step_many's launch with a Hyper per tensor (every value different, three kinds,
+    two frozen tensors) against the CPU kernels with each tensor's Hyper."""
+    base = _kernels.Hyper()
+    base.learn_rate, base.beta1, base.beta2, base.eps, base.grad_clip = 0.01, 0.9, 0.999, 1e-8, 1.0
+
+    def varied(**values: Any) -> Any:
+        h = base.copy()
+        for name, value in values.items():
+            setattr(h, name, value)
+        return h
+
+    hypers = [base, varied(learn_rate=0.003, beta1=0.8, beta2=0.99, eps=1e-6, grad_clip=0.5),
+              varied(L2=0.01, grad_clip=0.0), varied(L2=0.02, L2_is_weight_decay=True),
+              varied(beta1=0.0, beta2=0.0, learn_rate=0.1), varied(use_radam=True, beta2=0.9,
+                                                                    weight_decay=0.01),
+              varied(frozen=True), varied(beta1=0.0, beta2=0.0, frozen=True)]
+    rng = numpy.random.default_rng(21)
+    sizes = [300, 4097, 17, 2 * 4096 + 5, 5000, 700, 4096, 33]
+    counts = [3, 1, 7, 2, 4, 8, 1, 1]
+    host = [{a: rng.standard_normal(n).astype(dtype) for a in ("w", "g", "m", "v", "avg")}
+            for n in sizes]
+    for h in host:
+        h["v"] = h["v"] ** 2
+    arrays = [{a: dev.backend.from_host(x) for a, x in h.items()} for h in host]
+    before = [{a: x.copy() for a, x in h.items()} for h in host]
+    plans = [dev.backend.plan(("g", i), h.kind, True, d["w"], d["m"], d["v"], d["avg"], None,
+                              frozen=h.frozen) for i, (h, d) in enumerate(zip(hypers, arrays))]
+    dev.backend.launch_many({}, hypers, [("g", i) for i in range(len(sizes))],
+                            [d["w"] for d in arrays], [d["g"] for d in arrays], plans, counts,
+                            0.7)
+    dev.sync()
+    for i, (h, x, t) in enumerate(zip(hypers, host, counts)):
+        if h.frozen:
+            want = dict(before[i], g=numpy.zeros_like(x["g"]))
+        else:
+            _kernels.step(h, "g", x["w"], x["g"], x["m"], x["v"], x["avg"], None, t, 0.7)
+            want = x
+        if compare(dev, arrays[i], want, dtype)[0] != 0.0:
+            return f"FAIL: tensor {i} ({h.kind}{', frozen' if h.frozen else ''}) differs"
+    return f"ok ({len(sizes)} tensors, 3 kinds, 2 frozen: the CPU's bits)"
+
+
+def check_skip(dev: Device, dtype: Any) -> str:
+    """nonfinite="skip": a NaN and an inf in two calls leave the run that omitted them,
+    per call and step_many; sync() brings the counts; no host read (fake: counted)."""
+    import optim
+
+    previous = optim.backends.set_gpu_backend(dev.backend)
+    try:
+        sizes = [4097, 300, 2 * 4096, 33]
+        bad = {(2, 1): numpy.nan, (5, 2): numpy.inf}
+        for how in ("call", "step_many"):
+            rng = numpy.random.default_rng(22)
+            cpu, gpu = optim.Adam(0.01), optim.Adam(0.01, nonfinite="skip")
+            w_cpu = [rng.standard_normal(n).astype(dtype) for n in sizes]
+            w_dev = [dev.backend.from_host(w) for w in w_cpu]
+            reads = dev.backend.moved_to_host if dev.fake else 0
+            for step in range(7):
+                grads = [rng.standard_normal(n).astype(dtype) for n in sizes]
+                g_dev = []
+                for k, g in enumerate(grads):
+                    if (step, k) in bad:
+                        g = g.copy()
+                        g[n_half(g)] = bad[step, k]
+                    else:
+                        cpu(k, w_cpu[k], g.copy())
+                    g_dev.append(dev.backend.from_host(g))
+                if how == "call":
+                    for k in range(len(sizes)):
+                        gpu(k, w_dev[k], g_dev[k])
+                else:
+                    gpu.step_many(list(range(len(sizes))), w_dev, g_dev)
+            if dev.fake and dev.backend.moved_to_host != reads:
+                return f"FAIL: {how}: skip mode read from the device"
+            dev.sync()
+            for k in range(len(sizes)):
+                want = {"w": w_cpu[k], "m": cpu.mom1[k], "v": cpu.mom2[k], "a": cpu.averages[k]}
+                got = {"w": w_dev[k], "m": gpu.mom1[k], "v": gpu.mom2[k], "a": gpu.averages[k]}
+                if compare(dev, got, want, dtype)[0] != 0.0:
+                    return f"FAIL: {how}: key {k} differs from the run without the bad calls"
+            if gpu.skipped != {1: 1, 2: 1} or dict(gpu.nr_update) != dict(cpu.nr_update):
+                return f"FAIL: {how}: counts {dict(gpu.nr_update)}, skipped {gpu.skipped}"
+        # raise mode: refused before anything is written
+        gpu = optim.Adam(0.01, nonfinite="raise")
+        w = dev.backend.from_host(numpy.ones(5000, dtype))
+        gpu(0, w, dev.backend.from_host(numpy.full(5000, 0.5, dtype)))
+        g = numpy.full(5000, 0.5, dtype)
+        g[4999] = numpy.nan
+        g_dev = dev.backend.from_host(g)
+        w_before = dev.backend.to_host(w).copy()
+        try:
+            gpu.step_many([0], [w], [g_dev])
+            return "FAIL: raise mode did not raise"
+        except FloatingPointError:
+            pass
+        if not (numpy.array_equal(dev.backend.to_host(w), w_before)
+                and numpy.isnan(dev.backend.to_host(g_dev)[4999])):
+            return "FAIL: raise mode wrote"
+        return "ok (per call and step_many: the run without the bad calls; raise wrote nothing)"
+    finally:
+        optim.backends.set_gpu_backend(previous)
+
+
+def n_half(x: numpy.ndarray) -> int:
+    return x.size // 2
+
+
 def main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=1 << 22, help="elements per array")
@@ -373,7 +487,8 @@ def main(argv: List[str]) -> int:
         print(f"{f'step_many ({n} tensors)':<28}{dname:<9}{'':>13}{rel:>9.2f}"
               f"{t_dev * 1e6:>11.1f}{t_host * 1e6:>11.1f}{'':>8}")
         checks = [("no sync, no host read", check_no_sync), ("stream", check_stream),
-                  ("graph", check_graph), *check_gpu_concurrency.CHECKS]
+                  ("graph", check_graph), ("groups", check_groups),
+                  ("skip (and raise)", check_skip), *check_gpu_concurrency.CHECKS]
         for what, check in checks:
             result = check(dev, dtype)
             print(f"{what:<28}{dname:<9}  {result}")

@@ -429,12 +429,17 @@ def test_launches_follow_the_current_stream(device):
 
 def test_check_gpu_script_dry_run():
     """bin/check_gpu.py (for users with a GPU) runs end to end on the CPU harness."""
+    import os
     import subprocess
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "bin" / "check_gpu.py"
+    root = Path(__file__).resolve().parents[1]
+    script = root / "bin" / "check_gpu.py"
+    # the optim of this checkout (an editable install may be another's)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     res = subprocess.run([sys.executable, str(script), "--fake", "--size", "4500",
-                          "--repeat", "1"], capture_output=True, text=True)
+                          "--repeat", "1"], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     for name in list(kc.KERNELS) + ["optim_clip_norm", "step_many (48 tensors)"]:
         assert res.stdout.count(name + " ") == 2, name  # float32 and float64 rows
@@ -444,9 +449,12 @@ def test_check_gpu_script_dry_run():
     for line in ("graph                       float64    ok\n",
                  "threads: per-thread streams float32    ok (2 threads, the CPU's bits)",
                  "graph, then a bigger key    float64    ok (replayed after a bigger key",
-                 "disturbed ticket            float32    ok (3 disturbances, 9 updates"):
+                 "disturbed ticket            float32    ok (3 disturbances, 9 updates",
+                 "groups                      float64    ok (8 tensors, 3 kinds, 2 frozen",
+                 "skip (and raise)            float32    ok (per call and step_many: the "
+                 "run without the bad calls; raise wrote nothing)"):
         assert line in res.stdout, line
-    assert res.stdout.count(" ok (") == 2 * 5  # every check but "graph" says why
+    assert res.stdout.count(" ok (") == 2 * 7  # every check but "graph" says why
     assert "OK: worst error 0.00" in res.stdout  # bitwise equal to the Cython kernels
 
 
