@@ -570,3 +570,37 @@ def test_raise_mode_raises_before_anything_is_written(use, how):
         for name, array in state_of(opt, k).items():
             assert_bits(array, snapshot[k][name], f"key {k} {name}")
     assert opt.nr_update[1] == 1
+
+
+def test_raise_and_skip_groups_in_one_step_many(use, groups):
+    """A skip-mode group and a raise-mode group in one step_many: a NaN in the raise
+    group refuses the whole call before anything is written (the raise group's check
+    runs first, without moving the skip group's device counts); a NaN in the skip
+    group skips that key only. Bitwise the CPU run of the calls that were kept."""
+    dev = use(ch.HarnessBackend())
+    dtype = numpy.float32
+    opt, cpu = optim.Adam(0.01), optim.Adam(0.01)
+    skip, refuse = with_values(opt._hyper, nonfinite=1), with_values(opt._hyper, nonfinite=2)
+    groups(opt, {0: skip, 1: skip, 2: refuse})
+    keys = [0, 1, 2]
+    rng = numpy.random.default_rng(14)
+    w_cpu = [rng.standard_normal(n).astype(dtype) for n in (300, 5000, 4097)]
+    w_dev = [ch.to_fake_device(w) for w in w_cpu]
+    for step in range(6):
+        grads = [rng.standard_normal(w.shape).astype(dtype) for w in w_cpu]
+        g_dev = [ch.to_fake_device(g) for g in grads]
+        if step == 2:  # the raise group refuses: nothing of the call happens
+            g_dev[2].view(numpy.ndarray)[7] = numpy.nan
+            with pytest.raises(optim.optimizer.NonFiniteError, match="key 2"):
+                opt.step_many(keys, w_dev, g_dev)
+            assert host(g_dev[0]).any(), "not even a gradient is zeroed"
+            continue
+        if step == 4:  # the skip group skips key 1 only
+            g_dev[1].view(numpy.ndarray)[7] = numpy.inf
+        for k in keys:
+            if not (step == 4 and k == 1):
+                cpu(k, w_cpu[k], grads[k].copy())
+        opt.step_many(keys, w_dev, g_dev)
+        assert_same_run(opt, cpu, w_dev, w_cpu, keys, f"step {step}")
+    assert opt.skipped == {1: 1}
+    assert dict(opt.nr_update) == dict(cpu.nr_update) == {0: 5, 1: 4, 2: 5}
