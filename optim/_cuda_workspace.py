@@ -20,10 +20,14 @@ by a device or a stream:
   interrupted launch) can spoil no later launch, at no cost: no reset, no host sync,
   no extra device operation, one more kernel argument.
 
-The non-finite skip (to come) puts a per-tensor flag beside the clip factor: in a
-plan's `factors` each side becomes a pair, (clip factor, skip flag) | (1.0, no skip),
-read by the update through the one pointer it already takes; in step_many a slot
-beside `CLIP_SLOT` in the coefficient row. The norm kernel's last warp writes both.
+The non-finite skip's verdict (a status) lives in the step_many coefficient row beside
+the clip factor (`_kernels.DEVICE_SLOTS`), written by the norm kernel's last warp with
+the clip factor; a per-call update that checks its gradient (skip or raise mode) runs
+step_many's kernels on a one-tensor table its plan keeps, so the per-call scratch here
+is apply mode's only. A skip-mode key's update count on the device is its plan's
+(`Plan.counter`, handed on to the key's next plan), used only by launches that also
+write the key's weights, like everything here (docs/gpu.md, "Groups and the non-finite
+skip").
 """
 from typing import Any
 

@@ -604,3 +604,59 @@ def test_raise_and_skip_groups_in_one_step_many(use, groups):
         assert_same_run(opt, cpu, w_dev, w_cpu, keys, f"step {step}")
     assert opt.skipped == {1: 1}
     assert dict(opt.nr_update) == dict(cpu.nr_update) == {0: 5, 1: 4, 2: 5}
+
+
+@pytest.mark.parametrize("how", ["call", "step_many"])
+@pytest.mark.parametrize("mode", ["apply", "skip"])
+def test_the_optimizers_groups_on_the_device_are_the_cpus(use, how, mode):
+    """The optimizer's own groups (`groups=`, `bind`): a group with other settings and
+    no clipping, an SGD-kind group, a frozen group; nonfinite apply or skip, with a NaN
+    and an inf put in gradients: the device optimizer and the CPU optimizer with the
+    same settings give the same bits, counts and skip counts."""
+    dev = use(ch.HarnessBackend())
+    dtype = numpy.float32
+    spec = [{"match": "fast/*", "learn_rate": 0.05, "grad_clip": 0.0, "L2": 1e-3},
+            {"match": "plain/*", "beta1": 0.0, "beta2": 0.0, "learn_rate": 0.1},
+            {"match": "frozen/*", "frozen": True}]
+    keys = [(0, "W"), (1, "W"), (2, "W"), (3, "W"), (4, "W")]
+    paths = dict(zip(keys, ["fast/a", "fast/b", "plain/c", "frozen/d", "other/e"]))
+    make = lambda: optim.Adam(0.01, groups=spec, nonfinite=mode,  # noqa: E731
+                              lookahead_k=2).bind(paths)
+    cpu, gpu = make(), make()
+    rng = numpy.random.default_rng(15)
+    sizes = [300, 4097, 50, 700, 5000]
+    w_cpu = [rng.standard_normal(n).astype(dtype) for n in sizes]
+    w_dev = [ch.to_fake_device(w) for w in w_cpu]
+    bad = {(2, 0): numpy.nan, (3, 4): numpy.inf, (4, 2): numpy.nan, (5, 3): numpy.nan}
+    for step in range(7):
+        grads = [rng.standard_normal(n).astype(dtype) for n in sizes]
+        for (s, k), value in bad.items():
+            if s == step and mode == "skip":
+                grads[k][n_mid(grads[k])] = value
+        g_dev = [ch.to_fake_device(g) for g in grads]
+        before = (len(dev.launches), dev.moved_to_host)
+        if how == "call":
+            for k, key in enumerate(keys):
+                cpu(key, w_cpu[k], grads[k].copy())
+                gpu(key, w_dev[k], g_dev[k])
+        else:
+            cpu.step_many(keys, w_cpu, [g.copy() for g in grads])
+            gpu.step_many(keys, w_dev, g_dev)
+            launches = dev.launches[before[0]:]
+            # Adam keys (+ lookahead sync steps) and the SGD group: two launch groups
+            # at most per kernel set, each with its norm; the frozen key costs nothing
+            assert len(launches) <= 4 + 2 * (mode == "skip"), launches
+        assert dev.moved_to_host == before[1]
+        assert all(not host(g).any() for g in g_dev)
+        for o in (cpu, gpu):
+            o.step_schedules()
+    assert_same_run(gpu, cpu, w_dev, w_cpu, keys, f"{mode} {how}")
+    assert gpu.skipped == cpu.skipped
+    assert dict(gpu.nr_update) == dict(cpu.nr_update)
+    assert (3, "W") not in gpu.mom1 and (3, "W") not in gpu.nr_update
+    if mode == "skip":
+        assert gpu.skipped == {(0, "W"): 1, (4, "W"): 1, (2, "W"): 1}
+
+
+def n_mid(x: numpy.ndarray) -> int:
+    return x.size // 2
