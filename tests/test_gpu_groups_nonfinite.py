@@ -591,9 +591,12 @@ def test_raise_and_skip_groups_in_one_step_many(use, groups):
         g_dev = [ch.to_fake_device(g) for g in grads]
         if step == 2:  # the raise group refuses: nothing of the call happens
             g_dev[2].view(numpy.ndarray)[7] = numpy.nan
+            launched, reads = len(dev.launches), dev.moved_to_host
             with pytest.raises(optim.optimizer.NonFiniteError, match="key 2"):
                 opt.step_many(keys, w_dev, g_dev)
             assert host(g_dev[0]).any(), "not even a gradient is zeroed"
+            assert set(dev.launches[launched:]) == {NORM_MANY}, "only the check ran"
+            assert dev.moved_to_host == reads + 1, "its verdict was read back"
             continue
         if step == 4:  # the skip group skips key 1 only
             g_dev[1].view(numpy.ndarray)[7] = numpy.inf
@@ -614,6 +617,7 @@ def test_the_optimizers_groups_on_the_device_are_the_cpus(use, how, mode):
     and an inf put in gradients: the device optimizer and the CPU optimizer with the
     same settings give the same bits, counts and skip counts."""
     dev = use(ch.HarnessBackend())
+    assert dev.launches == []
     dtype = numpy.float32
     spec = [{"match": "fast/*", "learn_rate": 0.05, "grad_clip": 0.0, "L2": 1e-3},
             {"match": "plain/*", "beta1": 0.0, "beta2": 0.0, "learn_rate": 0.1},

@@ -18,10 +18,9 @@ import numpy
 
 from .. import _device, _kernels
 from .._cuda_workspace import Workspace, next_epoch, refuse_capture
-from .._kernels_cuda import (BLOCK, CUPY_HINT, ENTRY_POINTS, GO, INF, KERNELS, NAN,
+from .._kernels_cuda import (BLOCK, CUPY_HINT, ENTRY_POINTS, GO, KERNELS, NAN,
                              NVRTC_OPTIONS, ROW, SLOT, TENSOR_FIELDS, code_kernel,
-                             cuda_source, kernel_code, n_chunks, norm_grid, update_grid,
-                             variant_kernels)
+                             cuda_source, n_chunks, norm_grid, update_grid, variant_kernels)
 from ..hyperparams import shape_error
 
 # ---------------------------------------------------------------- CuPy
@@ -376,7 +375,8 @@ class CupyBackend:
                 g_plans, g_w, g_g = (_picked(pick, x) for x in (plans, w_ptrs, g_ptrs))
                 rows = _group_rows(table, members, first_extra, windows)
                 head = rows[:len(members)]
-                uses_norm = bool((head[:, _CHECK] != 0.0).any() or (head[:, _GRAD_CLIP] > 0.0).any())
+                uses_norm = bool((head[:, _CHECK] != 0.0).any()
+                                 or (head[:, _GRAD_CLIP] > 0.0).any())
             launches.append((dtype, kernels, averages, members, g_plans, g_w, g_g, rows,
                              uses_norm))
         # a dtype's tensors in one group (the usual case) keep one set of tables whatever
@@ -568,7 +568,8 @@ class CupyBackend:
 
 _BLOCK = (BLOCK,)
 _DEVICE_TO_HOST = 2  # cudaMemcpyDeviceToHost
-_CHECK, _GRAD_CLIP, _KERNEL, _STATUS = SLOT["check"], SLOT["grad_clip"], SLOT["kernel"], SLOT["status"]
+_CHECK, _GRAD_CLIP = SLOT["check"], SLOT["grad_clip"]
+_KERNEL, _STATUS = SLOT["kernel"], SLOT["status"]
 _PICK, _EXTRA, _WINDOW, _COUNTER = SLOT["pick"], SLOT["extra"], SLOT["window"], SLOT["counter"]
 _FROZEN = _kernels.DEVICE_FROZEN
 
