@@ -585,6 +585,7 @@ class Optimizer(ScheduledHyperparameters):
 
     def remap_keys(self, mapping: Dict[KeyT, KeyT]) -> "Optimizer":
         """Rename keys (Thinc's (model.id, name) ids change between processes); returns self."""
+        self._sync()  # skips a device has yet to report, under the names they had
         renamed = {mapping.get(key, key) for key in self._shapes}
         if len(renamed) != len(self._shapes):
             raise ValueError("remap_keys: two keys would get the same name")
@@ -602,6 +603,7 @@ class Optimizer(ScheduledHyperparameters):
     def __getstate__(self) -> Dict[str, Any]:
         """Copies (copy.deepcopy, pickle) leave out the backends' caches (the prepared
         device launches hold compiled kernels): they are rebuilt at the copy's first update."""
+        self._sync()  # counts a device holds (skip mode) come along
         return {name: getattr(self, name) for name in _SLOTS
                 if name not in ("_cpu", "_dev")}
 
@@ -652,6 +654,8 @@ class Optimizer(ScheduledHyperparameters):
         hyper = self._hyper
         keys = []
         for key, shape in self._shapes.items():
+            if not self.nr_update.get(key, 0):  # a device key whose first update was
+                continue                         # skipped: as on the host, no state
             arrays = {}
             for name, store in zip(serialize.STATE_ARRAYS, (self.mom1, self.mom2,
                                                             self.averages, self.lookahead)):
