@@ -98,8 +98,14 @@ def prepare_config(config: Any, rank: int, world_size: int) -> Any:
 def config_differences(saved: Any, current: Any) -> List[str]:
     """The settings (dotted paths, interpolated values) in which two configs differ,
     leaving out MAY_CHANGE."""
-    flat_saved, flat_now = _flatten(saved.interpolate()), _flatten(current.interpolate())
+    saved, current = saved.interpolate(), current.interpolate()
+    flat_saved, flat_now = _flatten(saved), _flatten(current)
     out = []
+    # the first group that matches decides: the order of the groups' tables is a setting
+    order_saved, order_now = _group_order(saved), _group_order(current)
+    if order_saved != order_now and sorted(order_saved) == sorted(order_now):
+        out.append(f"the order of training.optimizer.groups (checkpoint: "
+                   f"{', '.join(order_saved)}; now: {', '.join(order_now)})")
     for key in sorted(set(flat_saved) | set(flat_now)):
         if any(key == p or key.startswith(p + ".") for p in MAY_CHANGE):
             continue
@@ -107,6 +113,11 @@ def config_differences(saved: Any, current: Any) -> List[str]:
         if a != b:
             out.append(f"{key} (checkpoint: {a!r}, now: {b!r})")
     return out
+
+
+def _group_order(config: Any) -> List[str]:
+    groups = config.get("training", {}).get("optimizer", {}).get("groups")
+    return [str(name) for name in groups] if isinstance(groups, dict) else []
 
 
 def _flatten(section: Any, prefix: str = "") -> Dict[str, Any]:

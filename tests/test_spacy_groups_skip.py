@@ -199,6 +199,14 @@ def test_resuming_with_groups_is_bitwise_and_changed_groups_are_refused(tmp_path
                                    "--resume"))
     assert code == 2 and "training.optimizer.groups.classifier.match" in err, err
     assert "training.optimizer.groups.head.frozen" in err
+    # the first match decides: the same tables in another order are another setting
+    reordered = _config(tmp_path, groups=GROUPS.split("\n\n")[2] + "\n\n"
+                        + "\n\n".join(GROUPS.split("\n\n")[:2]), name="reordered.cfg")
+    code, out, err = _run(_command(reordered, tmp_path / "out", "--checkpoint-every", "5",
+                                   "--resume"))
+    assert code == 2, out[-2000:] + err[-3000:]
+    assert ("the order of training.optimizer.groups (checkpoint: encoder, biases, head; now: "
+            "head, encoder, biases)") in err, err
 
 
 def test_optim_train_via_spacy_cli_binds_too(tmp_path):
