@@ -26,11 +26,12 @@ import struct
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy
 import srsly
 
+from .naming import param_names, param_paths, param_shapes  # noqa: F401 - re-exported
 from .serialize import StateError, decode_key, encode_key, read_file, write_atomic
 
 FORMAT_NAME = "optim.checkpoint"
@@ -44,60 +45,7 @@ class CheckpointError(ValueError):
 
 
 # ------------------------------------------------------------------ parameter names
-
-def param_names(obj: Any) -> Dict[Any, str]:
-    """`{optimizer key: stable name}` for every parameter of a Thinc model or of every
-    component of a spaCy pipeline, in walk order (a node shared by two components is
-    named by the first)."""
-    return {key: name for key, name, _, _ in _named_params(obj)}
-
-
-def param_paths(obj: Any) -> Dict[Any, str]:
-    """`{optimizer key: path}` for every parameter, as per-parameter groups match them:
-    `<node name>/<param>` in a Thinc model, `<component>/<node name>/<param>` in a spaCy
-    pipeline; a PyTorch shim's parameters by their own names under their node."""
-    return {key: path for key, _, _, path in _named_params(obj, declared=True)}
-
-
-def param_shapes(obj: Any) -> Dict[str, List[int]]:
-    """`{stable name: shape}` of the node parameters of `obj` (what a checkpoint of it
-    holds), for telling a checkpoint of another model from one of this model."""
-    return {name: list(node.get_param(key[1]).shape)
-            for key, name, node, _ in _named_params(obj) if node is not None}
-
-
-def _named_params(obj: Any, declared: bool = False) -> Iterator[Tuple[Any, str, Any, str]]:
-    """`(key, stable name, node, path)` of every parameter, in walk order, each key
-    once: a node's PyTorch shims' parameters (node None: their arrays are torch's)
-    first, then the node's own. The stable name counts nodes (`tagger/2/W`); the path
-    names them (`tagger/softmax/W`), for people. declared=True: a node's declared
-    parameters too, before the model is initialized."""
-    if hasattr(obj, "components") and hasattr(obj, "pipe_names"):
-        models = [(f"{component}/", proc.model) for component, proc in obj.components
-                  if hasattr(getattr(proc, "model", None), "walk")]
-    elif hasattr(obj, "walk"):
-        models = [("", obj)]
-    else:
-        raise TypeError(f"expected a Thinc Model or a spaCy Language, got "
-                        f"{type(obj).__name__}")
-    seen = set()
-    for prefix, model in models:
-        for index, node in enumerate(model.walk()):
-            found = []
-            for j, shim in enumerate(getattr(node, "shims", ())):
-                torch_model = getattr(shim, "_model", None)
-                if hasattr(torch_model, "named_parameters"):
-                    found += [((shim.id, pname), f"{prefix}{index}/shim{j}/{pname}", None,
-                               f"{prefix}{node.name}/{pname}")
-                              for pname, _ in torch_model.named_parameters()]
-            found += [((node.id, pname), f"{prefix}{index}/{pname}", node,
-                       f"{prefix}{node.name}/{pname}")
-                      for pname in node.param_names if declared or node.has_param(pname)]
-            for key, name, owner, path in found:
-                if key not in seen:
-                    seen.add(key)
-                    yield key, name, owner, path
-
+# (the walk is optim.naming's: param_names, param_paths, param_shapes)
 
 def check_same_model(saved: Dict[str, List[int]], obj: Any, what: str) -> None:
     """Raise CheckpointError naming the first differences if `obj`'s parameters are not
@@ -121,12 +69,21 @@ def named_optimizer_state(optimizer: Any, names: Dict[Any, str]) -> Dict[str, An
         key = decode_key(record["key"])
         if key in names:
             record["key"] = encode_key((_NAME_TAG, names[key]))
+    for field in ("skipped", "paths"):  # [key, value] pairs
+        for pair in msg.get(field, ()):
+            key = decode_key(pair[0])
+            if key in names:
+                pair[0] = encode_key((_NAME_TAG, names[key]))
     return msg
 
 
-def load_optimizer_state(optimizer: Any, msg: Dict[str, Any], names: Dict[Any, str]) -> Any:
+def load_optimizer_state(optimizer: Any, msg: Dict[str, Any], names: Dict[Any, str], *,
+                         allow_group_change: bool = False) -> Any:
     """Put a `named_optimizer_state` back under this model's keys, into `optimizer`
-    (any optim optimizer, wrapped or distributed) or, with None, a new `optim.Optimizer`."""
+    (any optim optimizer, wrapped or distributed) or, with None, a new `optim.Optimizer`.
+
+    Per-parameter groups other than `optimizer`'s are a CheckpointError naming the
+    group; allow_group_change=True trains on with `optimizer`'s groups instead."""
     keys = {name: key for key, name in names.items()}
     unknown = []
     for record in msg["keys"]:
@@ -139,6 +96,19 @@ def load_optimizer_state(optimizer: Any, msg: Dict[str, Any], names: Dict[Any, s
     if unknown:
         raise CheckpointError(f"the checkpoint's optimizer holds state for parameters this "
                               f"model does not have: {', '.join(unknown[:5])}")
+    for field in ("skipped", "paths"):  # pairs of parameters this model lacks are dropped
+        pairs = []
+        for key, value in msg.get(field, ()):
+            name = decode_key(key)
+            if isinstance(name, tuple) and len(name) == 2 and name[0] == _NAME_TAG:
+                if name[1] not in keys:
+                    continue
+                key = encode_key(keys[name[1]])
+            pairs.append([key, value])
+        if field in msg:
+            msg[field] = pairs
+    if optimizer is not None:
+        _check_groups(optimizer, msg, allow_group_change)
     data = srsly.msgpack_dumps(msg)
     if optimizer is None:
         from .optimizer import Optimizer
@@ -146,6 +116,54 @@ def load_optimizer_state(optimizer: Any, msg: Dict[str, Any], names: Dict[Any, s
         return Optimizer.load_bytes(data)
     optimizer.from_bytes(data)
     return optimizer
+
+
+def _check_groups(optimizer: Any, msg: Dict[str, Any], allow: bool) -> None:
+    """CheckpointError naming the first group that differs between the checkpoint and
+    `optimizer` (its settings as written; schedules by definition, not position),
+    unless `allow`: then `optimizer`'s groups replace the saved ones in `msg`."""
+    from . import serialize
+    from .optimizer import Optimizer
+
+    core = optimizer
+    while not isinstance(core, Optimizer):
+        core = core.optimizer
+    now = serialize.encode_groups(core._group_states())
+    saved = msg.get("groups", [])
+    if _groups_as_written(saved) == _groups_as_written(now):
+        return
+    if allow:
+        msg["groups"] = now
+        return
+    saved_by, now_by = {g["name"]: g for g in saved}, {g["name"]: g for g in now}
+    names = [g["name"] for g in saved] + [g["name"] for g in now if g["name"] not in saved_by]
+    for name in names:
+        if name not in now_by:
+            problem = f"group {name!r} is in the checkpoint but not in this optimizer"
+        elif name not in saved_by:
+            problem = f"group {name!r} is new (the checkpoint has no such group)"
+        elif _groups_as_written([saved_by[name]]) != _groups_as_written([now_by[name]]):
+            problem = f"group {name!r} has other settings than in the checkpoint"
+        else:
+            continue
+        break
+    else:
+        problem = "the groups are in another order than in the checkpoint"
+    raise CheckpointError(f"{problem}; resuming would train under other settings. Restore "
+                          "the groups, or allow the change explicitly "
+                          "(allow_group_change=True; optim.spacy_train: --allow-config-change)")
+
+
+def _groups_as_written(groups: List[Dict[str, Any]]) -> List[Any]:
+    def definition(d: Any) -> Any:
+        if isinstance(d, dict) and "name" in d and "attrs" in d:
+            return (d["name"], {k: definition(v) for k, v in d["attrs"].items()})
+        return d
+
+    return [(g["name"], g["match"], float(g["learn_rate_scale"]), bool(g["frozen"]),
+             {n: v for n, v in g["values"].items() if n not in g["schedules"]},
+             {n: definition(r["schedule"]) for n, r in g["schedules"].items()})
+            for g in groups]
 
 
 # ------------------------------------------------------------------ random generators
@@ -220,7 +238,8 @@ def save_checkpoint(path: Any, model: Any, optimizer: Any, **extra: Any) -> None
 
 
 def load_checkpoint(path: Any, model: Any, optimizer: Any = None, *,
-                    restore_rng: bool = True) -> Tuple[Any, Dict[str, Any]]:
+                    restore_rng: bool = True,
+                    allow_group_change: bool = False) -> Tuple[Any, Dict[str, Any]]:
     """Load weights into `model` (rebuilt the same way, in this process), the optimizer
     state into `optimizer` (or a new `optim.Optimizer` if None) under this model's keys,
     and the random generators' states; returns `(optimizer, extra)`.
@@ -231,7 +250,8 @@ def load_checkpoint(path: Any, model: Any, optimizer: Any = None, *,
     files = read_bundle(path)
     msg = _checked_message(files.get("state.msgpack", b""), str(path))
     check_same_model(msg["params"], model, str(path))
-    optimizer = load_optimizer_state(optimizer, msg["optimizer"], param_names(model))
+    optimizer = load_optimizer_state(optimizer, msg["optimizer"], param_names(model),
+                                     allow_group_change=allow_group_change)
     model.from_bytes(files["model.bin"])
     rng = msg["rng"]
     ranks = msg.get("ranks")

@@ -11,7 +11,7 @@ import fnmatch
 import numbers
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .hyperparams import HYPERPARAMETERS, KeyT, check_value
+from .hyperparams import HYPERPARAMETERS, KeyT
 from .scheduled import ScheduledHyperparameters
 
 GroupsT = Any  # a list of dicts, or a config's {name: table} (ordered as written)

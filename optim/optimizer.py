@@ -19,6 +19,7 @@ from .backends import NUMPY, backend_for, get_gpu_backend
 from .backends.cpu import CpuUpdates
 from .backends.device import DeviceUpdates
 from .groups import Group, GroupsT, build_groups, check_matches, group_for, key_path
+from .naming import param_paths
 from .hyperparams import (ADAM_DEFAULTS, HYPERPARAMETERS, RADAM_DEFAULTS, SGD_DEFAULTS, KeyT,
                           any_empty, check_value, is_empty, shape_error)
 from .registry import registry
@@ -239,8 +240,6 @@ class Optimizer(ScheduledHyperparameters):
             paths = {key: str(path) for key, path in obj.items()}
             what = "the mapping"
         else:
-            from .checkpoint import param_paths
-
             paths = param_paths(obj)
             what = f"the bound {type(obj).__name__}"
         check_matches(self._groups, paths.values(), what)
@@ -319,11 +318,13 @@ class Optimizer(ScheduledHyperparameters):
             self._sync()
             self._skip_run = self._skip_run + 1 if self._skipped_in_step else 0
             if self._skip_run >= self._skip_limit:
-                key, outcome, step = self._last_skip
+                last = ("" if self._last_skip is None else  # (sharded: on another rank)
+                        f"; the last here was {self.path_of(self._last_skip[0])} at step "
+                        f"{self._last_skip[2]}")
                 raise NonFiniteError(
                     f"{self._skip_run} consecutive steps skipped an update whose gradient "
-                    f"was not finite (max_consecutive_skips={self._skip_limit}); the last "
-                    f"was {self.path_of(key)} at step {step}. The run is not learning: "
+                    f"was not finite (max_consecutive_skips={self._skip_limit}){last}. "
+                    "The run is not learning: "
                     "lower the learning rate, check the data, or resume from an earlier "
                     "checkpoint.")
         self._skipped_in_step = False
@@ -664,14 +665,17 @@ class Optimizer(ScheduledHyperparameters):
             schedules={name: (schedule, self._schedule_start[name])
                        for name, schedule in self.schedules.items()},
             keys=keys,
-            groups=[serialize.GroupState(
-                name=g.name, match=g.match, learn_rate_scale=g.learn_rate_scale,
-                frozen=g.frozen, values={n: getattr(g._hyper, n) for n in g.overrides},
-                schedules={n: (sched, g._schedule_start[n]) for n, sched in g.schedules.items()})
-                for g in self._groups],
+            groups=self._group_states(),
             nonfinite=self.nonfinite, max_consecutive_skips=self._skip_limit,
             skip_run=self._skip_run, skipped=list(self._skipped.items()),
             paths=list(self._paths.items()))
+
+    def _group_states(self) -> List[serialize.GroupState]:
+        return [serialize.GroupState(
+            name=g.name, match=g.match, learn_rate_scale=g.learn_rate_scale, frozen=g.frozen,
+            values={n: getattr(g._hyper, n) for n in g.overrides},
+            schedules={n: (sched, g._schedule_start[n]) for n, sched in g.schedules.items()})
+            for g in self._groups]
 
     @classmethod
     def from_state(cls, state: serialize.OptimizerState) -> "Optimizer":

@@ -108,10 +108,7 @@ def encode(state: OptimizerState) -> Dict[str, Any]:
                                  "nr_update": int(record.nr_update)}
         entry.update(record.arrays)
         keys.append(entry)
-    groups = [{"name": g.name, "match": g.match, "learn_rate_scale": g.learn_rate_scale,
-               "frozen": g.frozen, "values": dict(g.values),
-               "schedules": _encode_schedules(g.schedules, f"group {g.name!r}: ")}
-              for g in state.groups]
+    groups = encode_groups(state.groups)
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -130,6 +127,14 @@ def encode(state: OptimizerState) -> Dict[str, Any]:
         "skipped": [[encode_key(k), int(n)] for k, n in state.skipped],
         "paths": [[encode_key(k), str(p)] for k, p in state.paths],
     }
+
+
+def encode_groups(groups: List[GroupState]) -> List[Dict[str, Any]]:
+    """The groups' part of the message."""
+    return [{"name": g.name, "match": g.match, "learn_rate_scale": g.learn_rate_scale,
+             "frozen": g.frozen, "values": dict(g.values),
+             "schedules": _encode_schedules(g.schedules, f"group {g.name!r}: ")}
+            for g in groups]
 
 
 def _encode_schedules(held: Dict[str, Tuple[Any, int]], where: str) -> Dict[str, Any]:

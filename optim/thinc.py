@@ -68,6 +68,10 @@ class ThincOptimizer(thinc.api.Optimizer):
         self.optimizer.from_disk(path)
         return self
 
+    def bind(self, obj: Any) -> "ThincOptimizer":
+        self.optimizer.bind(obj)
+        return self
+
     def remap_keys(self, mapping: Any) -> "ThincOptimizer":
         self.optimizer.remap_keys(mapping)
         return self

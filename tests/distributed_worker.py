@@ -350,6 +350,51 @@ def scenario_thinc_checkpoint_resume(out):
         numpy.savez(out / f"thinc-{name}-resumed-rank{rank}.npz", **weights_of(model))
 
 
+GROUP_STEPS = 24
+POISON_STEP = 7  # rank 0 puts a NaN into the first layer's W gradient; the all-reduce
+# gives it to every rank: every rank (or the key's owner) skips that update
+
+
+def _groups_run(out, name, sharded, omit):
+    """2 ranks, step_many, groups (the first Relu at half the rate, the Softmax bias
+    frozen), nonfinite="skip"; omit=True leaves the poisoned key out of that step."""
+    group = dist_opt.join(timeout=60)
+    rank, world = group.rank, group.world_size
+    data = data_cache()
+    X, Y, _, _, batches = data
+    model = mlp(X, Y)
+    initial = weights_of(model)
+    opt = dist_opt.Adam(**hyper(), sharded=sharded, nonfinite="skip",
+                        groups=[{"match": "relu/*", "learn_rate_scale": 0.5},
+                                {"match": "softmax/b", "frozen": True}])
+    relu_w = [n for n in model.walk() if n.name == "relu"][0]
+    poisoned = (relu_w.id, "W")
+    opt.bind({key: ("relu/W" if key == poisoned else f"{node.name}/{key[1]}")
+              for key, _, node in params(model)})
+    for step in range(GROUP_STEPS):
+        part = numpy.array_split(batches[step], world)[rank]
+        backprop_part(model, X, Y, part, len(part))
+        items = params(model)
+        if step == POISON_STEP and rank == 0 and not omit:
+            relu_w.get_grad("W")[3, 5] = numpy.nan
+        if step == POISON_STEP and omit:
+            items = [item for item in items if item[0] != poisoned]
+            relu_w.get_grad("W")[...] = 0
+        opt.step_many([k for k, _, _ in items], [n.get_param(k[1]) for k, _, n in items],
+                      [n.get_grad(k[1]) for k, _, n in items])
+        opt.step_schedules()
+    numpy.savez(out / f"groups-{name}-rank{rank}.npz", **weights_of(model))
+    numpy.savez(out / f"groups-{name}-initial-rank{rank}.npz", **initial)
+    info = {"skipped": opt.skipped_total, "paths": sorted(opt.paths.values())}
+    (out / f"groups-{name}-rank{rank}.json").write_text(json.dumps(info))
+
+
+def scenario_groups_skip(out):
+    for name, sharded, omit in (("replicated", False, False), ("sharded", True, False),
+                                ("omitted", False, True)):
+        _groups_run(out, name, sharded, omit)
+
+
 def scenario_hang(out):
     """Rank 1 stops participating at step 3; rank 0 must time out with a clear error."""
     _fail_scenario(out, lambda: time.sleep(120), timeout=3.0)

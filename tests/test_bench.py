@@ -393,3 +393,16 @@ def test_gpu_roofline_compiles(tmp_path):
     res = subprocess.run(ch.nvcc_command(cu, tmp_path / "roofline.o", [90]),
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_groups_and_nonfinite_rows_beside_optim(capsys):
+    """--groups N and --nonfinite skip time optim with groups bound and in skip mode,
+    beside plain optim, in the same run (the cost targets of issues 21 and 22)."""
+    cfg = bench.Config(optimizers=["adam-thinc"], sizes=[20000], layouts=["one", "many"],
+                       repeats=2, quick=True, progress=False, overhead=True,
+                       min_block_s=1e-5, groups=3, nonfinite="skip")
+    data = bench.run(cfg)
+    impls = [r["impl"] for r in data["results"]]
+    assert impls.count("optim+groups") == impls.count("optim+skip") == impls.count("optim")
+    assert impls.count("optim") == 3  # overhead, one, many
+    assert all(r["time_s"] > 0 for r in data["results"])

@@ -719,3 +719,27 @@ def test_thinc_checkpoint_on_two_ranks_resumes_bitwise(tmp_path):
     with pytest.warns(UserWarning, match="written by 2 ranks .* not restored"):
         opt, extra = load_checkpoint(tmp_path / "thinc-sharded.ckpt", model)
     assert extra == {"step": 13} and len(opt.mom1) == 6  # the whole sharded state
+
+
+def test_groups_and_the_non_finite_skip_on_two_ranks(tmp_path):
+    """2 Gloo ranks, step_many, per-parameter groups and nonfinite="skip", a NaN put into
+    one gradient on rank 0 only: the all-reduce spreads it, every rank skips that update
+    (replicated) or its owner does (sharded). Both modes end bitwise equal to each other
+    and to a run that left that update out; the frozen bias never moves; one skip."""
+    _check_ok(launch("groups_skip", tmp_path))
+    runs = {(name, rank): dict(numpy.load(tmp_path / f"groups-{name}-rank{rank}.npz"))
+            for name in ("replicated", "sharded", "omitted") for rank in (0, 1)}
+    for rank in (0, 1):
+        for name in ("sharded", "omitted"):
+            _assert_bitwise(runs[(name, rank)], runs[("replicated", 0)], f"{name} {rank}")
+        info = json.loads((tmp_path / f"groups-replicated-rank{rank}.json").read_text())
+        assert info["skipped"] == 1
+        sharded = json.loads((tmp_path / f"groups-sharded-rank{rank}.json").read_text())
+        assert sharded["skipped"] == 1  # gathered over the ranks
+    initial = dict(numpy.load(tmp_path / "groups-replicated-initial-rank0.npz"))
+    final = runs[("replicated", 0)]
+    bias = [label for label in final if label.endswith(":b")][-1]  # the Softmax's
+    assert final[bias].tobytes() == initial[bias].tobytes()
+    assert all(final[label].tobytes() != initial[label].tobytes()
+               for label in final if label != bias)
+    assert all(numpy.isfinite(w).all() for w in final.values())

@@ -389,3 +389,14 @@ def test_distributed_wrapper_reads_like_thinc_9s_too():
     assert opt.learn_rate is sched and opt.learn_rate(step=1) == 0.005
     opt.L2 = [0.1, 0.2]
     assert opt.L2(0) == 0.1 and opt.optimizer.optimizer.L2 == 0.1
+
+
+def test_key_dependent_thinc_9_schedule_inside_a_group():
+    """A key-aware Thinc 9 Schedule given to a group (matching every parameter) drives
+    the update bitwise as the same schedule given to the optimizer itself."""
+    top = _train_keyed(optim.Adam)
+    grouped = _train_keyed(lambda schedule: optim.Adam(
+        0.5, groups=[{"match": "*", "learn_rate": schedule}]))
+    assert len(top) == len(grouped) > 0
+    for a, b in zip(top, grouped):
+        assert a.tobytes() == b.tobytes()

@@ -87,6 +87,8 @@ class Config:
     overhead: bool = True
     min_block_s: float = 1e-4
     clock: str = "auto"
+    groups: int = 0  # > 0: also time optim with this many per-parameter groups bound
+    nonfinite: str = "apply"  # skip / raise: also time optim in that mode
 
     @property
     def resolved_clock(self) -> str:

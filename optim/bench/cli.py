@@ -111,6 +111,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--json", dest="json_path", default=None, metavar="PATH",
         help="also write the results as JSON to PATH (plot with bin/plot_bench.py)")
     parser.add_argument(
+        "--groups", type=int, default=0, metavar="N",
+        help="also time optim with N per-parameter groups bound (optim+groups rows; each "
+             "group its own learning rate, the tensors dealt round-robin), beside optim "
+             "without groups in the same run (default: 0, no such rows)")
+    parser.add_argument(
+        "--nonfinite", choices=("apply", "skip", "raise"), default="apply",
+        help="skip or raise: also time optim with that nonfinite mode (optim+skip / "
+             "optim+raise rows) beside the default apply mode in the same run")
+    parser.add_argument(
         "--quick", action="store_true",
         help="a smoke run: sizes 1e3,1e4, 3 repeats, short samples")
     parser.add_argument(
@@ -139,7 +148,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         tensor_size=args.tensor_size, repeats=args.repeats, threads=args.threads,
         device=args.device, compare=args.compare, json_path=args.json_path,
         quick=args.quick, progress=args.progress, overhead=args.overhead,
-        min_block_s=5e-5 if args.quick else 1e-4, clock=args.clock)
+        min_block_s=5e-5 if args.quick else 1e-4, clock=args.clock,
+        groups=args.groups, nonfinite=args.nonfinite)
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:

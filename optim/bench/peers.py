@@ -19,13 +19,21 @@ def _arrays(dev: Device, case: Case) -> Tuple[List[Any], List[Any]]:
     return ws, gs
 
 
-def build_optim(dev: Device, case: Case) -> Callable[[], Any]:
+def build_optim(dev: Device, case: Case, groups: int = 0,
+                nonfinite: str = "apply") -> Callable[[], Any]:
+    """optim's update; groups > 0: with that many groups bound (group j: learn rate
+    times 0.5**(j+1); the tensors dealt round-robin, a lone tensor in group 0)."""
     import optim
 
     cls = {"sgd": optim.SGD, "adam": optim.Adam, "radam": optim.RAdam}[case.spec.kind]
-    opt = cls(**case.spec.kwargs)
+    specs = [{"match": f"g{j}/*", "learn_rate_scale": 0.5 ** (j + 1)} for j in range(groups)]
+    opt = cls(**case.spec.kwargs, groups=specs or None, nonfinite=nonfinite)
     ws, gs = _arrays(dev, case)
     keys = case.keys
+    if groups:
+        paths = {("unused", j): f"g{j}/unused" for j in range(groups)}  # every group binds
+        paths.update((key, f"g{i % groups}/{key[1]}{i}") for i, key in enumerate(keys))
+        opt.bind(paths)
     if case.layout == "one":
         return partial(opt, keys[0], ws[0], gs[0])
     if not hasattr(opt, "step_many"):

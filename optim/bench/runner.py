@@ -40,6 +40,10 @@ def run(cfg: Config) -> Dict[str, Any]:
     builders: Dict[str, Callable[[Device, Case], Callable]] = {"optim": build_optim}
     if cfg.threads > 1 and cfg.device == "cpu":
         builders["optim-1t"] = build_optim_one_thread
+    if cfg.groups > 0:
+        builders["optim+groups"] = partial(build_optim, groups=cfg.groups)
+    if cfg.nonfinite != "apply":
+        builders[f"optim+{cfg.nonfinite}"] = partial(build_optim, nonfinite=cfg.nonfinite)
     for peer in peers:
         builders[peer] = {"thinc": build_thinc, "numpy": build_numpy,
                           "torch": partial(build_torch, threads=cfg.threads)}[peer]

@@ -163,9 +163,47 @@ class DistributedOptimizer:
         self._run(keys, weights, gradients, scales, checked=True)
 
     def step_schedules(self) -> None:
-        """Flush the recorded updates, then advance the schedules (as Thinc's)."""
+        """Flush the recorded updates, then advance the schedules (as Thinc's). With a
+        consecutive-skip limit and sharded state, the ranks first agree on whether the
+        step skipped an update (each saw only its own keys): one small collective."""
         self.flush()
-        self.optimizer.step_schedules()
+        opt = self.optimizer
+        if opt.max_consecutive_skips is not None and self.sharded and self.world_size > 1:
+            flags = self.group.all_gather_bytes(b"1" if opt._skipped_in_step else b"0",
+                                                "the count of skipped updates")
+            opt._skipped_in_step = b"1" in flags
+        opt.step_schedules()
+
+    def bind(self, obj: Any) -> "DistributedOptimizer":
+        """`Optimizer.bind` (per-parameter groups): call it on every rank."""
+        self.optimizer.bind(obj)
+        return self
+
+    def path_of(self, key: KeyT) -> str:
+        return self.optimizer.path_of(key)
+
+    def group_of(self, key: KeyT) -> Optional[str]:
+        return self.optimizer.group_of(key)
+
+    @property
+    def skipped(self) -> Dict[KeyT, int]:
+        """key -> updates skipped (non-finite gradient), over the whole group: sharded
+        with several ranks, a collective (call it on every rank)."""
+        counts = self.optimizer.skipped
+        if self.sharded and self.world_size > 1:
+            parts = self.group.all_gather_bytes(
+                srsly.msgpack_dumps([[serialize.encode_key(k), n] for k, n in counts.items()]),
+                "the gathering of skip counts")
+            counts = {}
+            for part in parts:
+                for key, n in srsly.msgpack_loads(part):
+                    key = serialize.decode_key(key)
+                    counts[key] = counts.get(key, 0) + n
+        return counts
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
 
     def step_many(self, keys: Sequence[KeyT], weights: Sequence[Any],
                   gradients: Sequence[Any], *, lr_scale: float = 1.0) -> None:
@@ -388,9 +426,11 @@ class DistributedOptimizer:
         msg = self.optimizer.to_dict()
         records = msg["keys"]
         if self.sharded and self.group.world_size > 1:
-            parts = self.group.all_gather_bytes(srsly.msgpack_dumps(records),
+            parts = self.group.all_gather_bytes(srsly.msgpack_dumps([records, msg["skipped"]]),
                                                 "the gathering of a checkpoint")
-            records = [record for part in parts for record in srsly.msgpack_loads(part)]
+            parts = [srsly.msgpack_loads(part) for part in parts]
+            records = [record for part in parts for record in part[0]]
+            msg["skipped"] = [pair for part in parts for pair in part[1]]
         by_key = {serialize.decode_key(r["key"]): r for r in records}
         order = [k for k in self._order if k in by_key]
         order += [k for k in by_key if k not in self._owner]
@@ -439,7 +479,11 @@ class DistributedOptimizer:
         rank = self.group.rank
         mine = [r for k, r in zip(keys, records) if not self.sharded or owners[k] == rank]
         if fresh or len(mine) != len(records):
-            self.optimizer.from_bytes(srsly.msgpack_dumps({**msg, "keys": mine}))
+            skipped = [pair for pair in msg.get("skipped", ())  # each count on one rank
+                       if not self.sharded
+                       or owners.get(serialize.decode_key(pair[0]), 0) == rank]
+            self.optimizer.from_bytes(srsly.msgpack_dumps({**msg, "keys": mine,
+                                                           "skipped": skipped}))
         self._order = keys
         self._shapes = shapes
         self._dtypes = dtypes
@@ -506,10 +550,11 @@ def _forward(name: str, settable: bool) -> property:
 
 # Read or set by Thinc and spaCy (see optim.thinc.FORWARDED): the local optimizer's.
 for _name in ("learn_rate", "grad_clip", "b1", "b2", "beta1", "beta2", "eps", "L2",
-              "weight_decay", "lookahead_alpha", "lookahead_k", "last_score"):
+              "weight_decay", "lookahead_alpha", "lookahead_k", "last_score", "nonfinite",
+              "max_consecutive_skips"):
     setattr(DistributedOptimizer, _name, _forward(_name, True))
 for _name in ("use_radam", "use_averages", "L2_is_weight_decay", "mom1", "mom2", "lookahead",
-              "nr_update", "schedules", "step", "ops"):
+              "nr_update", "schedules", "step", "ops", "groups", "paths"):
     setattr(DistributedOptimizer, _name, _forward(_name, False))
 
 
