@@ -168,8 +168,9 @@ def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any
     state = LoopState()
     if resume is not None:
         state = LoopState.from_dict(resume["loop"], resume["epoch_states"])
-        load_optimizer_state(optimizer, resume["optimizer"], names)
-        bind_optimizer(optimizer, nlp)  # the state's paths are the old process's keys'
+        load_optimizer_state(optimizer, resume["optimizer"], names,
+                             allow_group_change=allow_config_change)
+        bind_optimizer(optimizer, nlp)  # the loaded state replaced groups and paths
     skip_mode = getattr(optimizer, "nonfinite", "apply") == "skip"
     warned_skip = skip_mode and optimizer.skipped_total > 0  # reported before a resume
     if before_start is not None:

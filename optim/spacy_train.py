@@ -145,7 +145,9 @@ def load_resume(files: Dict[str, bytes], path: Path, nlp: Any, group: Any,
         raise CheckpointError(f"{path}: not an optim.spacy_train checkpoint")
     check_version(state.get("version"), str(path))
     check_same_model(state["params"], nlp, str(path))
-    nlp.from_bytes(files["pipeline.bin"], exclude=["vocab", "config.cfg"])
+    # "config", not "config.cfg": spaCy matches the part before the dot, and the
+    # checkpoint's config must not replace this run's (--allow-config-change)
+    nlp.from_bytes(files["pipeline.bin"], exclude=["vocab", "config"])
     for text in srsly.json_loads(files["strings.json"].decode("utf8")):
         nlp.vocab.strings.add(text)
     resume = {"path": path, "loop": state["loop"], "optimizer": state["optimizer"],

@@ -9,6 +9,7 @@ callback that sets one parameter's gradient to NaN before chosen steps' updates 
 backprop adds into it, so that gradient alone is NaN at those steps' `finish_update`).
 """
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -165,27 +166,17 @@ def test_the_consecutive_skip_limit_stops_the_run_with_status_3(tmp_path):
     assert all(numpy.isfinite(w).all() for w in saved.values())
 
 
-def test_resuming_with_groups_is_bitwise_and_changed_groups_are_refused(tmp_path):
+def test_resuming_with_groups_is_bitwise_and_changed_groups_are_refused_unless_allowed(
+        tmp_path):
     config = _config(tmp_path, groups=GROUPS)
     code, out, err = _run(_command(config, tmp_path / "ref", "--checkpoint-every", "5"))
     assert code == 0, out[-2000:] + err[-3000:]
     command = _command(config, tmp_path / "out", "--checkpoint-every", "5", "--resume")
     killed, out, err = _kill_after(command, 5, 0.0)
     assert killed is None, out[-2000:] + err[-3000:]
-    # the resumed process numbers its models from 3 further on: the optimizer keys the
-    # checkpoint's paths were saved under are not this process's
-    proc = subprocess.run(command, env={**_env(), "OPTIM_TEST_SHIFT_IDS": "3"},
-                          capture_output=True, text=True, timeout=240)
-    code, out, err = proc.returncode, proc.stdout, proc.stderr
-    assert code == 0 and "Resuming at step" in out, out[-2000:] + err[-3000:]
-    for directory in ("model-last", "model-best"):
-        assert _files(tmp_path / "ref" / directory) == _files(tmp_path / "out" / directory)
-    # the tagger stayed frozen across the resume (the resumed optimizer is bound again)
-    initial = _initial_weights(config)
-    saved = _saved_weights(tmp_path / "out" / "model-last")
-    assert all(saved[n].tobytes() == initial[n].tobytes() for n in initial
-               if n.startswith("tagger/"))
-    # another group setting is a config change: refused unless allowed
+    shutil.copytree(tmp_path / "out", tmp_path / "changed")
+    before = _files(tmp_path / "out")
+    # another group setting is a config change: refused, nothing touched
     code, out, err = _run(command + ["--training.optimizer.groups.encoder.learn_rate_scale",
                                      "0.5"])
     assert code == 2, out[-2000:] + err[-3000:]
@@ -200,13 +191,39 @@ def test_resuming_with_groups_is_bitwise_and_changed_groups_are_refused(tmp_path
     assert code == 2 and "training.optimizer.groups.classifier.match" in err, err
     assert "training.optimizer.groups.head.frozen" in err
     # the first match decides: the same tables in another order are another setting
-    reordered = _config(tmp_path, groups=GROUPS.split("\n\n")[2] + "\n\n"
-                        + "\n\n".join(GROUPS.split("\n\n")[:2]), name="reordered.cfg")
+    parts = GROUPS.strip().split("\n\n")
+    reordered = _config(tmp_path, groups="\n\n".join(parts[2:] + parts[:2]) + "\n",
+                        name="reordered.cfg")
     code, out, err = _run(_command(reordered, tmp_path / "out", "--checkpoint-every", "5",
                                    "--resume"))
     assert code == 2, out[-2000:] + err[-3000:]
     assert ("the order of training.optimizer.groups (checkpoint: encoder, biases, head; now: "
             "head, encoder, biases)") in err, err
+    assert _files(tmp_path / "out") == before
+
+    # the resumed process numbers its models from 3 further on: the optimizer keys the
+    # checkpoint was written under are not this process's
+    proc = subprocess.run(command, env={**_env(), "OPTIM_TEST_SHIFT_IDS": "3"},
+                          capture_output=True, text=True, timeout=240)
+    code, out, err = proc.returncode, proc.stdout, proc.stderr
+    assert code == 0 and "Resuming at step" in out, out[-2000:] + err[-3000:]
+    for directory in ("model-last", "model-best"):
+        assert _files(tmp_path / "ref" / directory) == _files(tmp_path / "out" / directory)
+    # the tagger stayed frozen across the resume (the resumed optimizer is bound again)
+    initial = _initial_weights(config)
+    tagger = [n for n in initial if n.startswith("tagger/")]
+    saved = _saved_weights(tmp_path / "out" / "model-last")
+    assert all(saved[n].tobytes() == initial[n].tobytes() for n in tagger)
+
+    # allowed: the run goes on with the config's groups (the tagger thaws)
+    code, out, err = _run(_command(config, tmp_path / "changed", "--checkpoint-every", "5",
+                                   "--resume", "--allow-config-change",
+                                   "--training.optimizer.groups.head.frozen", "false"))
+    assert code == 0, out[-2000:] + err[-3000:]
+    assert ("continuing with a changed setting: training.optimizer.groups.head.frozen "
+            "(checkpoint: True, now: False)") in out, out
+    saved = _saved_weights(tmp_path / "changed" / "model-last")
+    assert all(saved[n].tobytes() != initial[n].tobytes() for n in tagger)
 
 
 def test_optim_train_via_spacy_cli_binds_too(tmp_path):
