@@ -156,9 +156,10 @@ def test_the_consecutive_skip_limit_stops_the_run_with_status_3(tmp_path):
     code, out, err = _run(_command(config, tmp_path / "out", "--checkpoint-every", "1"))
     assert code == 3, out[-2000:] + err[-3000:]
     assert "Traceback" not in err + out
-    assert ("optim.spacy_train: stopped at step 1: 2 consecutive steps skipped an update "
-            "whose gradient was not finite (max_consecutive_skips=2); the last was "
-            f"{POISONED} at step 1") in err, err
+    [line] = [line for line in err.splitlines() if line.startswith("optim.spacy_train:")]
+    assert line.startswith("optim.spacy_train: stopped at step 1: 2 consecutive steps "
+                           "skipped an update"), err
+    assert "max_consecutive_skips=2" in line and f"{POISONED} at step 1" in line, err
     assert "No checkpoint was written for this step" in err
     assert out.count("skipped an update of") == 1
     assert _checkpoint_steps(tmp_path / "out") == [1]  # after step 0; none of step 1
