@@ -44,6 +44,7 @@ from .checkpoint import (
     set_python_random_state,
     set_rng_state,
 )
+from .optimizer import NonFiniteError
 
 STATE_FORMAT = "optim.spacy_train"
 DIR_MODEL_BEST = "model-best"
@@ -161,8 +162,6 @@ def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any
     dropout = T["dropout"]
     dropouts = constant(dropout) if isinstance(dropout, float) else dropout
     names, shapes = param_names(nlp), param_shapes(nlp)  # the architecture stays put
-
-    from .optimizer import NonFiniteError
 
     bind_optimizer(optimizer, nlp)  # a group that matches nothing: refused here
     state = LoopState()

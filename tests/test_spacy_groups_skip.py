@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy
 import pytest
@@ -233,4 +232,14 @@ def test_optim_train_via_spacy_cli_binds_too(tmp_path):
     code, out, err = _run([sys.executable, "-m", "spacy", "optim-train", str(config),
                            "--output", str(tmp_path / "out"), "--code", str(CODE)])
     assert code == 2 and "group 'head'" in err and "Traceback" not in err, err[-3000:]
-    assert Path(CODE).is_file()
+
+
+def test_nonfinite_raise_stops_the_run_with_status_3_naming_the_parameter(tmp_path):
+    config = _config(tmp_path, optimizer='nonfinite = "raise"\n', before_update="steps = [3]")
+    code, out, err = _run(_command(config, tmp_path / "out"))
+    assert code == 3, out[-2000:] + err[-3000:]
+    assert "Traceback" not in err + out
+    assert "optim.spacy_train: stopped at step 3: key " in err and f"({POISONED})" in err, err
+    assert "holds a NaN at step 3" in err and "nonfinite='raise'" in err, err
+    saved = _saved_weights(tmp_path / "out" / "model-last")
+    assert all(numpy.isfinite(w).all() for w in saved.values())
