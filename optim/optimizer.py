@@ -459,9 +459,14 @@ class Optimizer(ScheduledHyperparameters):
             values = tuple(check_value(name, schedule(step, key=key, last_score=last_score))
                            for source in (self, group) if source is not None
                            for name, schedule in source._keyed.items())
-            batches.setdefault((id(group), values), []).append(i)
-        for (_, values), index in batches.items():
-            self._apply_keyed(keys[index[0]])  # the keys of a batch read the same values
+            batches.setdefault((group, values), []).append(i)
+        for (group, values), index in batches.items():
+            kind = self._hyper.kind
+            names = [(source, name) for source in (self, group) if source is not None
+                     for name in source._keyed]
+            for (source, name), value in zip(names, values):
+                setattr(source._hyper, name, value)
+            self._after_kind(kind)  # the groups take them
             picked = ([keys[i] for i in index], [weights[i] for i in index],
                       [gradients[i] for i in index])
             if self._frozen_any and not self._on_gpu:
