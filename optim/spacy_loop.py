@@ -14,7 +14,14 @@ uninterrupted run gives spaCy's numbers bit for bit. What it adds:
   corpus, the per-epoch shuffles, the batcher and its size schedule, the dropout
   schedule) for the steps already taken, without training, and restores the generators:
   every object that a generator holds ends where it was;
-* `model-last` and `model-best` are replaced atomically (`save_pipeline`).
+* `model-last` and `model-best` are replaced atomically (`save_pipeline`);
+* an optim optimizer is bound to the pipeline (`bind_optimizer`) before training and again
+  after a resume loads its state, so `[training.optimizer.groups.*]` match parameter paths
+  such as `tagger/softmax/W`;
+* with `nonfinite = "skip"`, one warning line at the first skipped update (naming its
+  parameter) and, after each evaluation row, the number of updates skipped since the
+  previous row; a `NonFiniteError` (the `max_consecutive_skips` limit, or
+  `nonfinite = "raise"`) ends the run as `Diverged`.
 """
 import os
 import random
@@ -37,6 +44,7 @@ from .checkpoint import (
     set_python_random_state,
     set_rng_state,
 )
+from .optimizer import NonFiniteError
 
 STATE_FORMAT = "optim.spacy_train"
 DIR_MODEL_BEST = "model-best"
@@ -52,11 +60,40 @@ class Stopped(Exception):
         self.path = path
 
 
+class GroupsError(Exception):
+    """The optimizer's groups do not fit the pipeline (a group matches no parameter)."""
+
+
+class Diverged(Exception):
+    """A `NonFiniteError` stopped training at `step` (`max_consecutive_skips` steps in a
+    row skipped an update, or a non-finite gradient with nonfinite="raise")."""
+
+    def __init__(self, step: int, error: Exception) -> None:
+        super().__init__(f"stopped at step {step}: {error}")
+        self.step = step
+        self.error = error
+
+
+def bind_optimizer(optimizer: Any, nlp: Any) -> bool:
+    """Name `nlp`'s parameters for the optimizer's groups (`optimizer.bind(nlp)`: paths
+    `<component>/<node name>/<param>`) if it is an optim optimizer, wrapped or not;
+    False for one that cannot bind (Thinc's own). GroupsError for a group that matches
+    no parameter."""
+    bind = getattr(optimizer, "bind", None)
+    if not callable(bind):
+        return False
+    try:
+        bind(nlp)
+    except ValueError as err:
+        raise GroupsError(f"[training.optimizer.groups]: {err}") from None
+    return True
+
+
 class LoopState:
     """The loop's own counters: what, besides weights and optimizer, decides the rest."""
 
     __slots__ = ("step", "epoch", "results", "losses", "words_seen", "seconds",
-                 "epoch_states", "finished")
+                 "epoch_states", "finished", "skipped_at_row")
 
     def __init__(self) -> None:
         self.step = 0                 # steps completed
@@ -67,12 +104,14 @@ class LoopState:
         self.seconds = 0.0
         self.epoch_states: List[Any] = []  # Python `random` state at each epoch's start
         self.finished = False
+        self.skipped_at_row = 0  # the optimizer's skipped_total at the last printed row
 
     def to_dict(self) -> Dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch,
                 "results": [[float(s), int(t)] for s, t in self.results],
                 "losses": dict(self.losses), "words_seen": self.words_seen,
-                "seconds": self.seconds, "finished": self.finished}
+                "seconds": self.seconds, "finished": self.finished,
+                "skipped_at_row": self.skipped_at_row}
 
     @classmethod
     def from_dict(cls, msg: Dict[str, Any], epoch_states: List[Any]) -> "LoopState":
@@ -82,6 +121,7 @@ class LoopState:
         state.losses = dict(msg["losses"])
         state.words_seen, state.seconds = int(msg["words_seen"]), float(msg["seconds"])
         state.finished = bool(msg["finished"])
+        state.skipped_at_row = int(msg.get("skipped_at_row", 0))  # absent in older checkpoints
         state.epoch_states = list(epoch_states)
         return state
 
@@ -89,11 +129,14 @@ class LoopState:
 def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any = None,
           checkpoint_every: int = 0, resume: Optional[Dict[str, Any]] = None,
           stop: Callable[[], bool] = lambda: False, config_text: Optional[str] = None,
-          use_gpu: int = -1,
+          use_gpu: int = -1, allow_config_change: bool = False,
+          before_start: Optional[Callable[[], None]] = None,
           stdout: IO = sys.stdout, stderr: IO = sys.stderr) -> LoopState:
     """`spacy.training.loop.train(nlp, output_path)` with checkpoints (`checkpoints`, an
     `optim.checkpoint.Checkpoints` on every rank, writing on rank 0; None for none)
-    and, with `resume` (from `load_resume`), a continuation of a checkpointed run."""
+    and, with `resume` (from `load_resume`), a continuation of a checkpointed run.
+    `before_start` runs once the optimizer is bound and resumed, before anything is
+    written (a bad groups table is refused before it)."""
     from spacy.schemas import ConfigSchemaTraining
     from spacy.training.loop import create_before_to_disk_callback, create_evaluation_callback
     from spacy.training.loop import subdivide_batch, update_meta
@@ -120,10 +163,17 @@ def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any
     dropouts = constant(dropout) if isinstance(dropout, float) else dropout
     names, shapes = param_names(nlp), param_shapes(nlp)  # the architecture stays put
 
+    bind_optimizer(optimizer, nlp)  # a group that matches nothing: refused here
     state = LoopState()
     if resume is not None:
         state = LoopState.from_dict(resume["loop"], resume["epoch_states"])
-        load_optimizer_state(optimizer, resume["optimizer"], names)
+        load_optimizer_state(optimizer, resume["optimizer"], names,
+                             allow_group_change=allow_config_change)
+        bind_optimizer(optimizer, nlp)  # the loaded state replaced groups and paths
+    skip_mode = getattr(optimizer, "nonfinite", "apply") == "skip"
+    warned_skip = skip_mode and optimizer.skipped_total > 0  # reported before a resume
+    if before_start is not None:
+        before_start()
     replaying = state.step
     stream = enumerate(_train_batches(nlp, train_corpus, T["batcher"], T["max_epochs"],
                                       state.epoch_states, replay_epochs=len(state.epoch_states)))
@@ -179,6 +229,9 @@ def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any
     if annotating:
         stdout.write(msg.info(f"Set annotations on update for: {annotating}") + "\n")
     stdout.write(msg.info(f"Initial learn rate: {optimizer.learn_rate}") + "\n")
+    if warned_skip:
+        stdout.write(msg.info(f"Updates skipped so far (non-finite gradients): "
+                              f"{optimizer.skipped_total}") + "\n")
     with nlp.select_pipes(disable=exclude):
         log_step, finalize_logger = T["logger"](nlp, stdout, stderr)
     in_step = True  # False at a step boundary that every rank reached
@@ -195,7 +248,18 @@ def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any
                 if (name not in exclude and hasattr(proc, "is_trainable")
                         and proc.is_trainable and proc.model not in (True, False, None)):
                     proc.finish_update(optimizer)
-            optimizer.step_schedules()
+            if skip_mode and not warned_skip:
+                skipped = optimizer.skipped
+                if skipped:
+                    warned_skip = True
+                    path = optimizer.path_of(next(iter(skipped)))
+                    stdout.write(f"  warning: step {step} skipped an update of {path}: its "
+                                 "gradient is not finite (nonfinite = \"skip\"; skips are "
+                                 "counted after each evaluation row)\n")
+            try:
+                optimizer.step_schedules()
+            except NonFiniteError as err:
+                raise Diverged(step, err) from err
             if not (step % T["eval_frequency"]):
                 if optimizer.averages:
                     with nlp.use_params(optimizer.averages):
@@ -220,6 +284,11 @@ def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any
             log_step(info if is_best is not None else None)
             if is_best is not None:
                 state.losses = {}
+                if skip_mode:
+                    total = optimizer.skipped_total
+                    stdout.write(f"  updates skipped since the last row: "
+                                 f"{total - state.skipped_at_row} ({total} in all)\n")
+                    state.skipped_at_row = total
             state.step, state.epoch = step + 1, epoch
             in_step = False
             best_step = -max((s, -t) for s, t in state.results)[1]  # earliest of the best
@@ -236,6 +305,13 @@ def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any
                 raise Stopped(state.step, path)
     except Stopped:
         raise
+    except (Diverged, NonFiniteError) as e:
+        if not isinstance(e, Diverged):  # nonfinite="raise": from an update
+            e = Diverged(step, e)
+        if output_path is not None:
+            stdout.write(msg.warn(f"Stopping at step {e.step} (non-finite gradients) and "
+                                  f"saving {DIR_MODEL_LAST} as it stands") + "\n")
+        raise e from e.error
     except Exception as e:
         if output_path is not None:
             stdout.write(msg.warn(f"Aborting and saving the final best model. "

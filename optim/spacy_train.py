@@ -10,6 +10,14 @@ the end; the last two are kept, each written atomically. `--resume` continues fr
 newest intact one (a plain start if there is none), and a run killed any number of times
 and resumed ends bitwise equal to the run that never stopped.
 
+An optim optimizer is bound to the pipeline before training (`optimizer.bind(nlp)`), so
+`[training.optimizer.groups.NAME]` tables match parameter paths such as `tagger/softmax/W`;
+a group that matches no parameter is refused (exit status 2). With
+`nonfinite = "skip"` the console says when the first update is skipped (naming the
+parameter) and how many were skipped after each evaluation row; non-finite gradients that
+stop the run (`max_consecutive_skips`, or `nonfinite = "raise"`) end it with exit status 3
+after saving `model-last` as it stands (no checkpoint of that step).
+
 Data parallel: each rank joins the group torchrun describes, builds the pipeline from the
 config (all of the training corpus, so every rank infers the same labels and shapes),
 takes rank 0's initial weights, then trains. The config's optimizer should be an
@@ -32,6 +40,7 @@ from typing import Any, Dict, List, Optional
 MAY_CHANGE = ("training.logger", "training.max_steps", "training.patience",
               "system.gpu_allocator", "training.gpu_allocator")
 BAD_INPUT = 2
+NOT_FINITE = 3  # non-finite gradients stopped training (optimizer.NonFiniteError)
 
 
 class LaunchError(Exception):
@@ -89,8 +98,14 @@ def prepare_config(config: Any, rank: int, world_size: int) -> Any:
 def config_differences(saved: Any, current: Any) -> List[str]:
     """The settings (dotted paths, interpolated values) in which two configs differ,
     leaving out MAY_CHANGE."""
-    flat_saved, flat_now = _flatten(saved.interpolate()), _flatten(current.interpolate())
+    saved, current = saved.interpolate(), current.interpolate()
+    flat_saved, flat_now = _flatten(saved), _flatten(current)
     out = []
+    # the first group that matches decides: the order of the groups' tables is a setting
+    order_saved, order_now = _group_order(saved), _group_order(current)
+    if order_saved != order_now and sorted(order_saved) == sorted(order_now):
+        out.append(f"the order of training.optimizer.groups (checkpoint: "
+                   f"{', '.join(order_saved)}; now: {', '.join(order_now)})")
     for key in sorted(set(flat_saved) | set(flat_now)):
         if any(key == p or key.startswith(p + ".") for p in MAY_CHANGE):
             continue
@@ -98,6 +113,11 @@ def config_differences(saved: Any, current: Any) -> List[str]:
         if a != b:
             out.append(f"{key} (checkpoint: {a!r}, now: {b!r})")
     return out
+
+
+def _group_order(config: Any) -> List[str]:
+    groups = config.get("training", {}).get("optimizer", {}).get("groups")
+    return [str(name) for name in groups] if isinstance(groups, dict) else []
 
 
 def _flatten(section: Any, prefix: str = "") -> Dict[str, Any]:
@@ -125,7 +145,9 @@ def load_resume(files: Dict[str, bytes], path: Path, nlp: Any, group: Any,
         raise CheckpointError(f"{path}: not an optim.spacy_train checkpoint")
     check_version(state.get("version"), str(path))
     check_same_model(state["params"], nlp, str(path))
-    nlp.from_bytes(files["pipeline.bin"], exclude=["vocab", "config.cfg"])
+    # "config", not "config.cfg": spaCy matches the part before the dot, and the
+    # checkpoint's config must not replace this run's (--allow-config-change)
+    nlp.from_bytes(files["pipeline.bin"], exclude=["vocab", "config"])
     for text in srsly.json_loads(files["strings.json"].decode("utf8")):
         nlp.vocab.strings.add(text)
     resume = {"path": path, "loop": state["loop"], "optimizer": state["optimizer"],
@@ -209,17 +231,21 @@ def train(config_path: str, output: Optional[str], overrides: dict, *,
     else:
         broadcast_pipeline(nlp, group)
     rank0_output = output_path if group.rank == 0 else None
-    if checkpoints is not None and rank0_output is not None and found is None:
-        from .serialize import write_atomic
 
-        write_atomic(checkpoints.root / "config.cfg", user_config.to_str().encode("utf8"))
-    if rank0_output is not None:
-        rank0_output.mkdir(parents=True, exist_ok=True)
-        spacy_loop.repair_dirs(rank0_output)
+    def before_start() -> None:  # the optimizer is bound: from here on DIR is written
+        if checkpoints is not None and rank0_output is not None and found is None:
+            from .serialize import write_atomic
+
+            write_atomic(checkpoints.root / "config.cfg", user_config.to_str().encode("utf8"))
+        if rank0_output is not None:
+            rank0_output.mkdir(parents=True, exist_ok=True)
+            spacy_loop.repair_dirs(rank0_output)
+
     spacy_loop.train(nlp, rank0_output, group=group, checkpoints=checkpoints,
                      checkpoint_every=checkpoint_every, resume=state, stop=stop,
-                     config_text=user_config.to_str(),
-                     use_gpu=gpu_id, stdout=sys.stdout, stderr=sys.stderr)
+                     config_text=user_config.to_str(), use_gpu=gpu_id,
+                     allow_config_change=allow_config_change, before_start=before_start,
+                     stdout=sys.stdout, stderr=sys.stderr)
     return rank0_output / spacy_loop.DIR_MODEL_LAST if rank0_output is not None else None
 
 
@@ -254,7 +280,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from .checkpoint import CheckpointError
     from .distributed import DistributedError
-    from .spacy_loop import Stopped
+    from .spacy_loop import Diverged, GroupsError, Stopped
 
     overrides = parse_config_overrides(rest)
     import_code(args.code)
@@ -275,9 +301,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"optim.spacy_train: stopped by {signal.Signals(stop.signum).name} after "
                   f"step {err.step}: {where}", file=sys.stderr)
         return 128 + int(stop.signum)
-    except (LaunchError, CheckpointError) as err:
+    except (LaunchError, CheckpointError, GroupsError) as err:
         print(f"optim.spacy_train: {err}", file=sys.stderr)
         return BAD_INPUT
+    except Diverged as err:
+        if rank == 0:
+            where = ""
+            if args.checkpoint_every:
+                where = (" No checkpoint was written for this step; the earlier ones "
+                         "are kept (to go on from the newest with other settings, say a "
+                         "lower learning rate: --resume --allow-config-change).")
+            print(f"optim.spacy_train: {err}{where}", file=sys.stderr)
+        return NOT_FINITE
     except DistributedError as err:
         print(f"optim.spacy_train: rank {rank}: {err}", file=sys.stderr)
         return 1

@@ -1,10 +1,14 @@
 """A small spaCy pipeline for the resume tests (imported through --code): a generated
 corpus with tags and categories, and the config of a tok2vec + tagger + textcat pipeline
 with dropout, compounding batch sizes, several epochs and gradient accumulation."""
+import os
 import random
+from typing import List
 
+import numpy
 import spacy
 from spacy.training import Example
+from thinc.api import Linear
 
 NOUN = "film book day meal place story cat dog house road".split()
 VERB = "was is seemed felt looked became stayed grew".split()
@@ -32,6 +36,12 @@ def sentences(n, seed):
 
 DATA = {"train": sentences(160, 1), "dev": sentences(48, 2)}
 
+# Thinc numbers models from a per-process counter: a process that built other models first
+# gives the same pipeline other ids (and so other optimizer keys), as after a restart in
+# a program that builds more than the pipeline. OPTIM_TEST_SHIFT_IDS=N builds N first.
+for _ in range(int(os.environ.get("OPTIM_TEST_SHIFT_IDS", "0"))):
+    Linear(1, 1)
+
 
 @spacy.registry.readers("optim_resume_test.corpus.v1")
 def corpus(split: str, poison_step: int = -1):
@@ -41,6 +51,33 @@ def corpus(split: str, poison_step: int = -1):
             yield Example.from_dict(doc, {"tags": tags, "cats": cats})
 
     return read
+
+
+@spacy.registry.callbacks("optim_resume_test.poison_gradient.v1")
+def poison_gradient(path: str, steps: List[int] = [], every_step: bool = False):
+    """A `[training.before_update]` callback that makes one parameter's gradient NaN at
+    the given steps (every step with every_step=true), for the non-finite skip tests.
+
+    It runs before the step's `nlp.update`: it sets the gradient of the parameter whose
+    optimizer path (`<component>/<node name>/<param>`) is `path` to NaN, and the
+    update's backprop adds into it (Thinc's `inc_grad`), so at that step's
+    `finish_update` that gradient, and no other, is NaN."""
+
+    def before_update(nlp, args):
+        if not (every_step or args["step"] in steps):
+            return
+        from optim.checkpoint import param_paths
+
+        matches = [key for key, p in param_paths(nlp).items() if p == path]
+        assert len(matches) == 1, f"{path}: {len(matches)} parameters have this path"
+        node_id, name = matches[0]
+        for _, proc in nlp.components:
+            for node in getattr(getattr(proc, "model", None), "walk", lambda: [])():
+                if node.id == node_id:
+                    node.set_grad(name, node.ops.alloc(node.get_param(name).shape) + numpy.nan)
+                    return
+
+    return before_update
 
 
 CONFIG = """
