@@ -143,7 +143,7 @@ def group_for(groups: Sequence[Group], path: str) -> Optional[Group]:
 def check_matches(groups: Sequence[Group], paths: Iterable[str], what: str) -> None:
     """ValueError naming the first group that matches none of `paths` (a typo must not
     silently train everything at one rate), with a few paths that do exist."""
-    paths = list(paths)
+    paths = list(dict.fromkeys(paths))  # shared node names repeat paths
     for group in groups:
         if not any(group.matches(p) for p in paths):
             sample = ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")

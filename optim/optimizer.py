@@ -204,6 +204,8 @@ class Optimizer(ScheduledHyperparameters):
             return self._hyper
         hyper = key_hyper.get(key)
         if hyper is None:
+            if not self._paths and not key_hyper:
+                _warn_unbound(self._groups, self.path_of(key))
             group = group_for(self._groups, self.path_of(key))
             hyper = key_hyper[key] = self._hyper if group is None else group.hyper
         return hyper
@@ -811,6 +813,19 @@ def _check_skip_limit(limit: Any) -> Optional[int]:
         raise ValueError(f"max_consecutive_skips must be None (no limit) or an integer >= 1, "
                          f"got {limit!r}")
     return int(limit)
+
+
+def _warn_unbound(groups: List[Group], example: str) -> None:
+    """Groups whose pattern holds a '/' match nothing until the optimizer is bound:
+    unbound keys are matched by their parameter name alone. Say so, once."""
+    by_path = [g for g in groups if "/" in g.match]
+    if by_path:
+        warnings.warn(
+            f"group {by_path[0].name!r} (match {by_path[0].match!r}) matches parameter "
+            f"paths, but this optimizer was not bound: its keys are matched by their "
+            f"parameter name alone (e.g. {example!r}), so the group matches nothing. Call "
+            "optimizer.bind(model) (or bind(nlp)) before training; python -m "
+            "optim.spacy_train does it for you", UserWarning, stacklevel=4)
 
 
 def _all_finite(x: Any) -> bool:

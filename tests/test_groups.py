@@ -325,3 +325,23 @@ def test_a_key_aware_schedule_inside_a_group(many):
         opt.step_schedules()
     for k in plain:
         assert w[k].tobytes() == w_ref[k].tobytes(), k
+
+
+def test_groups_by_path_warn_when_the_optimizer_was_never_bound():
+    """Plain `spacy train` cannot bind: a pattern holding '/' then matches nothing, and
+    the first update says so instead of training everything at one rate."""
+    opt = Adam(groups=[{"match": "tagger/*", "frozen": True}])
+    with pytest.warns(UserWarning, match=r"group 'groups\[0\]' \(match 'tagger/\*'\) "
+                                         r"matches parameter paths, but this optimizer "
+                                         r"was not bound.*'W'"):
+        opt((1, "W"), numpy.ones(3, "f"), numpy.ones(3, "f"))
+    import warnings
+
+    with warnings.catch_warnings():  # once, and never for bound or name-only groups
+        warnings.simplefilter("error")
+        opt((2, "W"), numpy.ones(3, "f"), numpy.ones(3, "f"))
+        Adam(groups=[{"match": "b", "L2": 0.0}])((1, "b"), numpy.ones(3, "f"),
+                                                  numpy.ones(3, "f"))
+        bound = Adam(groups=[{"match": "tagger/*", "frozen": True}])
+        bound.bind({(1, "W"): "tagger/softmax/W"})
+        bound((1, "W"), numpy.ones(3, "f"), numpy.ones(3, "f"))
