@@ -308,6 +308,11 @@ class Optimizer(ScheduledHyperparameters):
         self._sync()
         return dict(self._skipped)
 
+    def peek_skipped(self) -> Dict[KeyT, int]:
+        """`skipped` as the host knows it now, without waiting for a device (exact for
+        host arrays; a device's skips appear once reported)."""
+        return dict(self._skipped)
+
     @property
     def skipped_total(self) -> int:
         self._sync()

@@ -89,6 +89,17 @@ def bind_optimizer(optimizer: Any, nlp: Any) -> bool:
     return True
 
 
+def _warn_first_skip(optimizer: Any, skipped: Dict[Any, int], when: str, stdout: IO) -> bool:
+    """One warning line naming the first skipped parameter; whether one was written."""
+    if not skipped:
+        return False
+    path = optimizer.path_of(next(iter(skipped)))
+    stdout.write(f"  warning: {when} skipped an update of {path}: its gradient is not "
+                 "finite (nonfinite = \"skip\"; skips are counted after each evaluation "
+                 "row)\n")
+    return True
+
+
 class LoopState:
     """The loop's own counters: what, besides weights and optimizer, decides the rest."""
 
@@ -248,14 +259,9 @@ def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any
                 if (name not in exclude and hasattr(proc, "is_trainable")
                         and proc.is_trainable and proc.model not in (True, False, None)):
                     proc.finish_update(optimizer)
-            if skip_mode and not warned_skip:
-                skipped = optimizer.skipped
-                if skipped:
-                    warned_skip = True
-                    path = optimizer.path_of(next(iter(skipped)))
-                    stdout.write(f"  warning: step {step} skipped an update of {path}: its "
-                                 "gradient is not finite (nonfinite = \"skip\"; skips are "
-                                 "counted after each evaluation row)\n")
+            if skip_mode and not warned_skip:  # what the host knows now: no device wait
+                warned_skip = _warn_first_skip(optimizer, optimizer.peek_skipped(),
+                                               f"step {step}", stdout)
             try:
                 optimizer.step_schedules()
             except NonFiniteError as err:
@@ -284,8 +290,12 @@ def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any
             log_step(info if is_best is not None else None)
             if is_best is not None:
                 state.losses = {}
-                if skip_mode:
-                    total = optimizer.skipped_total
+                if skip_mode:  # every rank: a collective when sharded, a device sync
+                    skipped = optimizer.skipped
+                    total = sum(skipped.values())
+                    if not warned_skip:  # found by a device or another rank since
+                        warned_skip = _warn_first_skip(optimizer, skipped,
+                                                       f"a step before {step}", stdout)
                     stdout.write(f"  updates skipped since the last row: "
                                  f"{total - state.skipped_at_row} ({total} in all)\n")
                     state.skipped_at_row = total

@@ -201,6 +201,10 @@ class DistributedOptimizer:
                     counts[key] = counts.get(key, 0) + n
         return counts
 
+    def peek_skipped(self) -> Dict[KeyT, int]:
+        """This rank's `peek_skipped` (no collective: sharded, its own keys only)."""
+        return self.optimizer.peek_skipped()
+
     @property
     def skipped_total(self) -> int:
         return sum(self.skipped.values())
