@@ -389,10 +389,47 @@ def _groups_run(out, name, sharded, omit):
     (out / f"groups-{name}-rank{rank}.json").write_text(json.dumps(info))
 
 
+def _by_hand_run(out):
+    """The groups run's oracle: two plain sharded optimizers (the Relus' at half the
+    rate) and the Softmax bias left alone (its gradient zeroed), the poisoned update of
+    the first Relu's W left out."""
+    group = dist_opt.join(timeout=60)
+    rank, world = group.rank, group.world_size
+    X, Y, _, _, batches = data_cache()
+    model = mlp(X, Y)
+    settings = hyper()
+    rate = settings.pop("learn_rate")
+    fast = dist_opt.Adam(learn_rate=rate, **settings, sharded=True)
+    slow = dist_opt.Adam(learn_rate=[rate(s) * 0.5 for s in range(GROUP_STEPS + 1)],
+                         **settings, sharded=True)
+    relu_w = [n for n in model.walk() if n.name == "relu"][0]
+    poisoned = (relu_w.id, "W")
+    for step in range(GROUP_STEPS):
+        part = numpy.array_split(batches[step], world)[rank]
+        backprop_part(model, X, Y, part, len(part))
+        items = params(model)
+        if step == POISON_STEP:
+            items = [item for item in items if item[0] != poisoned]
+            relu_w.get_grad("W")[...] = 0
+        for opt, pick in ((slow, lambda n: n.name == "relu"),
+                          (fast, lambda n: n.name == "softmax")):
+            mine = [(k, n) for k, _, n in items if pick(n)
+                    and not (n.name == "softmax" and k[1] == "b")]
+            opt.step_many([k for k, _ in mine], [n.get_param(k[1]) for k, n in mine],
+                          [n.get_grad(k[1]) for k, n in mine])
+        for node in model.walk():
+            if node.name == "softmax":
+                node.get_grad("b")[...] = 0
+        fast.step_schedules()
+        slow.step_schedules()
+    numpy.savez(out / f"groups-by_hand-rank{rank}.npz", **weights_of(model))
+
+
 def scenario_groups_skip(out):
     for name, sharded, omit in (("replicated", False, False), ("sharded", True, False),
                                 ("omitted", False, True)):
         _groups_run(out, name, sharded, omit)
+    _by_hand_run(out)
 
 
 def scenario_hang(out):

@@ -724,13 +724,15 @@ def test_thinc_checkpoint_on_two_ranks_resumes_bitwise(tmp_path):
 def test_groups_and_the_non_finite_skip_on_two_ranks(tmp_path):
     """2 Gloo ranks, step_many, per-parameter groups and nonfinite="skip", a NaN put into
     one gradient on rank 0 only: the all-reduce spreads it, every rank skips that update
-    (replicated) or its owner does (sharded). Both modes end bitwise equal to each other
-    and to a run that left that update out; the frozen bias never moves; one skip."""
+    (replicated) or its owner does (sharded). Both modes end bitwise equal to each other,
+    to a run that left that update out, and to the same loop driven by hand with two
+    plain sharded optimizers (one at half the rate); the frozen bias never moves; one
+    skip."""
     _check_ok(launch("groups_skip", tmp_path))
     runs = {(name, rank): dict(numpy.load(tmp_path / f"groups-{name}-rank{rank}.npz"))
-            for name in ("replicated", "sharded", "omitted") for rank in (0, 1)}
+            for name in ("replicated", "sharded", "omitted", "by_hand") for rank in (0, 1)}
     for rank in (0, 1):
-        for name in ("sharded", "omitted"):
+        for name in ("sharded", "omitted", "by_hand"):
             _assert_bitwise(runs[(name, rank)], runs[("replicated", 0)], f"{name} {rank}")
         info = json.loads((tmp_path / f"groups-replicated-rank{rank}.json").read_text())
         assert info["skipped"] == 1

@@ -345,3 +345,24 @@ def test_groups_by_path_warn_when_the_optimizer_was_never_bound():
         bound = Adam(groups=[{"match": "tagger/*", "frozen": True}])
         bound.bind({(1, "W"): "tagger/softmax/W"})
         bound((1, "W"), numpy.ones(3, "f"), numpy.ones(3, "f"))
+
+
+def test_pytorch_shim_parameters_are_named_under_their_node():
+    """Parameters a shim hands to the optimizer (PyTorchWrapper, as spacy-transformers'
+    weights) are named by their own names under their node: `pytorch/bias`."""
+    torch = pytest.importorskip("torch")
+    thinc_api.fix_random_seed(0)
+    model = thinc_api.chain(thinc_api.PyTorchWrapper(torch.nn.Linear(5, 3)),
+                            thinc_api.Linear(2, 3))  # random weights: gradients reach torch
+    X = numpy.random.RandomState(0).uniform(-1, 1, (4, 5)).astype("f")
+    model.initialize(X=X)
+    opt = ThincAdam(0.01, groups=[{"match": "pytorch/bias", "frozen": True}]).bind(model)
+    assert {"pytorch/weight", "pytorch/bias", "linear/W", "linear/b"} <= set(
+        opt.paths.values())
+    linear = model.layers[0].shims[0]._model
+    bias, weight = linear.bias.detach().clone(), linear.weight.detach().clone()
+    out, backward = model.begin_update(X)
+    backward(out - numpy.eye(2, dtype="f")[[0, 1, 0, 1]])
+    finish_update(model, opt)
+    assert torch.equal(linear.bias.detach(), bias)
+    assert not torch.equal(linear.weight.detach(), weight)
