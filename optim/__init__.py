@@ -14,6 +14,7 @@ if _foreign:  # the unrelated PyPI 'optim' wrote into this folder too
 
 from .cpu import get_num_threads, set_num_threads, show_config
 from .optimizer import ADAM_DEFAULTS, RADAM_DEFAULTS, SGD_DEFAULTS, SGD, Adam, Optimizer, RAdam
+from .per_tensor import NonFiniteError
 from .registry import Config, registry
 from .schedules import (
     Schedule,
@@ -39,5 +40,5 @@ __all__ = [
     "Optimizer", "SGD", "Adam", "RAdam", "ADAM_DEFAULTS", "SGD_DEFAULTS", "RADAM_DEFAULTS",
     "registry", "Config", "Schedule", "constant", "constant_then", "decaying", "compounding",
     "warmup_linear", "slanted_triangular", "cyclic_triangular", "plateau", "sequence", "load",
-    "set_num_threads", "get_num_threads", "show_config",
+    "set_num_threads", "get_num_threads", "show_config", "NonFiniteError",
 ]

@@ -44,7 +44,7 @@ from .checkpoint import (
     set_python_random_state,
     set_rng_state,
 )
-from .optimizer import NonFiniteError
+from .per_tensor import NonFiniteError
 
 STATE_FORMAT = "optim.spacy_train"
 DIR_MODEL_BEST = "model-best"

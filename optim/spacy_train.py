@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Optional
 MAY_CHANGE = ("training.logger", "training.max_steps", "training.patience",
               "system.gpu_allocator", "training.gpu_allocator")
 BAD_INPUT = 2
-NOT_FINITE = 3  # non-finite gradients stopped training (optimizer.NonFiniteError)
+NOT_FINITE = 3  # non-finite gradients stopped training (optim.NonFiniteError)
 
 
 class LaunchError(Exception):

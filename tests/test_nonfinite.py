@@ -12,7 +12,7 @@ import pytest
 
 from optim import Adam, Optimizer, RAdam, SGD, _kernels
 from optim import cpu
-from optim.optimizer import NonFiniteError
+from optim import NonFiniteError
 
 KEYS = [("a", "W"), ("b", "W"), ("c", "b"), ("d", "W")]
 SIZES = {("a", "W"): 70000, ("b", "W"): 300, ("c", "b"): 7, ("d", "W"): 5000}
