@@ -406,6 +406,45 @@ cdef double sum_squares(int dtype, const void* g, const void* w, double l2, Py_s
     return lane_tree(lanes)
 
 
+cdef struct FiniteScan:  # all_finite_terms cut into n_pieces pieces
+    int dtype
+    const void* g
+    const void* w
+    double l2
+    Py_ssize_t n
+    Py_ssize_t n_pieces
+    bint* finite  # per piece
+
+
+cdef void finite_piece(void* arg, Py_ssize_t i) noexcept nogil:
+    cdef FiniteScan* s = <FiniteScan*>arg
+    cdef Py_ssize_t start = piece_start(s.n, s.n_pieces, i)
+    cdef Py_ssize_t size = piece_start(s.n, s.n_pieces, i + 1) - start
+    if s.dtype == cnp.NPY_FLOAT32:
+        s.finite[i] = LOOPS.all_finite_f32(<const float*>s.g + start,
+                                           shifted(<const float*>s.w, start), <float>s.l2, size)
+    else:
+        s.finite[i] = LOOPS.all_finite_f64(<const double*>s.g + start,
+                                           shifted(<const double*>s.w, start), s.l2, size)
+
+
+cdef bint all_finite_terms(int dtype, const void* g, const void* w, double l2, Py_ssize_t n,
+                           int n_threads) noexcept nogil:
+    """Whether every clip norm term (g + l2*w, or g without reading w when l2 == 0) is
+    finite: the non-finite check of an unclipped update, one read in the arrays' width
+    (by up to n_threads threads)."""
+    cdef bint finite[MAX_PIECES]
+    cdef FiniteScan s = FiniteScan(dtype, g, w, l2, n, pieces_for(n, n_threads), &finite[0])
+    cdef Py_ssize_t i
+    if l2 == 0.0:
+        s.w = NULL  # the terms are g alone: the loops read no weights
+    optim_parallel(finite_piece, &s, s.n_pieces, n_threads)
+    for i in range(s.n_pieces):
+        if not finite[i]:
+            return False
+    return True
+
+
 cdef inline real_t* at(real_t* p, Py_ssize_t i) noexcept nogil:
     return p + i if p != NULL else NULL
 
@@ -470,13 +509,16 @@ cdef int measure(Task* task, int n_threads) noexcept nogil:
     holds a NaN or an inf: 0, OUTCOME_NAN or OUTCOME_INF (docs/numerics.md)."""
     cdef double sumsq
     cdef int found = 0
+    cdef bint checks = task.nonfinite != NONFINITE_APPLY
     task.c.clip_scale = 1.0
-    if task.grad_clip > 0.0 or task.nonfinite != NONFINITE_APPLY:
+    if task.grad_clip > 0.0:  # the norm is needed anyway: it is the check
         sumsq = sum_squares(task.dtype, task.g, task.w, task.c.l2, task.n, n_threads)
-        if task.nonfinite != NONFINITE_APPLY and not isfinite(sumsq):
+        if checks and not isfinite(sumsq):  # a non-finite term, or squares overflowed
             found = find_nonfinite(task)
-        if task.grad_clip > 0.0:
-            task.c.clip_scale = clip_factor(sumsq, task.grad_clip)
+        task.c.clip_scale = clip_factor(sumsq, task.grad_clip)
+    elif checks and not all_finite_terms(task.dtype, task.g, task.w, task.c.l2, task.n,
+                                         n_threads):
+        found = find_nonfinite(task)  # NaN or inf
     return found
 
 

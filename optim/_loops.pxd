@@ -42,6 +42,8 @@ cdef struct Coefs:
 # One level's loops. update_*: the fused pass of `kind` over n elements (avg and slow
 # may be NULL: averages off, no lookahead sync). chunk_sum_squares_*: one chunk (n <=
 # NORM_CHUNK) of the clip norm, terms g + l2*w, or g alone (w not read) when w is NULL.
+# all_finite_*: whether every such term of n elements is finite (the non-finite check
+# without clipping: one read, in the arrays' own width).
 # roofline_*: optim._roofline's memory-traffic loops.
 cdef struct Loops:
     const char* isa
@@ -53,6 +55,10 @@ cdef struct Loops:
                                     Py_ssize_t n) noexcept nogil
     double (*chunk_sum_squares_f64)(const double* g, const double* w, double l2,
                                     Py_ssize_t n) noexcept nogil
+    bint (*all_finite_f32)(const float* g, const float* w, float l2,
+                           Py_ssize_t n) noexcept nogil
+    bint (*all_finite_f64)(const double* g, const double* w, double l2,
+                           Py_ssize_t n) noexcept nogil
     int (*roofline_rw_f32)(void** arrays, int k, Py_ssize_t n) noexcept nogil
     int (*roofline_rw_f64)(void** arrays, int k, Py_ssize_t n) noexcept nogil
     uint64_t (*roofline_read_u32)(const uint32_t* a, Py_ssize_t n) noexcept nogil

@@ -209,6 +209,34 @@ cdef double chunk_sum_squares(const real_t* g, const real_t* w, real_t l2,
     return chunk_lanes(g, w, l2, n, Coupled(0))
 
 
+cdef bint finite_terms(const real_t* g, const real_t* w, real_t l2, Py_ssize_t n,
+                       norm_term kind) noexcept nogil:
+    """x - x is 0 for a finite x and NaN for an inf or a NaN: the sum of them is 0 exactly
+    when every term is finite (NORM_LANES independent sums, so it vectorises)."""
+    cdef real_t lanes[NORM_LANES]
+    cdef real_t x
+    cdef Py_ssize_t i, j, full = n - n % NORM_LANES
+    for j in range(NORM_LANES):
+        lanes[j] = 0
+    for i in range(full // NORM_LANES):
+        for j in range(NORM_LANES):
+            x = term(g, w, l2, i * NORM_LANES + j, kind)
+            lanes[j] += x - x
+    for j in range(n - full):
+        x = term(g, w, l2, full + j, kind)
+        lanes[j] += x - x
+    for j in range(1, NORM_LANES):
+        lanes[0] += lanes[j]
+    return lanes[0] == 0
+
+
+cdef bint all_finite(const real_t* g, const real_t* w, real_t l2, Py_ssize_t n) noexcept nogil:
+    """Whether every clip norm term (g + l2*w, or g when w is NULL) is finite."""
+    if w == NULL:
+        return finite_terms(g, w, l2, n, GradientOnly(0))
+    return finite_terms(g, w, l2, n, Coupled(0))
+
+
 cdef void update(Kind kind, real_t* w, real_t* g, real_t* m, real_t* v, real_t* avg,
                  real_t* slow, Py_ssize_t n, const Coefs* c) noexcept nogil:
     """The fused loop of `kind` over n elements (clip_scale already in `c`)."""
@@ -295,6 +323,8 @@ TABLE.update_f32 = update[float]
 TABLE.update_f64 = update[double]
 TABLE.chunk_sum_squares_f32 = chunk_sum_squares[float]
 TABLE.chunk_sum_squares_f64 = chunk_sum_squares[double]
+TABLE.all_finite_f32 = all_finite[float]
+TABLE.all_finite_f64 = all_finite[double]
 TABLE.roofline_rw_f32 = optim_rl_rw_f32
 TABLE.roofline_rw_f64 = optim_rl_rw_f64
 TABLE.roofline_read_u32 = optim_rl_read_u32

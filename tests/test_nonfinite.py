@@ -9,6 +9,8 @@ import warnings
 
 import numpy
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from optim import Adam, Optimizer, RAdam, SGD, _kernels
 from optim import cpu
@@ -23,6 +25,7 @@ FACTORIES = {
     "adam_noclip_la": lambda **kw: Adam(0.01, grad_clip=0.0, lookahead_k=3, L2=0.01,
                                         L2_is_weight_decay=False, **kw),
     "sgd": lambda **kw: SGD(0.05, **kw),
+    "sgd_noclip": lambda **kw: SGD(0.05, grad_clip=0.0, **kw),  # the check without a norm
     "radam": lambda **kw: RAdam(0.01, weight_decay=0.01, **kw),
 }
 
@@ -81,20 +84,23 @@ def test_skip_is_bitwise_the_run_without_those_calls(kind, via):
 @pytest.mark.parametrize("isa", cpu.available_isas())
 @pytest.mark.parametrize("threads", [1, 2, 4])
 def test_skip_at_every_simd_level_and_thread_count(isa, threads):
+    """Clipped (the norm decides), unclipped (the scan decides), with coupled L2: the run
+    without the skipped calls, and the same bits as the default level on one thread."""
+    reference = {(kind, via): run(FACTORIES[kind], "skip", via, steps=12)
+                 for kind in ("adam", "sgd_noclip", "adam_noclip_la")
+                 for via in ("per_call", "step_many")}
     before = cpu.config()
     try:
         cpu._set_isa(isa)
         cpu.set_num_threads(threads)
-        for via in ("per_call", "step_many"):
-            skipped, w_skip = run(FACTORIES["adam"], "skip", via, steps=12)
-            omitted, w_omit = run(FACTORIES["adam"], "apply", via, steps=12, omit=True)
+        for (kind, via), (ref_opt, ref_w) in reference.items():
+            skipped, w_skip = run(FACTORIES[kind], "skip", via, steps=12)
+            omitted, w_omit = run(FACTORIES[kind], "apply", via, steps=12, omit=True)
             assert_same(skipped, w_skip, omitted, w_omit)
+            assert_same(skipped, w_skip, ref_opt, ref_w)
     finally:
         cpu._set_isa(before["isa"])
         cpu.set_num_threads(before["threads"])
-    # and the same bits as the baseline level on one thread
-    reference, w_ref = run(FACTORIES["adam"], "skip", "step_many", steps=12)
-    assert_same(skipped, w_skip, reference, w_ref)
 
 
 @pytest.mark.parametrize("via", ["per_call", "step_many"])
@@ -223,3 +229,39 @@ def test_groups_and_skip_compose():
                                          numpy.full(3, numpy.nan, "f")])
     assert opt.skipped == {"s": 1} and (wf == 1).all() and (ws == 1).all()
     assert _kernels.NONFINITE_MODES == ("apply", "skip", "raise")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 150000), st.sampled_from([numpy.float32, numpy.float64]),
+       st.sampled_from([0.0, 1.0]), st.sampled_from([0.0, 0.5]), st.integers(1, 4),
+       st.data())
+def test_the_check_is_exactly_a_non_finite_term(n, dtype, grad_clip, l2, threads, data):
+    """Skipped exactly when some term (g + l2*w in the dtype, or g) is NaN or infinite,
+    with or without clipping (the norm's confirmation, or the unclipped scan), at any
+    size and thread count; NaN and inf told apart."""
+    rng = numpy.random.RandomState(n)
+    w = rng.randn(n).astype(dtype)
+    g = rng.randn(n).astype(dtype)
+    for _ in range(data.draw(st.integers(0, 3))):
+        i = data.draw(st.integers(0, n - 1))
+        g[i] = data.draw(st.sampled_from([numpy.nan, numpy.inf, -numpy.inf, 1e30]))
+    if data.draw(st.booleans()):  # a finite weight whose term overflows
+        big = numpy.finfo(dtype).max
+        w[data.draw(st.integers(0, n - 1))] = big / 2
+        g[data.draw(st.integers(0, n - 1))] = big * 0.9
+    with numpy.errstate(all="ignore"):
+        terms = (g + dtype(l2) * w) if l2 else g
+    has_nan, finite = numpy.isnan(terms).any(), numpy.isfinite(terms).all()
+    before = cpu.get_num_threads()
+    cpu.set_num_threads(threads)
+    try:
+        opt = SGD(0.1, grad_clip=grad_clip, L2=l2, L2_is_weight_decay=False,
+                  nonfinite="raise")
+        if finite:
+            opt("k", w, g)
+            assert opt.nr_update["k"] == 1
+        else:
+            with pytest.raises(FloatingPointError, match="a NaN" if has_nan else "an infinity"):
+                opt("k", w, g)
+    finally:
+        cpu.set_num_threads(before)
