@@ -46,6 +46,7 @@ cdef struct Task:  # one update: its arrays (data pointers), size, dtype, count,
 cdef int n_threads() noexcept
 cdef Coefs make_coefs(Hyper h, long t, double lr_scale) noexcept
 cdef bint syncs(Hyper h, long t) noexcept
+cdef int check_call(object key, long t, double lr_scale) except -1
 cdef int fill_task(Task* task, Hyper h, object key, object weights, object gradient,
                    object mom1, object mom2, object average, object slow, long t,
                    double lr_scale, const Task* previous=*) except -1

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy
 
-from . import _kernels
+from . import _device, _kernels
 
 CUPY_HINT = (
     'optim\'s GPU path needs CuPy: pip install "thinc-optim[cuda12x]" '
@@ -39,17 +39,17 @@ NVRTC_OPTIONS: Tuple[str, ...] = ("--fmad=false",)
 
 NORM_CHUNK = _kernels.NORM_ORDER["chunk"]  # docs/numerics.md, "The clip norm"
 NORM_LANES = _kernels.NORM_ORDER["lanes"]
-COEFS: Tuple[str, ...] = _kernels.DEVICE_COEFS  # the double scalars of one update
+COEFS: Tuple[str, ...] = _device.DEVICE_COEFS  # the double scalars of one update
 # A step_many coefficient row: COEFS, then the per-tensor slots of
-# _kernels.DEVICE_SLOTS (clip factor, grad_clip, status, check, kernel, t, pick, extra,
+# _device.DEVICE_SLOTS (clip factor, grad_clip, status, check, kernel, t, pick, extra,
 # window, counter; what each means is written there).
-SLOTS: Tuple[str, ...] = _kernels.DEVICE_SLOTS
-ROW = _kernels.DEVICE_ROW
+SLOTS: Tuple[str, ...] = _device.DEVICE_SLOTS
+ROW = _device.DEVICE_ROW
 SLOT: Dict[str, int] = {name: len(COEFS) + i for i, name in enumerate(SLOTS)}
 CLIP_SLOT = SLOT["clip"]
 # the status slot's values
-GO, FROZEN, NAN, INF, OUT = (_kernels.DEVICE_GO, _kernels.DEVICE_FROZEN, _kernels.DEVICE_NAN,
-                             _kernels.DEVICE_INF, _kernels.DEVICE_OUT)
+GO, FROZEN, NAN, INF, OUT = (_device.DEVICE_GO, _device.DEVICE_FROZEN, _device.DEVICE_NAN,
+                             _device.DEVICE_INF, _device.DEVICE_OUT)
 BLOCK = 256  # threads per block (8 warps); the results do not depend on it
 # the tensor table: array addresses, size, first chunk, and the address of the key's
 # update count on the device (0: none; skip mode only)
@@ -189,16 +189,16 @@ KERNELS: Dict[str, KernelSpec] = _build_kernels()
 
 def kernel_code(name: str) -> int:
     """The row's `kernel` slot for kernel `name`: kind * 4 + variant bits
-    (_kernels.DEVICE_KINDS; bits = rectified | lookahead_sync << 1)."""
+    (_device.DEVICE_KINDS; bits = rectified | lookahead_sync << 1)."""
     base = name[len("optim_"):].replace("_avg", "").replace("_la", "")
     kind = base.split("_")[0]
     bits = (1 if base == "radam_rect" else 0) | (2 if name.endswith("_la") else 0)
-    return _kernels.DEVICE_KINDS.index(kind) * 4 + bits
+    return _device.DEVICE_KINDS.index(kind) * 4 + bits
 
 
 def code_kernel(code: int, averages: bool) -> str:
     """The kernel whose `kernel_code` is `code` (averages on or off)."""
-    kind = _kernels.DEVICE_KINDS[code // 4]
+    kind = _device.DEVICE_KINDS[code // 4]
     return kernel_name(kind, bool(code & 1), averages, bool(code & 2))
 
 

@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 import cuda_harness as ch
 import reference
 from test_cpu import needs_mprotect, run_unreadable
-from optim import _kernels
+from optim import _device, _kernels
 from optim import _kernels_cuda as kc
 from optim.backends import cupy as cupy_backend
 
@@ -167,12 +167,12 @@ def test_device_coefs_are_the_cpu_coefs():
     variants = numpy.zeros(40, dtype=numpy.uint8)
     ncoefs = len(kc.COEFS)
     for hypers in (hyper, [hyper] * 40):  # one Hyper for all, or one per key
-        mask = _kernels.device_coef_table(hypers, list(range(40)), list(range(1, 41)), 0.5,
+        mask = _device.device_coef_table(hypers, list(range(40)), list(range(1, 41)), 0.5,
                                           table, variants)
         assert mask == 8 | 16  # clipping; several kernels (rectified or not, sync or not)
         for t in range(1, 41):
             coefs = _kernels.coefs(hyper, t, 0.5)
-            got = _kernels.device_coefs(hyper, t, 0.5)
+            got = _device.device_coefs(hyper, t, 0.5)
             bits = int(coefs["rectified"]) | 2 * coefs["lookahead_sync"]
             assert got[0] == bits == variants[t - 1]
             assert list(got[1:]) == [coefs[name] for name in kc.COEFS] == list(
@@ -185,9 +185,9 @@ def test_device_coefs_are_the_cpu_coefs():
                 "radam", coefs["rectified"], True, coefs["lookahead_sync"])
     assert set(variants) == {0, 1, 2, 3}
     with pytest.raises(ValueError, match="key 'k': lr_scale"):
-        _kernels.device_coefs(hyper, 1, -1.0, "k")
+        _device.device_coefs(hyper, 1, -1.0, "k")
     with pytest.raises(ValueError, match="key 3: update count"):
-        _kernels.device_coef_table(hyper, [3], [0], 1.0, table[:1], variants[:1])
+        _device.device_coef_table(hyper, [3], [0], 1.0, table[:1], variants[:1])
 
 
 # ---------------------------------------------------------------- nvcc
@@ -541,7 +541,7 @@ def test_launch_many_matches_cython_kernels(dtype, kind, sizes, h, grad_clip, se
     before, reads = len(backend.launches), backend.moved_to_host
     backend.launch_many({}, hyper, keys, [d["w"] for d in dev], [d["g"] for d in dev],
                         plans, counts, 0.7)
-    groups = {_kernels.device_coefs(hyper, t, 0.7)[0] for t in counts}
+    groups = {_device.device_coefs(hyper, t, 0.7)[0] for t in counts}
     assert len(backend.launches) - before == len(groups) * (2 if grad_clip else 1)
     assert backend.moved_to_host == reads
     for key, c, d in zip(keys, cpu, dev):

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy
 
-from .. import _device, _kernels
+from .. import _device
 from .._cuda_workspace import Workspace, next_epoch, refuse_capture
 from .._kernels_cuda import (BLOCK, CUPY_HINT, ENTRY_POINTS, GO, KERNELS, NAN,
                              NVRTC_OPTIONS, ROW, SLOT, TENSOR_FIELDS, code_kernel,
@@ -229,7 +229,7 @@ class CupyBackend:
         plan.n = int(weights.size)
         plan.m, plan.v, plan.avg, plan.slow = mom1, mom2, average, slow
         plan.device = device
-        plan.kind, plan.kind_code = kind, _kernels.DEVICE_KINDS.index(kind)
+        plan.kind, plan.kind_code = kind, _device.DEVICE_KINDS.index(kind)
         plan.averages, plan.frozen = bool(averages), bool(frozen)
         plan.counter, plan.solo = None, {}
         plan.n_chunks = n_chunks(plan.n)
@@ -275,7 +275,7 @@ class CupyBackend:
         Validates the arrays against the plan first; reads nothing back."""
         device = self.cupy.cuda.runtime.getDevice()
         self.check(plan, key, weights, gradient, device)
-        coefs = _kernels.device_coefs(hyper, t, lr_scale, key)
+        coefs = _device.device_coefs(hyper, t, lr_scale, key)
         bits = coefs[0]
         state_args = plan.state_args[bits]
         if state_args is None:
@@ -346,7 +346,7 @@ class CupyBackend:
                     row_counts += [counts[i] + j for j in range(1, win[1])]
         table = numpy.empty((len(row_keys), ROW), dtype=numpy.float64)
         variants = numpy.empty(len(row_keys), dtype=numpy.uint8)
-        mask = _kernels.device_coef_table(row_hypers, row_keys, row_counts, lr_scale, table,
+        mask = _device.device_coef_table(row_hypers, row_keys, row_counts, lr_scale, table,
                                           variants)
         counted = False
         if windows is not None:
@@ -571,7 +571,7 @@ _DEVICE_TO_HOST = 2  # cudaMemcpyDeviceToHost
 _CHECK, _GRAD_CLIP = SLOT["check"], SLOT["grad_clip"]
 _KERNEL, _STATUS = SLOT["kernel"], SLOT["status"]
 _PICK, _EXTRA, _WINDOW, _COUNTER = SLOT["pick"], SLOT["extra"], SLOT["window"], SLOT["counter"]
-_FROZEN = _kernels.DEVICE_FROZEN
+_FROZEN = _device.DEVICE_FROZEN
 
 
 def _group_rows(table: numpy.ndarray, members: List[int], first_extra: Dict[int, int],
