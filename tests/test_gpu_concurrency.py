@@ -32,20 +32,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def use():
-    """use(backend): make `backend` the GPU backend for the test."""
-    previous = []
-
-    def install(backend: Any) -> Any:
-        previous.append(backends.set_gpu_backend(backend))
-        return backend
-
-    yield install
-    for p in reversed(previous):
-        backends.set_gpu_backend(p)
-
-
 def inputs(sizes: Sequence[int], dtype: Any, steps: int, seed: int):
     rng = numpy.random.default_rng(seed)
     w0 = [rng.standard_normal(n).astype(dtype) for n in sizes]

@@ -22,7 +22,6 @@ import cuda_harness as ch
 import optim
 from optim import _kernels
 from optim import _kernels_cuda as kc
-from optim import backends
 from optim.backends import device as device_updates
 
 NORM_MANY = "optim_clip_norm_many"
@@ -54,19 +53,6 @@ def groups(monkeypatch):
         return opt
 
     return install
-
-
-@pytest.fixture
-def use():
-    previous = []
-
-    def install(backend: Any) -> Any:
-        previous.append(backends.set_gpu_backend(backend))
-        return backend
-
-    yield install
-    for p in reversed(previous):
-        backends.set_gpu_backend(p)
 
 
 def host(x: Any) -> numpy.ndarray:
