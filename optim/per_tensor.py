@@ -17,6 +17,10 @@ from .naming import param_paths
 from .scheduled import ScheduledHyperparameters
 
 
+# Hyper.nonfinite's values: indexes into _kernels.NONFINITE_MODES
+APPLY, SKIP, RAISE = map(_kernels.NONFINITE_MODES.index, ("apply", "skip", "raise"))
+
+
 class NonFiniteError(FloatingPointError):
     """Non-finite gradients: an update refused (nonfinite="raise"), or too many
     consecutive steps that skipped one (max_consecutive_skips)."""
@@ -86,7 +90,7 @@ class PerTensorSettings(ScheduledHyperparameters):
         weights_bad = not _all_finite(weights)
         cause = (" Its weights are already non-finite: the gradient is not at fault, and "
                  "skipping updates cannot repair them." if weights_bad else "")
-        if self._hyper_for(key).nonfinite == 2:
+        if self._hyper_for(key).nonfinite == RAISE:
             raise NonFiniteError(
                 f"{where}: the gradient holds {what} at step {self._step} (update "
                 f"{self.nr_update.get(key, 0) + 1} of this key); nothing was written "
@@ -165,7 +169,6 @@ class PerTensorSettings(ScheduledHyperparameters):
     def _sync(self) -> None:
         """Bring counts a device keeps (skip mode) up to date on the host."""
 
-
     @property
     def skipped(self) -> Dict[KeyT, int]:
         """key -> how many of its updates were skipped (non-finite gradient), a copy."""
@@ -212,10 +215,10 @@ class PerTensorSettings(ScheduledHyperparameters):
 
 
 def _nonfinite_mode(mode: Any) -> int:
-    if mode not in _kernels.NONFINITE_MODES:
-        raise ValueError(f"nonfinite must be one of {', '.join(map(repr, _kernels.NONFINITE_MODES))}"
-                         f", got {mode!r}")
-    return _kernels.NONFINITE_MODES.index(mode)
+    modes = _kernels.NONFINITE_MODES
+    if mode not in modes:
+        raise ValueError(f"nonfinite must be one of {', '.join(map(repr, modes))}, got {mode!r}")
+    return modes.index(mode)
 
 
 def _check_skip_limit(limit: Any) -> Optional[int]:
