@@ -11,7 +11,8 @@ import importlib.util
 from cpython.dict cimport PyDict_Check, PyDict_GetItem, PyDict_Next, PyDict_SetItem, PyDict_Size
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.long cimport PyLong_AsLongAndOverflow, PyLong_CheckExact
-from cpython.object cimport PyObject
+from cpython.exc cimport PyErr_Clear, PyErr_Occurred
+from cpython.object cimport PyObject, PyObject_Hash
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_New
 from cpython.tuple cimport PyTuple_GET_ITEM
 from libc.limits cimport LONG_MAX
@@ -616,6 +617,35 @@ def zero_gradient_of(object key, object weights, object gradient) -> None:
     zero_gradient(&task)
 
 
+cdef extern from *:
+    """
+    /* A dict lookup with the key's hash computed once for all of the hot path's dicts
+       (CPython's _PyDict_GetItem_KnownHash, public in its headers 3.10-3.13); elsewhere
+       the plain lookup, which hashes the key again. Returns a borrowed reference, or
+       NULL (an exception set only if the key's comparison raised). */
+    #if !defined(PYPY_VERSION) && PY_VERSION_HEX < 0x030E0000
+    #define OPTIM_DICT_GET(d, k, h) _PyDict_GetItem_KnownHash((d), (k), (h))
+    #else
+    #define OPTIM_DICT_GET(d, k, h) PyDict_GetItemWithError((d), (k))
+    #endif
+    """
+    PyObject* OPTIM_DICT_GET(object d, object key, Py_hash_t h)
+
+
+cdef inline object dict_get(object d, object key, Py_hash_t h):
+    """d.get(key) for a dict d (of any mapping: its get), h being hash(key)."""
+    cdef PyObject* found
+    if not PyDict_Check(d):
+        return d.get(key)
+    found = OPTIM_DICT_GET(d, key, h)
+    if found == NULL:
+        if PyErr_Occurred():  # the key's comparison raised: let the plain get raise it
+            PyErr_Clear()
+            return d.get(key)
+        return None
+    return <object>found
+
+
 cdef class KnownKeys:
     """The per-call hot path of known NumPy keys, in C: the optimizer's state dicts, held
     directly (optim.backends.cpu.CpuUpdates is this plus the step_many paths).
@@ -641,10 +671,11 @@ cdef class KnownKeys:
         """Update a known key whose state is complete; False (nothing touched) when the
         general path is needed (a new key, other array types, an empty gradient)."""
         cdef Hyper hyper = self.hyper
-        cdef PyObject* found
+        cdef Py_hash_t h = PyObject_Hash(key)  # once, for every dict below
+        cdef object found
         if self.key_hyper is not None:
-            found = PyDict_GetItem(self.key_hyper, key)
-            if found == NULL:
+            found = dict_get(self.key_hyper, key, h)
+            if found is None:
                 return False  # the general path resolves the key's group
             hyper = <Hyper>found
             if hyper.frozen:
@@ -653,7 +684,7 @@ cdef class KnownKeys:
                     return False
                 zero_gradient_of(key, weights, gradient)
                 return True
-        shape = self.shapes.get(key)
+        shape = dict_get(self.shapes, key, h)
         if (shape is None or type(weights) is not cnp.ndarray
                 or type(gradient) is not cnp.ndarray or not (<cnp.ndarray>gradient).size):
             return False
@@ -661,12 +692,15 @@ cdef class KnownKeys:
             from optim.hyperparams import shape_error
 
             raise ValueError(shape_error(key, weights.shape, shape))
-        cdef long t = self.nr_update[key] + 1
+        count = dict_get(self.nr_update, key, h)
+        if count is None:
+            return False
+        cdef long t = count + 1
         averages = self.averages
-        cdef int outcome = step_c(hyper, key, weights, gradient, self.mom1.get(key),
-                                  self.mom2.get(key),
-                                  None if averages is None else averages.get(key),
-                                  self.lookahead.get(key), t, lr_scale)
+        cdef int outcome = step_c(hyper, key, weights, gradient, dict_get(self.mom1, key, h),
+                                  dict_get(self.mom2, key, h),
+                                  None if averages is None else dict_get(averages, key, h),
+                                  dict_get(self.lookahead, key, h), t, lr_scale)
         if outcome == OUTCOME_UPDATED:
             self.nr_update[key] = t
         else:
