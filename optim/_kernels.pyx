@@ -22,8 +22,8 @@ from cymem.cymem cimport Pool
 
 from optim._loops cimport (
     KIND_ADAM, KIND_RADAM, KIND_SGD, MAX_PIECES, MAX_THREADS, NORM_CHUNK, NORM_LANES,
-    OPTIM_LOOPS_CAPSULE, PIECE_MIN, Coefs, Kind, Loops, deal, lane_tree, piece_start,
-    pieces_for, real_t,
+    OPTIM_LOOPS_CAPSULE, PIECE_MIN, Coefs, Coupled, GradientOnly, Kind, Loops, deal,
+    lane_tree, norm_term, piece_start, pieces_for, real_t, term,
 )
 from optim._pool cimport OPTIM_POOL, optim_parallel
 
@@ -487,11 +487,18 @@ cdef int find_nonfinite(const Task* task) noexcept nogil:
 
 
 cdef int scan_terms(const real_t* g, const real_t* w, real_t l2, Py_ssize_t n) noexcept nogil:
+    if l2 != 0:
+        return scan(g, w, l2, n, Coupled(0))
+    return scan(g, w, l2, n, GradientOnly(0))
+
+
+cdef int scan(const real_t* g, const real_t* w, real_t l2, Py_ssize_t n,
+              norm_term kind) noexcept nogil:
     cdef Py_ssize_t i
     cdef real_t x
     cdef int found = 0
     for i in range(n):
-        x = g[i] + l2 * w[i] if l2 != 0 else g[i]
+        x = term(g, w, l2, i, kind)
         if x != x:
             return OUTCOME_NAN
         if x - x != 0:

@@ -75,6 +75,30 @@ cdef enum:
     MAX_PIECES = PIECES_PER_THREAD * MAX_THREADS
 
 
+# The clip norm's term: g + l2*w with coupled L2, g alone when l2 == 0, a loop that never
+# reads the weights;
+# shared by the loops and optim._kernels' confirmation scan (Thinc adds L2 * weights to the gradient only when L2 is coupled and
+# not 0; docs/numerics.md).
+cdef struct Coupled:
+    char unused
+
+cdef struct GradientOnly:
+    char unused
+
+ctypedef fused norm_term:
+    Coupled
+    GradientOnly
+
+
+cdef inline real_t term(const real_t* g, const real_t* w, real_t l2, Py_ssize_t i,
+                        norm_term kind) noexcept nogil:
+    """Element i's clip norm term, in real_t."""
+    if norm_term is Coupled:
+        return g[i] + l2 * w[i]
+    else:
+        return g[i]
+
+
 cdef inline double lane_tree(double* lanes) noexcept nogil:
     """Fold NORM_LANES partial sums pairwise: lanes[j] += lanes[j + half], half = 16..1.
 

@@ -9,8 +9,8 @@ from libc.math cimport sqrt, sqrtf
 from libc.stdint cimport uint32_t, uint64_t
 
 from optim._loops cimport (
-    KIND_ADAM, KIND_SGD, NORM_LANES, OPTIM_LOOPS_CAPSULE, Coefs, Kind, Loops, lane_tree,
-    real_t,
+    KIND_ADAM, KIND_SGD, NORM_LANES, OPTIM_LOOPS_CAPSULE, Coefs, Coupled, GradientOnly, Kind,
+    Loops, lane_tree, norm_term, real_t, term,
 )
 
 
@@ -157,29 +157,6 @@ cdef void radam_loop(real_t* w, real_t* g, real_t* m, real_t* v, real_t* avg,
         adam_dispatch(w, g, m, v, avg, slow, n, c, RectifiedStep(0))
     else:
         adam_dispatch(w, g, m, v, avg, slow, n, c, MomentumStep(0))
-
-
-# The clip norm's term: g + l2*w with coupled L2, g alone when l2 == 0, a loop that never
-# reads the weights (Thinc adds L2 * weights to the gradient only when L2 is coupled and
-# not 0; docs/numerics.md).
-cdef struct Coupled:
-    char unused
-
-cdef struct GradientOnly:
-    char unused
-
-ctypedef fused norm_term:
-    Coupled
-    GradientOnly
-
-
-cdef inline real_t term(const real_t* g, const real_t* w, real_t l2, Py_ssize_t i,
-                        norm_term kind) noexcept nogil:
-    """Element i's clip norm term, in real_t."""
-    if norm_term is Coupled:
-        return g[i] + l2 * w[i]
-    else:
-        return g[i]
 
 
 cdef double chunk_lanes(const real_t* g, const real_t* w, real_t l2, Py_ssize_t n,

@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy
 import srsly
 
-from .naming import param_names, param_paths, param_shapes  # noqa: F401 - re-exported
+from .naming import param_names, param_shapes
 from .serialize import StateError, decode_key, encode_key, read_file, write_atomic
 
 FORMAT_NAME = "optim.checkpoint"

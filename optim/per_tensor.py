@@ -76,9 +76,10 @@ class PerTensorSettings(ScheduledHyperparameters):
             return self._hyper
         hyper = key_hyper.get(key)
         if hyper is None:
+            path = self.path_of(key)
             if not self._paths and not key_hyper:
-                _warn_unbound(self._groups, self.path_of(key))
-            group = group_for(self._groups, self.path_of(key))
+                _warn_unbound(self._groups, path)
+            group = group_for(self._groups, path)
             hyper = key_hyper[key] = self._hyper if group is None else group.hyper
         return hyper
 
