@@ -44,6 +44,7 @@ cdef struct Task:  # one update: its arrays (data pointers), size, dtype, count,
 
 
 cdef int n_threads() noexcept
+cdef double power_of(double x, long n) noexcept nogil
 cdef Coefs make_coefs(Hyper h, long t, double lr_scale) noexcept
 cdef bint syncs(Hyper h, long t) noexcept
 cdef int check_call(object key, long t, double lr_scale) except -1

@@ -16,7 +16,7 @@ from cpython.object cimport PyObject, PyObject_Hash
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_New
 from cpython.tuple cimport PyTuple_GET_ITEM
 from libc.limits cimport LONG_MAX
-from libc.math cimport pow, sqrt, isfinite
+from libc.math cimport sqrt, isfinite
 from libc.string cimport memset
 from cymem.cymem cimport Pool
 
@@ -150,12 +150,34 @@ cdef class Hyper:
 
 # ---------------------------------------------------------------- the per-call scalars
 
+cdef double power_of(double x, long n) noexcept nogil:
+    """x**n (n >= 0) by squaring, in double, least significant bit first: only correctly
+    rounded multiplies in a fixed order, so the same bits under any libm, compiler and
+    CPU (libm's pow is not correctly rounded and differs between them)."""
+    cdef double result = 1.0
+    while n > 0:
+        if n & 1:
+            result *= x
+        n >>= 1
+        if n:
+            x *= x
+    return result
+
+
+def power(double x, long n) -> float:
+    """x**n (an integer n >= 0) as the kernels compute it (`power_of`); for schedules."""
+    if n < 0:
+        raise ValueError(f"power: the exponent must be >= 0, got {n}")
+    return power_of(x, n)
+
+
 cdef Coefs make_coefs(Hyper h, long t, double lr_scale) noexcept:
-    """Scalars for the t-th update of a key (t counts this update)."""
+    """Scalars for the t-th update of a key (t counts this update): + - * / and sqrt
+    only (docs/numerics.md, "Per-call scalars")."""
     cdef Coefs c
     cdef double lr = h.learn_rate * lr_scale
-    cdef double beta1_t = pow(h.beta1, <double>t)
-    cdef double beta2_t = pow(h.beta2, <double>t)
+    cdef double beta1_t = power_of(h.beta1, t)
+    cdef double beta2_t = power_of(h.beta2, t)
     cdef double rho_inf, rho_t
     cdef Kind kind = h._kind()
     c.beta1 = h.beta1
@@ -172,7 +194,7 @@ cdef Coefs make_coefs(Hyper h, long t, double lr_scale) noexcept:
         c.lr = lr
     elif kind == KIND_ADAM:
         # Thinc's order of operations: learn_rate * fix2**0.5 / fix1, then * lr_scale.
-        c.lr = h.learn_rate * pow(1.0 - beta2_t, 0.5) / (1.0 - beta1_t) * lr_scale
+        c.lr = h.learn_rate * sqrt(1.0 - beta2_t) / (1.0 - beta1_t) * lr_scale
     else:
         rho_inf = 2.0 / (1.0 - h.beta2) - 1.0
         rho_t = rho_inf - 2.0 * t * beta2_t / (1.0 - beta2_t)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy
 
+from . import _kernels
 from .registry import registry
 
 ScoreT = Optional[Tuple[int, float]]
@@ -100,6 +101,14 @@ class Schedule:
         return schedule
 
 
+def power(x: float, n: int) -> float:
+    """x**n for a whole n, by squaring in double (`optim._kernels.power`, the kernels'
+    own): the same bits under any libm. A negative n gives 1 / x**-n."""
+    if n < 0:
+        return 1.0 / _kernels.power(x, -n)
+    return _kernels.power(x, n)
+
+
 def _blank(cls: type) -> Schedule:
     return cls.__new__(cls)
 
@@ -155,14 +164,19 @@ def _decaying(s: Schedule, step: int, last_score: ScoreT) -> float:
 
 @registry.schedules("compounding.v1")
 def compounding(start: float, stop: float, compound: float, *, t: float = 0.0) -> Schedule:
-    """start * compound**(t + step), clipped at stop."""
+    """start * compound**(t + step), clipped at stop. The power is taken by squaring
+    (`power`), so `t` must be a whole number."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not float(t).is_integer():
+        raise ValueError(f"compounding: t must be a whole number (the power is taken by "
+                         f"squaring, the same bits on every machine), got {t!r}")
     return Schedule("compounding.v1", _compounding,
                     {"start": start, "stop": stop, "compound": compound, "t": t})
 
 
 def _compounding(s: Schedule, step: int, last_score: ScoreT) -> float:
     a = s.attrs
-    return _clip(float(a["start"]) * a["compound"] ** (a["t"] + step), a["start"], a["stop"])
+    return _clip(float(a["start"]) * power(a["compound"], int(a["t"]) + step),
+                 a["start"], a["stop"])
 
 
 @registry.schedules("warmup_linear.v1")
@@ -261,7 +275,7 @@ def _plateau(s: Schedule, step: int, last_score: ScoreT) -> float:
                 state["n_plateaus"] += 1
                 state["patience"] = 0
         state["last_score_step"] = score_step
-    return s.attrs["scale"] ** state["n_plateaus"] * _inner(s, step, last_score)
+    return power(s.attrs["scale"], state["n_plateaus"]) * _inner(s, step, last_score)
 
 
 @registry.schedules("sequence.v1")
