@@ -22,6 +22,9 @@ cdef class Hyper:
     cdef public long lookahead_k
     cdef public bint L2_is_weight_decay, use_radam, frozen
     cdef public int nonfinite
+    # beta1**t and beta2**t of the last make_coefs (keys of one step share t)
+    cdef long powers_t
+    cdef double powers_beta1, powers_beta2, beta1_t, beta2_t
 
     cdef Kind _kind(self) noexcept
 

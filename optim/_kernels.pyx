@@ -16,7 +16,7 @@ from cpython.object cimport PyObject, PyObject_Hash
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_New
 from cpython.tuple cimport PyTuple_GET_ITEM
 from libc.limits cimport LONG_MAX
-from libc.math cimport sqrt, isfinite
+from libc.math cimport fabs, sqrt, isfinite
 from libc.string cimport memset
 from cymem.cymem cimport Pool
 
@@ -150,18 +150,50 @@ cdef class Hyper:
 
 # ---------------------------------------------------------------- the per-call scalars
 
+cdef double SPLIT = 134217729.0  # 2**27 + 1: Veltkamp's split of a double in two halves
+
+
+cdef inline double product_error(double a, double b, double p) noexcept nogil:
+    """The rounding error of p = a * b (a * b == p + error, exactly), by Dekker's split
+    of a and b into halves whose products are exact: no FMA needed (and none may be
+    contracted in: optim builds with -ffp-contract=off)."""
+    cdef double c = SPLIT * a
+    cdef double a_hi = c - (c - a)
+    cdef double a_lo = a - a_hi
+    c = SPLIT * b
+    cdef double b_hi = c - (c - b)
+    cdef double b_lo = b - b_hi
+    return ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+
+
+cdef inline void dd_multiply(double* hi, double* lo, double b_hi, double b_lo) noexcept nogil:
+    """(hi, lo) *= (b_hi, b_lo) in double-double arithmetic, normalised (hi is the
+    product rounded to double). Beyond 1e300 (Dekker's split would overflow) or at inf,
+    a plain product."""
+    cdef double p = hi[0] * b_hi
+    cdef double e
+    if not (fabs(p) < 1e300 and fabs(hi[0]) < 1e300 and fabs(b_hi) < 1e300):
+        hi[0], lo[0] = p, 0.0
+        return
+    e = product_error(hi[0], b_hi, p) + (hi[0] * b_lo + lo[0] * b_hi)
+    hi[0] = p + e
+    lo[0] = e - (hi[0] - p)
+
+
 cdef double power_of(double x, long n) noexcept nogil:
-    """x**n (n >= 0) by squaring, in double, least significant bit first: only correctly
-    rounded multiplies in a fixed order, so the same bits under any libm, compiler and
-    CPU (libm's pow is not correctly rounded and differs between them)."""
-    cdef double result = 1.0
+    """x**n (n >= 0): exponentiation by squaring, least significant bit first, in
+    double-double (about 106 bits), rounded to double once at the end. Only correctly
+    rounded + - * in a fixed order, so the same bits under any libm, compiler and CPU
+    (libm's pow is not correctly rounded and differs between them); and, its error
+    being far below half an ulp, it is x**n correctly rounded in all but rare ties."""
+    cdef double r_hi = 1.0, r_lo = 0.0, x_hi = x, x_lo = 0.0
     while n > 0:
         if n & 1:
-            result *= x
+            dd_multiply(&r_hi, &r_lo, x_hi, x_lo)
         n >>= 1
         if n:
-            x *= x
-    return result
+            dd_multiply(&x_hi, &x_lo, x_hi, x_lo)
+    return r_hi
 
 
 def power(double x, long n) -> float:
@@ -176,10 +208,12 @@ cdef Coefs make_coefs(Hyper h, long t, double lr_scale) noexcept:
     only (docs/numerics.md, "Per-call scalars")."""
     cdef Coefs c
     cdef double lr = h.learn_rate * lr_scale
-    cdef double beta1_t = power_of(h.beta1, t)
-    cdef double beta2_t = power_of(h.beta2, t)
-    cdef double rho_inf, rho_t
+    cdef double beta1_t, beta2_t, rho_inf, rho_t
     cdef Kind kind = h._kind()
+    if not (h.powers_t == t and h.powers_beta1 == h.beta1 and h.powers_beta2 == h.beta2):
+        h.beta1_t, h.beta2_t = power_of(h.beta1, t), power_of(h.beta2, t)
+        h.powers_t, h.powers_beta1, h.powers_beta2 = t, h.beta1, h.beta2
+    beta1_t, beta2_t = h.beta1_t, h.beta2_t
     c.beta1 = h.beta1
     c.beta2 = h.beta2
     c.eps = h.eps

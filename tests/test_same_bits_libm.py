@@ -8,11 +8,15 @@ the tunable and at every SIMD level this build and CPU have, must hash the same.
 libm's `pow` in Adam's bias correction, float64 Adam differed from update 482 on.
 """
 import json
+import math
 import os
 import subprocess
 import sys
+from fractions import Fraction
 
-from optim import cpu
+from hypothesis import assume, given, settings, strategies as st
+
+from optim import _kernels, cpu
 
 RUN = r"""
 import hashlib, json, math, sys
@@ -81,3 +85,24 @@ def test_long_runs_hash_the_same_under_another_libm_at_every_level():
     # the equality above compares two different `pow`s, not one with itself.
     if "avx2" in cpu.config()["isa_supported"]:
         assert pow_hashes[(levels[0], False)] != pow_hashes[(levels[0], True)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(x=st.floats(0.5, 2.0), n=st.integers(0, 4000))
+def test_power_is_correctly_rounded(x, n):
+    """`power` (beta**t of the per-call scalars and the schedules) is x**n rounded once
+    from the exact value (rational arithmetic here), wherever that value is a normal
+    double well clear of underflow and overflow; libm's pow misses some of these."""
+    exact = Fraction(x) ** n
+    assume(Fraction(10) ** -290 < exact < Fraction(10) ** 290)
+    assert _kernels.power(x, n) == float(exact)
+
+
+def test_power_of_adams_betas_is_correctly_rounded_at_every_step():
+    """beta1 = 0.9 and beta2 = 0.999, t = 1 .. 3000: power is the exactly rounded value
+    at every t (glibc's pow on x86-64 with FMA misses 0.999**2904, for one)."""
+    for beta in (0.9, 0.999):
+        exact = Fraction(1)
+        for t in range(1, 3001):
+            exact *= Fraction(beta)
+            assert _kernels.power(beta, t) == float(exact), (beta, t)
