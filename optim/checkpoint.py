@@ -353,7 +353,8 @@ def read_bundle(path: Any) -> Dict[str, bytes]:
 
 
 class Checkpoints:
-    """`root/step-<N>.ckpt` files written by `write_bundle`, the newest `keep` kept.
+    """`root/step-<N>.ckpt` files (N in 8 digits: `step-00000200.ckpt`) written by
+    `write_bundle`, the newest `keep` kept.
 
     On ranks other than 0 (`writer=False`) `write` writes nothing: every rank calls
     the same methods in the same order."""

@@ -48,6 +48,15 @@ def check_value(name: str, value: Any) -> float:
     return value
 
 
+def check_flag(name: str, value: Any) -> bool:
+    """`value` as a bool if it is one (or the integer 0 or 1), else a TypeError."""
+    if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    if type(value).__name__ == "bool_":  # numpy's bool
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {type(value).__name__}: {value!r}")
+
+
 def is_empty(gradient: Any) -> bool:
     """A gradient with no elements: Thinc's "nothing to do" (checked before anything else)."""
     return getattr(gradient, "size", None) == 0

@@ -5,6 +5,7 @@ The class holds Thinc's API, the hyperparameters and their schedules, and the st
 it (`optim.backends`: `CpuUpdates` over `optim._kernels`, `DeviceUpdates` over a device
 backend such as `optim.backends.cupy`), and each backend owns its fast paths and caches.
 """
+import copy
 import numbers
 from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -19,9 +20,9 @@ from .backends.device import DeviceUpdates
 from .groups import GroupsT, group_for
 from .per_tensor import PerTensorSettings
 from .hyperparams import (ADAM_DEFAULTS, HYPERPARAMETERS, RADAM_DEFAULTS, SGD_DEFAULTS, KeyT,
-                          any_empty, check_value, is_empty, shape_error)
+                          any_empty, check_flag, check_value, is_empty, shape_error)
 from .registry import registry
-from .schedules import Schedule
+from .schedules import Schedule, is_step_schedule, read_step_schedule
 
 # A number, a list, an iterator (Thinc 8.3), an optim schedule, or a callable read as
 # `value(step, key=..., last_score=...)` (a Thinc 9 `Schedule`).
@@ -94,7 +95,7 @@ class Optimizer(PerTensorSettings):
     """
 
     __slots__ = ("_mom1", "_mom2", "_averages", "_lookahead", "_nr_update", "ops", "_shapes",
-                 "_on_gpu", "_stale", "_cpu", "_dev", "__weakref__")
+                 "_on_gpu", "_stale", "_cpu", "_dev", "last_seen", "__weakref__")
 
     def __init__(self, learn_rate: FloatOrSeq, *, ops: Any = None,
                  L2: FloatOrSeq = ADAM_DEFAULTS["L2"],
@@ -113,7 +114,8 @@ class Optimizer(PerTensorSettings):
                  max_consecutive_skips: Optional[int] = None) -> None:
         self._mom1: Dict[KeyT, Any] = {}
         self._mom2: Dict[KeyT, Any] = {}
-        self._averages: Optional[Dict[KeyT, Any]] = {} if use_averages else None
+        self._averages: Optional[Dict[KeyT, Any]] = {} if check_flag(
+            "use_averages", use_averages) else None
         self._lookahead: Dict[KeyT, Any] = {}  # the slow weights
         self._nr_update: Dict[KeyT, int] = defaultdict(int)
         self._init_hyperparameters()
@@ -124,8 +126,9 @@ class Optimizer(PerTensorSettings):
         self._dev: Optional[DeviceUpdates] = None  # device arrays: plans and tables
         self._init_per_tensor(groups, nonfinite, max_consecutive_skips)
         self._cpu = CpuUpdates(self)  # NumPy arrays: fast paths, the kept step_many batch
-        self._hyper.use_radam = bool(use_radam)
-        self._hyper.L2_is_weight_decay = bool(L2_is_weight_decay)
+        self._hyper.use_radam = check_flag("use_radam", use_radam)
+        self._hyper.L2_is_weight_decay = check_flag("L2_is_weight_decay", L2_is_weight_decay)
+        self.last_seen: Dict[KeyT, int] = defaultdict(int)  # Thinc's; unused there too
         self.lookahead_k = lookahead_k
         values = {"learn_rate": learn_rate, "beta1": beta1, "beta2": beta2, "eps": eps,
                   "L2": L2, "grad_clip": grad_clip, "weight_decay": weight_decay,
@@ -162,7 +165,14 @@ class Optimizer(PerTensorSettings):
 
     @property
     def use_averages(self) -> bool:
+        """Whether parameter averages are kept (set False to drop them, True to start)."""
         return self.averages is not None
+
+    @use_averages.setter
+    def use_averages(self, value: Any) -> None:
+        if check_flag("use_averages", value) != self.use_averages:
+            self.averages = {} if value else None
+            self._stale.update(self._shapes)
 
     # ------------------------------------------------------------ updates
 
@@ -283,7 +293,8 @@ class Optimizer(PerTensorSettings):
                 continue
             self.check_pair(key, weights[i], gradient)  # all before any group updates
             group = group_for(self._groups, self.path_of(key)) if self._groups else None
-            values = tuple(check_value(name, schedule(step, key=key, last_score=last_score))
+            values = tuple(check_value(name, read_step_schedule(schedule, step, key=key,
+                                                                last_score=last_score))
                            for source in (self, group) if source is not None
                            for name, schedule in source._keyed.items())
             batches.setdefault((group, values), []).append(i)
@@ -430,14 +441,29 @@ class Optimizer(PerTensorSettings):
     def __getstate__(self) -> Dict[str, Any]:
         """Copies (copy.deepcopy, pickle) leave out the backends' caches (the prepared
         device launches hold compiled kernels): they are rebuilt at the copy's first update."""
+        held = [(name, s) for g in (self, *self._groups) for name, s in g.schedules.items()]
+        for name, schedule in held:
+            if not (isinstance(schedule, Schedule) or is_step_schedule(schedule)):
+                raise TypeError(
+                    f"cannot copy or pickle this optimizer: {name} follows a "
+                    f"{type(schedule).__name__} (an iterator such as a Thinc 8.3 schedule), "
+                    "whose position cannot be copied; use optim's schedule of the same "
+                    "name (e.g. optim.warmup_linear, or @schedules = "
+                    "\"optim.warmup_linear.v1\" in a config)")
         self._sync()  # counts a device holds (skip mode) come along
         return {name: getattr(self, name) for name in _SLOTS
                 if name not in ("_cpu", "_dev")}
+
+    def __copy__(self) -> "Optimizer":
+        """An independent copy, as copy.deepcopy: a shallow one would share the moment
+        arrays, which both would then update in place."""
+        return copy.deepcopy(self)
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         for name, value in state.items():
             setattr(self, name, value)
         self._cpu, self._dev = CpuUpdates(self), None
+        self._register()
 
     def _sync(self) -> None:
         """Bring counts a device keeps (skip mode) up to date on the host."""

@@ -3,8 +3,10 @@ updated: per-parameter groups (`bind`, paths, the first matching group's `Hyper`
 what an update does with a non-finite gradient (`nonfinite`, skip counts, the limit on
 consecutive skipped steps). docs/architecture.md, "Per-tensor settings".
 """
+import itertools
 import numbers
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -21,6 +23,15 @@ from .scheduled import ScheduledHyperparameters
 APPLY, SKIP, RAISE = map(_kernels.NONFINITE_MODES.index, ("apply", "skip", "raise"))
 
 
+_LIVE: "weakref.WeakSet[PerTensorSettings]" = weakref.WeakSet()  # (optim.bind.v1)
+_SERIALS = itertools.count()
+
+
+def live_optimizers() -> List["PerTensorSettings"]:
+    """The optimizers of this process that are still referenced, oldest first."""
+    return sorted(_LIVE, key=lambda opt: opt._serial)
+
+
 class NonFiniteError(FloatingPointError):
     """Non-finite gradients: an update refused (nonfinite="raise"), or too many
     consecutive steps that skipped one (max_consecutive_skips)."""
@@ -33,7 +44,7 @@ class PerTensorSettings(ScheduledHyperparameters):
 
     __slots__ = ("_groups", "_key_hyper", "_paths", "_frozen_any", "_group_keyed",
                  "_skipped", "_skip_limit", "_skip_run", "_skipped_in_step", "_last_skip",
-                 "_warned")
+                 "_warned", "_serial")
 
     def _init_per_tensor(self, groups: GroupsT, nonfinite: str,
                          max_consecutive_skips: Optional[int]) -> None:
@@ -51,6 +62,12 @@ class PerTensorSettings(ScheduledHyperparameters):
         self._last_skip: Optional[Tuple[KeyT, int, int]] = None  # key, outcome, step
         self._warned: set = set()  # keys warned of for non-finite weights
         self._hyper.nonfinite = _nonfinite_mode(nonfinite)
+        self._register()
+
+    def _register(self) -> None:
+        """Count this optimizer among the live ones (`live_optimizers`)."""
+        self._serial = next(_SERIALS)
+        _LIVE.add(self)
 
     def _settings_changed(self) -> None:
         """Keys' settings may differ now (the subclass drops its caches)."""
@@ -240,8 +257,9 @@ def _warn_unbound(groups: List[Group], example: str) -> None:
             f"group {by_path[0].name!r} (match {by_path[0].match!r}) matches parameter "
             f"paths, but this optimizer was not bound: its keys are matched by their "
             f"parameter name alone (e.g. {example!r}), so the group matches nothing. Call "
-            "optimizer.bind(model) (or bind(nlp)) before training; python -m "
-            "optim.spacy_train does it for you", UserWarning, stacklevel=4)
+            "optimizer.bind(model) (or bind(nlp)) before training; under spacy train, "
+            "add [training.before_update] @callbacks = \"optim.bind.v1\" to the config "
+            "(python -m optim.spacy_train binds by itself)", UserWarning, stacklevel=4)
 
 
 def _all_finite(x: Any) -> bool:

@@ -12,8 +12,9 @@ import numbers
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 from . import _kernels
-from .hyperparams import HYPERPARAMETERS, KeyT, check_value
-from .schedules import Schedule, depends_on_key, is_step_schedule, sequence
+from .hyperparams import HYPERPARAMETERS, KeyT, check_flag, check_value
+from .schedules import (Schedule, depends_on_key, is_step_schedule, read_step_schedule,
+                        sequence)
 
 
 class ScheduledHyperparameters:
@@ -114,7 +115,7 @@ class ScheduledHyperparameters:
                 continue
             index = self._step + self._schedule_start[name]
             if index >= 0:
-                value = schedule(index, last_score=self._last_score)
+                value = _read(schedule, index, last_score=self._last_score)
                 setattr(self._hyper, name, check_value(name, value))
 
     def _apply_keyed(self, key: KeyT) -> None:
@@ -123,7 +124,7 @@ class ScheduledHyperparameters:
         kind = self._hyper.kind
         step, last_score = self._step, self._last_score
         for name, schedule in self._keyed.items():
-            value = schedule(step, key=key, last_score=last_score)
+            value = read_step_schedule(schedule, step, key=key, last_score=last_score)
             setattr(self._hyper, name, check_value(name, value))
         self._after_kind(kind)
 
@@ -165,7 +166,7 @@ class ScheduledHyperparameters:
         index = step + self._schedule_start[name]
         if index < 0:  # a `schedules=` entry before the first step_schedules()
             return getattr(self._hyper, name)
-        return check_value(name, schedule(index, **extra))
+        return check_value(name, _read(schedule, index, **extra))
 
     @property
     def step(self) -> int:
@@ -187,16 +188,25 @@ class ScheduledHyperparameters:
         self._after_kind(kind)
 
     def _hyper_get(name: str):  # noqa: N805 - builds properties below
-        def get(self: "ScheduledHyperparameters") -> float:
+        def get(self: "ScheduledHyperparameters") -> "Hyperparameter":
             keyed = self._keyed.get(name)
             if keyed is not None:  # no key here: the schedule's own default
-                return check_value(name, keyed(self._step, last_score=self._last_score))
-            return getattr(self._hyper, name)
+                value = check_value(name, read_step_schedule(keyed, self._step,
+                                                             last_score=self._last_score))
+            else:
+                value = getattr(self._hyper, name)
+            return Hyperparameter(value, self, name)
 
         def set(self: "ScheduledHyperparameters", value: Any) -> None:
+            if isinstance(value, Hyperparameter):
+                if value.owner is self and value.name == name:
+                    return  # optimizer.learn_rate = optimizer.learn_rate: no change
+                value = float(value)  # another's value: the number it reads as
             self._set_hyperparameter(name, value)
 
-        return property(get, set, doc=f"The current {name} (set a number or a schedule).")
+        return property(get, set, doc=f"The current {name}: a number that is also its "
+                                      f"schedule, {name}(step=..., key=...); set a number "
+                                      "or a schedule.")
 
     learn_rate = _hyper_get("learn_rate")
     beta1 = b1 = _hyper_get("beta1")
@@ -208,18 +218,56 @@ class ScheduledHyperparameters:
     lookahead_alpha = _hyper_get("lookahead_alpha")
     del _hyper_get
 
-    @property
-    def use_radam(self) -> bool:
-        return self._hyper.use_radam
+    def _flag(name: str, doc: str):  # noqa: N805 - builds properties below
+        def get(self: "ScheduledHyperparameters") -> bool:
+            return bool(getattr(self._hyper, name))
 
-    @property
-    def L2_is_weight_decay(self) -> bool:
-        return self._hyper.L2_is_weight_decay
+        def set(self: "ScheduledHyperparameters", value: Any) -> None:
+            kind = self._hyper.kind
+            setattr(self._hyper, name, check_flag(name, value))
+            self._after_kind(kind)
+
+        return property(get, set, doc=doc)
+
+    use_radam = _flag("use_radam", "Whether updates are RAdam's (set it: the next update "
+                                   "follows, as in Thinc).")
+    L2_is_weight_decay = _flag("L2_is_weight_decay", "Whether L2 is decoupled weight "
+                                                     "decay (True) or added to the gradient.")
+    del _flag
 
     @property
     def kind(self) -> str:
         """The update the hyperparameters describe: "sgd", "adam" or "radam"."""
         return self._hyper.kind
+
+
+class Hyperparameter(float):
+    """A hyperparameter's current value that is also its schedule: a float for Thinc 8.3
+    code (`optimizer.learn_rate * 2`) and callable for Thinc 9 code
+    (`optimizer.learn_rate(step=..., key=..., last_score=...)`, which reads the
+    optimizer's schedule at that step). Pickles and copies as a plain float."""
+
+    __slots__ = ("owner", "name")
+
+    def __new__(cls, value: float, owner: ScheduledHyperparameters,
+                name: str) -> "Hyperparameter":
+        self = float.__new__(cls, value)
+        self.owner = owner
+        self.name = name
+        return self
+
+    def __call__(self, step: Optional[int] = None, **extra: Any) -> float:
+        return self.owner.hyperparameter(self.name, step, **extra)
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return (float, (float(self),))
+
+
+def _read(schedule: Any, step: int, **extra: Any) -> float:
+    """An indexed schedule's value at `step` (optim's, or a Thinc 9 style callable)."""
+    if isinstance(schedule, Schedule):
+        return schedule(step, **extra)
+    return read_step_schedule(schedule, step, **extra)
 
 
 def _indexed(schedule: Any) -> bool:

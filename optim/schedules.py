@@ -8,8 +8,10 @@ an optimizer that holds one can be saved and resumed exactly. Values follow Thin
 generators; `plateau` follows Thinc 9. `from_thinc` maps Thinc 9's registered schedules
 onto these (without importing Thinc).
 """
+import inspect
 import itertools
 import sys
+import weakref
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy
@@ -368,6 +370,46 @@ def from_thinc(schedule: Any) -> Schedule:
     return convert(schedule.attrs)
 
 
+_KEYWORDS: "weakref.WeakKeyDictionary[Any, Tuple[Optional[frozenset], bool]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _keywords(schedule: Any) -> Tuple[Optional[frozenset], bool]:
+    """(the keywords a step schedule takes, None for any; whether `key` is required)."""
+    try:
+        return _KEYWORDS[schedule]
+    except (KeyError, TypeError):
+        pass
+    try:
+        params = inspect.signature(schedule).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: give it everything
+        found: Tuple[Optional[frozenset], bool] = (None, False)
+    else:
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+        named = frozenset(p.name for p in params if p.kind in kinds)
+        key_required = any(p.name == "key" and p.default is inspect.Parameter.empty
+                           for p in params if p.kind in kinds)
+        found = (None if takes_any else named, key_required)
+    try:
+        _KEYWORDS[schedule] = found
+    except TypeError:  # not weakly referable: read again next time
+        pass
+    return found
+
+
+def read_step_schedule(schedule: Any, step: int, **extra: Any) -> float:
+    """A Thinc 9 style schedule's value: `schedule(step=step, **extra)`, passing only the
+    keywords it takes (Thinc 9 code writes `lambda *, step, key: ...`), and key=None
+    where it requires a key that the reader has not got."""
+    names, key_required = _keywords(schedule)
+    if names is not None:
+        extra = {k: v for k, v in extra.items() if k in names}
+    if key_required and "key" not in extra:
+        extra["key"] = None
+    return schedule(step=step, **extra)
+
+
 def depends_on_key(schedule: Any) -> bool:
     """Whether `schedule` may give different values per parameter key: True unless it is
     an optim schedule or built only from Thinc 9's registered schedules."""
@@ -380,4 +422,4 @@ def depends_on_key(schedule: Any) -> bool:
 
 __all__ = ["Schedule", "constant", "constant_then", "decaying", "compounding",
            "warmup_linear", "slanted_triangular", "cyclic_triangular", "plateau", "sequence",
-           "from_thinc", "is_step_schedule", "depends_on_key"]
+           "from_thinc", "is_step_schedule", "depends_on_key", "read_step_schedule"]

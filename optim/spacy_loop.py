@@ -89,7 +89,7 @@ def bind_optimizer(optimizer: Any, nlp: Any) -> bool:
     return True
 
 
-def _warn_first_skip(optimizer: Any, skipped: Dict[Any, int], when: str, stdout: IO) -> bool:
+def warn_first_skip(optimizer: Any, skipped: Dict[Any, int], when: str, stdout: IO) -> bool:
     """One warning line naming the first skipped parameter; whether one was written."""
     if not skipped:
         return False
@@ -98,6 +98,11 @@ def _warn_first_skip(optimizer: Any, skipped: Dict[Any, int], when: str, stdout:
                  "finite (nonfinite = \"skip\"; skips are counted after each evaluation "
                  "row)\n")
     return True
+
+
+def skipped_row_line(total: int, at_last_row: int) -> str:
+    """The line after an evaluation row: updates skipped since the previous row."""
+    return f"  updates skipped since the last row: {total - at_last_row} ({total} in all)\n"
 
 
 class LoopState:
@@ -260,7 +265,7 @@ def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any
                         and proc.is_trainable and proc.model not in (True, False, None)):
                     proc.finish_update(optimizer)
             if skip_mode and not warned_skip:  # what the host knows now: no device wait
-                warned_skip = _warn_first_skip(optimizer, optimizer.peek_skipped(),
+                warned_skip = warn_first_skip(optimizer, optimizer.peek_skipped(),
                                                f"step {step}", stdout)
             try:
                 optimizer.step_schedules()
@@ -294,10 +299,9 @@ def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any
                     skipped = optimizer.skipped
                     total = sum(skipped.values())
                     if not warned_skip:  # found by a device or another rank since
-                        warned_skip = _warn_first_skip(optimizer, skipped,
+                        warned_skip = warn_first_skip(optimizer, skipped,
                                                        f"a step before {step}", stdout)
-                    stdout.write(f"  updates skipped since the last row: "
-                                 f"{total - state.skipped_at_row} ({total} in all)\n")
+                    stdout.write(skipped_row_line(total, state.skipped_at_row))
                     state.skipped_at_row = total
             state.step, state.epoch = step + 1, epoch
             in_step = False

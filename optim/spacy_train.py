@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 -m optim.spacy_train config.cfg --output DIR [...]
 
 The loop is spaCy's (`optim.spacy_loop`, the same numbers as `spacy train`). With
-`--checkpoint-every N` it writes `DIR/checkpoints/step-<N>.ckpt` every N steps, on SIGTERM or
+`--checkpoint-every N` it writes `DIR/checkpoints/step-<N>.ckpt` (`step-00000200.ckpt`) every N steps, on SIGTERM or
 SIGINT (at the next step boundary, then it exits with 128 + the signal's number), and at
 the end; the last two are kept, each written atomically. `--resume` continues from the
 newest intact one (a plain start if there is none), and a run killed any number of times

@@ -14,6 +14,7 @@ they are floats, as in 8.3.
 node's parameters and every PyTorch shim's parameters) through ONE `step_many` call,
 so on the GPU a whole model is updated in one launch per dtype and kernel.
 """
+import copy
 import functools
 from typing import Any, Callable, List, Tuple
 
@@ -31,7 +32,7 @@ _check_package()  # an entry point may reach this module under another project's
 FORWARDED = ("learn_rate", "grad_clip", "b1", "b2", "beta1", "beta2", "eps", "L2",
              "weight_decay", "lookahead_alpha", "lookahead_k", "use_radam", "use_averages",
              "L2_is_weight_decay", "mom1", "mom2", "averages", "lookahead", "nr_update",
-             "schedules", "last_score", "step", "ops")
+             "last_seen", "schedules", "last_score", "step", "ops")
 # Thinc 9's schedule class; None under Thinc 8.3, whose schedules are generators.
 THINC_SCHEDULE = getattr(thinc.api, "Schedule", None)
 THINC_9 = THINC_SCHEDULE is not None
@@ -75,6 +76,15 @@ class ThincOptimizer(thinc.api.Optimizer):
     def remap_keys(self, mapping: Any) -> "ThincOptimizer":
         self.optimizer.remap_keys(mapping)
         return self
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        """Pickled and deep-copied as the optimizer it wraps (Thinc's slots, shadowed by
+        the forwarding properties here, hold nothing)."""
+        return (type(self), (self.optimizer,))
+
+    def __copy__(self) -> "ThincOptimizer":
+        """An independent copy (see `Optimizer.__copy__`)."""
+        return type(self)(copy.copy(self.optimizer))
 
     def __repr__(self) -> str:
         return f"<ThincOptimizer of {self.optimizer!r}>"

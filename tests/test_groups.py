@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 import optim
 from optim import Adam, Optimizer, RAdam, SGD
-from optim.thinc import Adam as ThincAdam
-from optim.thinc import finish_update
 
 thinc_api = pytest.importorskip("thinc.api")
+from optim.thinc import Adam as ThincAdam  # noqa: E402 (needs Thinc)
+from optim.thinc import finish_update  # noqa: E402
 OPTIM_PATH = str(Path(optim.__file__).resolve().parent.parent)
 GROUPS = [{"match": "relu/*", "learn_rate_scale": 0.5}, {"match": "softmax/b", "frozen": True}]
 

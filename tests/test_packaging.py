@@ -118,3 +118,17 @@ def test_foreign_package_installed_after_ours_is_named(tmp_path):
     assert done.returncode == 1
     assert "ImportError" in done.stderr and "version 0.1.0" in done.stderr
     assert about.FIX in done.stderr
+
+
+def test_an_unbuilt_source_tree_says_so_on_import(tmp_path):
+    """optim's sources without their compiled modules (a fresh checkout or an unpacked
+    sdist on the path): import says what to build, not "circular import"."""
+    site = tmp_path / "site"
+    shutil.copytree(PACKAGE, site / "optim",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "*.c", "__pycache__"))
+    # (an editable install of this checkout would find the compiled modules by name)
+    done = _run(site, "-c", "import sys; sys.meta_path[:] = [f for f in sys.meta_path if "
+                "'__editable__' not in getattr(f, '__module__', '')]; import optim")
+    assert done.returncode == 1
+    assert "optim's compiled kernels are not built" in done.stderr, done.stderr
+    assert "pip install -e ." in done.stderr and "circular import" not in done.stderr

@@ -107,6 +107,13 @@ class DistributedOptimizer:
         if optimizer.nr_update:  # it holds state already: spread it like a checkpoint
             self._adopt(optimizer.to_dict(), fresh=False)
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            "a DistributedOptimizer cannot be pickled or copied: it holds a process group "
+            "and this rank's part of a plan that the other ranks share. Save its state "
+            "(to_bytes(), every rank calls it; or optim.thinc.save_checkpoint) and build "
+            "a new one around the loaded optimizer in the other process")
+
     # ------------------------------------------------------------ the group
 
     @property
