@@ -60,9 +60,10 @@ MSVC_ARGS = ["/O2", "/fp:precise"]
 # Per compiler family: lift the vectoriser's cap on the runtime alias checks a loop may
 # need (Adam with averages and lookahead reads and writes 6 arrays: 15 pairs). Under the
 # defaults (gcc 10 checks, clang 8) such a loop stays scalar: clang 14 ran Adam with Thinc's
-# defaults 3x slower than gcc. The checks keep the loops correct for arrays that overlap
-# (nothing rejects weights passed as their own gradient), where `restrict` would make
-# that undefined; every clang, Apple's too, takes -mllvm. Same bits either way.
+# defaults 4-6x slower than gcc (docs/cpu.md, "clang"). The checks keep the loops correct
+# for arrays that overlap (nothing rejects weights passed as their own gradient), where
+# `restrict` would make that undefined; every clang, Apple's too, takes -mllvm. Same bits
+# either way.
 # Each family's flags are probed; a family is recognised by its macros (clang defines
 # __GNUC__ too and accepts --param with only a warning).
 ALIAS_CHECK_ARGS = {
