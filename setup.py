@@ -11,6 +11,7 @@ where POSIX threads and C11 atomics build; elsewhere (MSVC) they build single-th
 with a message. The target is the wheel's platform (sysconfig.get_platform(), ARCHFLAGS
 on macOS), not the build machine's, so cross-compiled macOS wheels get the right levels.
 """
+import contextlib
 import os
 import sys
 import sysconfig
@@ -56,9 +57,23 @@ POOL_MODULES = ("optim._kernels", "optim._roofline")
 # multiply and an add (VS 2022), and the x64 baseline (SSE2) has no FMA to contract to.
 GCC_STYLE_ARGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
 MSVC_ARGS = ["/O2", "/fp:precise"]
-# gcc only (clang rejects it): allow the alias checks a 6-array loop needs to vectorise.
-GCC_ONLY_ARGS = ["--param=vect-max-version-for-alias-checks=64"]
-GCC_PROBE = "#if !defined(__GNUC__) || defined(__clang__)\n#error not gcc\n#endif\nint x;\n"
+# Per compiler family: lift the vectoriser's cap on the runtime alias checks a loop may
+# need (Adam with averages and lookahead reads and writes 6 arrays: 15 pairs). Under the
+# defaults (gcc 10 checks, clang 8) such a loop stays scalar: clang 14 ran Adam with Thinc's
+# defaults 4-6x slower than gcc (docs/cpu.md, "clang"). The checks keep the loops correct
+# for arrays that overlap (nothing rejects weights passed as their own gradient), where
+# `restrict` would make that undefined; every clang, Apple's too, takes -mllvm. Same bits
+# either way.
+# Each family's flags are probed; a family is recognised by its macros (clang defines
+# __GNUC__ too and accepts --param with only a warning).
+ALIAS_CHECK_ARGS = {
+    "gcc": ["--param=vect-max-version-for-alias-checks=64"],
+    "clang": ["-mllvm", "-runtime-memory-check-threshold=64"],
+}
+FAMILY_PROBES = {
+    "gcc": "#if !defined(__GNUC__) || defined(__clang__)\n#error not gcc\n#endif\nint x;\n",
+    "clang": "#ifndef __clang__\n#error not clang\n#endif\nint x;\n",
+}
 
 
 def target_is_x86_64() -> bool:
@@ -92,30 +107,64 @@ def extensions() -> list:
     ]
 
 
+@contextlib.contextmanager
+def quiet(output):
+    """Send what this process and its children write to stdout and stderr to `output`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        os.dup2(output.fileno(), 1)
+        os.dup2(output.fileno(), 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
 class BuildExt(build_ext):
     """Pick the flags for this compiler; drop the SIMD levels it cannot build; threads
     if it can."""
 
     def probe(self, source: str, flags: list, link: bool = False) -> bool:
+        """Whether `source` compiles (and links) with `flags`. Quiet: the compiler's
+        output goes to a file, so the probes that fail by design (another compiler's
+        family, a flag it lacks) print no error lines into the build log."""
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "probe.c")
             with open(path, "w") as f:
                 f.write(source)
-            try:
-                objects = self.compiler.compile([path], output_dir=tmp, extra_postargs=flags)
-                if link:
-                    self.compiler.link_executable(objects, os.path.join(tmp, "probe"),
-                                                  extra_postargs=flags)
-            except Exception:  # CompileError, LinkError: the compiler lacks the flags
-                return False
+            with open(os.path.join(tmp, "output.txt"), "w") as output, quiet(output):
+                try:
+                    objects = self.compiler.compile([path], output_dir=tmp,
+                                                    extra_postargs=flags)
+                    if link:
+                        self.compiler.link_executable(objects, os.path.join(tmp, "probe"),
+                                                      extra_postargs=flags)
+                except Exception:  # CompileError, LinkError: the compiler lacks the flags
+                    return False
         return True
+
+    def alias_check_args(self) -> list:
+        """The flags that let this compiler's vectoriser make enough alias checks."""
+        for family, flags in ALIAS_CHECK_ARGS.items():
+            if self.probe(FAMILY_PROBES[family], []):
+                if self.probe("int x;\n", flags + ["-Werror"]):  # not even a warning
+                    return flags
+                print(f"optim: {family} rejects {' '.join(flags)}; loops over 5-6 arrays "
+                      f"may stay scalar")
+        return []
 
     def build_extensions(self) -> None:
         msvc = self.compiler.compiler_type == "msvc"
         if msvc:
             args = MSVC_ARGS
         else:
-            args = GCC_STYLE_ARGS + (GCC_ONLY_ARGS if self.probe(GCC_PROBE, []) else [])
+            args = GCC_STYLE_ARGS + self.alias_check_args()
         pool = not msvc and sys.platform != "win32" and self.probe(POOL_PROBE, POOL_FLAGS,
                                                                     link=True)
         if not pool:
