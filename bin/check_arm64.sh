@@ -15,8 +15,9 @@
 #   (c) the CPU kernel tests in the chroot (--tests; those needing Thinc, spaCy, torch or
 #       CuPy skip: none of them is installed there).
 # --root DIR (default /var/tmp/optim-arm64) holds the userland; --keep keeps it, and a later
-# run skips debootstrap, apt and pip (and the build when the tree is unchanged). Without
-# --keep it is deleted at exit, after /proc, /sys and /dev are unmounted from it.
+# run skips debootstrap, apt and pip, and the build when optim/ and the setup files are
+# unchanged. Without --keep it is deleted at exit, after /proc, /sys and /dev are
+# unmounted from it.
 # Exit status: 0 when every check passes, 1 when one fails, 2 when setup fails.
 set -uo pipefail
 
@@ -31,7 +32,7 @@ tests/test_state.py tests/test_nonfinite.py tests/test_schedules.py
 tests/test_optimizer_api.py tests/test_checkpoint.py tests/test_check_bits.py"
 PIP_PACKAGES="numpy Cython cymem catalogue srsly confection tqdm pytest hypothesis setuptools wheel"
 
-usage() { sed -n '2,20s/^# \{0,1\}//p' "$0"; exit "${1:-2}"; }
+usage() { sed -n '2,21s/^# \{0,1\}//p' "$0"; exit "${1:-2}"; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --root) ROOT=$2; shift 2 ;;
@@ -63,7 +64,7 @@ now() { echo "$EPOCHREALTIME"; }
 phase() { PHASE_NAME=$1; PHASE_T0=$(now); echo "== $1" >&2; }
 phase_done() {  # phase_done [note]
     local secs; secs=$(awk -v a="$PHASE_T0" -v b="$(now)" 'BEGIN{printf "%.0f", b-a}')
-    PHASES+=("$(printf '%-34s %5s s  %s' "$PHASE_NAME" "$secs" "${1:-}")")
+    PHASES+=("$(printf '%-40s %5s s  %s' "$PHASE_NAME" "$secs" "${1:-}")")
 }
 result() {  # result PASS|FAIL text
     RESULTS+=("$1  $2"); [ "$1" = PASS ] || FAILED=1
@@ -224,16 +225,21 @@ else
 fi
 
 phase "build optim in the chroot"
-TREE_SHA=$( (cd "$REPO" && tree_files | xargs -0 sha256sum) | sha256sum | cut -c1-16)
-if [ -e "$ROOT$SRC/.optim-tree" ] && [ "$(cat "$ROOT$SRC/.optim-tree")" = "$TREE_SHA" ]; then
-    phase_done "tree $TREE_SHA unchanged"
+# The whole tree is copied every run; optim is rebuilt only when what the build reads changed.
+BUILD_SHA=$( (cd "$REPO" && tree_files |
+              grep -zE '^(optim/|setup\.py$|setup\.cfg$|pyproject\.toml$)' | xargs -0 sha256sum) |
+            sha256sum | cut -c1-16)
+copy_tree() { (cd "$REPO" && tree_files | tar --null -T - -cf -) | tar -C "$ROOT$SRC" -xf - ||
+                  die "cannot copy the tree"; }
+if [ -e "$ROOT$SRC/.optim-build" ] && [ "$(cat "$ROOT$SRC/.optim-build")" = "$BUILD_SHA" ]; then
+    copy_tree
+    phase_done "build inputs $BUILD_SHA unchanged: not rebuilt"
 else
     rm -rf "$ROOT$SRC" && mkdir -p "$ROOT$SRC"
-    (cd "$REPO" && tree_files | tar --null -T - -cf -) | tar -C "$ROOT$SRC" -xf - ||
-        die "cannot copy the tree"
+    copy_tree
     logged build in_chroot sh -c "cd $SRC && python setup.py build_ext --inplace -j 2"
-    echo "$TREE_SHA" >"$ROOT$SRC/.optim-tree"
-    phase_done "tree $TREE_SHA"
+    echo "$BUILD_SHA" >"$ROOT$SRC/.optim-build"
+    phase_done "build inputs $BUILD_SHA"
 fi
 ARM_CONFIG=$(in_chroot sh -c "cd $SRC && PYTHONPATH=$SRC python -c '
 import platform, numpy, optim, optim.cpu
@@ -276,7 +282,7 @@ print(f"{'PASS' if not bad else 'FAIL'}\t{name}: {len(first) - len(bad)}/{len(fi
       f"equal across {', '.join(f[:-5] for f in files)}")
 for case in bad:
     for f in files:
-        print(f"\t    {case:28s} {f[:-5]:16s} {runs[f].get(case, 'missing')}")
+        print(f"      {case:28s} {f[:-5]:16s} {runs[f].get(case, 'missing')}")
 EOF
 }
 report() {  # report OUTPUT_OF_COMPARE
@@ -326,7 +332,7 @@ in_chroot sh -c 'cd "$0" && PYTHONPATH="$0:/opt/pytest-plugins" exec python -m p
     -p no:cacheprovider -p qemu_hypothesis "$@"' "$SRC" $TESTS >"$LOGS/tests.log" 2>&1
 C_STATUS=$?
 C_LINE=$(grep -E '^[0-9]+ (passed|failed)|(passed|failed|error|skipped).* in [0-9.]+s' "$LOGS/tests.log" | tail -1)
-C_SKIPS=$(grep -E '^SKIPPED' "$LOGS/tests.log" | sed 's/^SKIPPED /\t    /')
+C_SKIPS=$(grep -E '^SKIPPED' "$LOGS/tests.log" | sed 's/^SKIPPED /      /')
 if [ $C_STATUS = 0 ]; then
     result PASS "(c) tests in the chroot: ${C_LINE:-?}${C_SKIPS:+$'\n'$C_SKIPS}"
 else
@@ -342,11 +348,11 @@ TOTAL=$(awk -v a="$T_START" -v b="$(now)" 'BEGIN{printf "%.0f", b-a}')
     echo "optim on aarch64 (qemu-user, Debian 12 arm64 chroot at $ROOT) against x86-64"
     echo "  x86-64 : Python, NumPy, SIMD level, threads, pool = $HOST_CONFIG"
     echo "  aarch64: Python, NumPy, SIMD level, threads, pool = $ARM_CONFIG; gcc $GCC_ARM"
-    echo "  tree $TREE_SHA; check_bits.py --steps $STEPS (resumed after $SPLIT)"
+    echo "  build inputs $BUILD_SHA; check_bits.py --steps $STEPS (resumed after $SPLIT)"
     echo
     echo "phases:"
     printf '  %s\n' "${PHASES[@]}"
-    printf '  %-34s %5s s\n' total "$TOTAL"
+    printf '  %-40s %5s s\n' total "$TOTAL"
     echo
     if [ -s "$ROOT$WORK/x86.t1.json" ]; then
         echo "hashes (x86-64, 1 thread; the checks above compare every other run with these):"
