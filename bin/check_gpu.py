@@ -33,7 +33,7 @@ two are bitwise equal) and times an update on each side. Then:
     python bin/check_gpu.py [--size 4194304] [--repeat 50]
 
 `--fake` runs the same checks with the CUDA source executed on the CPU by the tests'
-harness (tests/cuda_harness.py: the real CupyBackend on an emulated device): a dry run
+harness (tests/fake_cupy.py: the real CupyBackend on an emulated device): a dry run
 of this script on a machine without a GPU. Exit status 1 when any check fails.
 """
 import argparse
@@ -68,9 +68,9 @@ class Device:
         self.fake = fake
         if fake:
             sys.path.insert(0, str(ROOT / "tests"))
-            import cuda_harness
+            import fake_cupy
 
-            self.backend: Any = cuda_harness.HarnessBackend()
+            self.backend: Any = fake_cupy.HarnessBackend()
             self.name = "CPU harness (g++, emulated warps), --fake"
             self.sync: Callable[[], None] = lambda: None
             return

@@ -2,7 +2,7 @@
 per-thread default streams, a CUDA graph replayed after a bigger key was updated, a
 disturbed clip-norm ticket. Each returns "ok ...", "FAIL ..." or "skipped ...".
 
-On `--fake` each runs on its own emulated device (tests/cuda_harness.py): launches
+On `--fake` each runs on its own emulated device (tests/fake_cupy.py): launches
 wait in per-stream queues and run interleaved (as a GPU may run unordered streams),
 graphs replay what they captured and refuse memory freed since, so a sharing or a
 use-after-free shows up as wrong bits or an error, deterministically.
@@ -71,9 +71,9 @@ def check_threads(dev: Any, dtype: Any) -> str:
     inputs = [_inputs(sizes, dtype, 10 + i) for i, sizes in enumerate(THREAD_SIZES)]
     wants = [_cpu_run(sizes, grads, w0) for sizes, (w0, grads) in zip(THREAD_SIZES, inputs)]
     if dev.fake:
-        import cuda_harness
+        import fake_cupy
 
-        backend = cuda_harness.HarnessBackend(deferred=True, per_thread_default_stream=True)
+        backend = fake_cupy.HarnessBackend(deferred=True, per_thread_default_stream=True)
         stream_for: Callable[[], Any] = lambda: backend.cupy.cuda.get_current_stream()
     else:
         backend = dev.backend
@@ -129,9 +129,9 @@ def check_graph_then_bigger_key(dev: Any, dtype: Any) -> str:
     cpu(0, want[0], grads[1][0].copy())
     cpu(1, want[1], grads[0][1].copy())
     if dev.fake:
-        import cuda_harness
+        import fake_cupy
 
-        backend = cuda_harness.HarnessBackend()
+        backend = fake_cupy.HarnessBackend()
     else:
         backend = dev.backend
     cupy = backend.cupy
@@ -168,9 +168,9 @@ def check_disturbed_ticket(dev: Any, dtype: Any) -> str:
     size = 10 * 4096 + 17  # 11 chunks
     w0, grads = _inputs((size,), dtype, 30)
     if dev.fake:
-        import cuda_harness
+        import fake_cupy
 
-        backend = cuda_harness.HarnessBackend()
+        backend = fake_cupy.HarnessBackend()
     else:
         backend = dev.backend
 

@@ -2,7 +2,7 @@
 
 The clip norm needs, per tensor, its chunk sums, a completion ticket and a place for
 the clip factor; an unclipped update needs a 1.0 to read as its factor. All of it is
-owned by the key's plan (one-tensor updates) or by the step_many group's tables, never
+owned by the key's plan (one-tensor updates) or by the step_many segment's tables, never
 by a device or a stream:
 
 * Only launches that also write the key's weights use it, so whatever orders two

@@ -12,11 +12,20 @@ from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.object cimport PyObject
 
 from optim._kernels cimport (
-    NONFINITE_RAISE, NONFINITE_SKIP, Hyper, check_call, make_coefs, syncs,
+    NONFINITE_APPLY, NONFINITE_RAISE, NONFINITE_SKIP, Hyper, check_call, make_coefs, syncs,
 )
 from optim._loops cimport Coefs
 
 from optim._kernels import KIND_NAMES
+
+# What a call's Hypers ask beyond apply mode, as or-ed bits (`plan_modes`,
+# `device_coef_table`); `cpdef`: plain ints of this module for the Python code too.
+cpdef enum:
+    HAS_FROZEN = 1         # a frozen tensor
+    HAS_SKIP = 2           # a tensor in skip mode
+    HAS_RAISE = 4          # a tensor in raise mode
+    HAS_CLIP = 8           # a tensor that clips its gradient
+    HAS_MIXED_KERNELS = 16  # more than one kernel code among the rows that are not frozen
 
 
 def array_pointers(list arrays, list dtypes, list shapes, long device):
@@ -64,8 +73,8 @@ def same_state(dict store, list keys, list expected) -> bool:
 
 def plan_modes(list plans, list hypers) -> int:
     """-1 if a key's plan no longer fits its Hyper (frozen or not, the update kind: the
-    general path plans it again), else what the Hypers ask beyond apply mode: 1 a frozen
-    key, 2 skip mode, 4 raise mode (or-ed)."""
+    general path plans it again), else what the Hypers ask beyond apply mode: HAS_FROZEN,
+    HAS_SKIP, HAS_RAISE (or-ed)."""
     cdef Py_ssize_t i, n = PyList_GET_SIZE(plans)
     cdef Hyper h
     cdef object plan
@@ -78,14 +87,14 @@ def plan_modes(list plans, list hypers) -> int:
         if h.frozen:
             if not plan.frozen:
                 return -1
-            mask |= 1
+            mask |= HAS_FROZEN
             continue
         if plan.frozen or plan.kind_code != <int>h._kind():
             return -1
-        if h.nonfinite == 1:
-            mask |= 2
-        elif h.nonfinite == 2:
-            mask |= 4
+        if h.nonfinite == NONFINITE_SKIP:
+            mask |= HAS_SKIP
+        elif h.nonfinite == NONFINITE_RAISE:
+            mask |= HAS_RAISE
     return mask
 
 
@@ -102,8 +111,8 @@ DEVICE_COEFS = ("lr", "beta1", "beta2", "eps", "l2", "pre_decay", "post_decay", 
 #   status     DEVICE_GO: update; DEVICE_FROZEN: only zero the gradient; the clip norm
 #              kernel of a checking tensor writes DEVICE_NAN / DEVICE_INF (skipped or
 #              refused) or DEVICE_OUT (a device count outside the uploaded window)
-#   check      the Hyper's nonfinite mode (0 apply, 1 skip, 2 raise): nonzero, the clip
-#              norm kernel decides the status
+#   check      the Hyper's nonfinite mode (optim._kernels' NONFINITE_APPLY / _SKIP /
+#              _RAISE): other than apply, the clip norm kernel decides the status
 #   kernel     which update kernel runs the row: kind * 4 + variant bits (-1: frozen)
 #   t          the update count the row's coefs are for
 #   pick       the row (index in the launch's rows) whose coefs the update uses: itself,
@@ -139,8 +148,8 @@ def device_coef_table(object hypers, list keys, list counts, double lr_scale,
     its grad_clip, status GO (FROZEN for a frozen Hyper), check = its nonfinite mode,
     its kernel code, t, pick = i, extra 0, window 1, counter -2.
 
-    Returns a mask of what the rows hold: 1 a frozen tensor, 2 skip mode, 4 raise mode,
-    8 clipping, 16 more than one kernel code among the rows that are not frozen."""
+    Returns a mask of what the rows hold: HAS_FROZEN, HAS_SKIP, HAS_RAISE, HAS_CLIP,
+    HAS_MIXED_KERNELS (or-ed)."""
     cdef Py_ssize_t i, n = len(keys)
     cdef long t
     cdef Coefs c
@@ -177,10 +186,10 @@ def device_coef_table(object hypers, list keys, list counts, double lr_scale,
         out[i, SLOT0 + 8] = 1.0                                # window
         out[i, SLOT0 + 9] = -2.0                               # counter
         if h.frozen:
-            mask |= 1
+            mask |= HAS_FROZEN
             out[i, SLOT0 + 1] = 0.0  # no clip norm either
             out[i, SLOT0 + 2] = DEVICE_FROZEN
-            out[i, SLOT0 + 3] = 0.0
+            out[i, SLOT0 + 3] = NONFINITE_APPLY
             out[i, SLOT0 + 4] = -1.0
             continue
         code = <double>(<int>h._kind() * 4 + bits)
@@ -188,13 +197,13 @@ def device_coef_table(object hypers, list keys, list counts, double lr_scale,
         out[i, SLOT0 + 3] = <double>h.nonfinite
         out[i, SLOT0 + 4] = code
         if h.nonfinite == NONFINITE_SKIP:
-            mask |= 2
+            mask |= HAS_SKIP
         elif h.nonfinite == NONFINITE_RAISE:
-            mask |= 4
+            mask |= HAS_RAISE
         if h.grad_clip > 0.0:
-            mask |= 8
+            mask |= HAS_CLIP
         if first_code < 0.0:
             first_code = code
         elif code != first_code:
-            mask |= 16
+            mask |= HAS_MIXED_KERNELS
     return mask

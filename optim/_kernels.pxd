@@ -5,8 +5,10 @@ from optim._loops cimport Coefs, Kind
 
 
 # What an update does with a gradient holding a NaN or an inf (Hyper.nonfinite), and
-# what became of a task (Task.outcome).
-cdef enum:
+# what became of a task (Task.outcome). The one definition: `cpdef` makes each name a
+# plain int of the Python module optim._kernels too, which the Python code (per_tensor,
+# the device backends) and the CUDA source generator (optim/_kernels_cuda.py) import.
+cpdef enum:
     NONFINITE_APPLY = 0  # Thinc's numbers: the update runs whatever the gradient holds
     NONFINITE_SKIP = 1   # nothing changes but the gradient, which is zeroed
     NONFINITE_RAISE = 2  # nothing changes; the caller raises FloatingPointError

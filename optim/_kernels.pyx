@@ -32,7 +32,10 @@ cimport numpy as cnp
 cnp.import_array()
 
 KIND_NAMES = ("sgd", "adam", "radam")
-NONFINITE_MODES = ("apply", "skip", "raise")  # Hyper.nonfinite indexes this
+# Hyper.nonfinite's names, indexed by its value (the NONFINITE_* of _kernels.pxd)
+NONFINITE_MODES = tuple(
+    {NONFINITE_APPLY: "apply", NONFINITE_SKIP: "skip", NONFINITE_RAISE: "raise"}[mode]
+    for mode in range(3))
 cdef Py_ssize_t GIL_FREE_SIZE = 1 << 15  # release the GIL for tensors at least this large
 
 NORM_ORDER = {"chunk": NORM_CHUNK, "lanes": NORM_LANES}

@@ -7,7 +7,7 @@ averages on/off; lookahead sync on/off) cannot drift apart. Each variant becomes
 
 * `<name>`: one tensor, the per-call scalars as kernel arguments (`double`, rounded to
   the arrays' type `T` in the kernel, as the CPU kernels round their `Coefs`);
-* `<name>_many`: every tensor of a `step_many` group in one launch, through a tensor
+* `<name>_many`: every tensor of a `step_many` segment in one launch, through a tensor
   table and a chunk -> tensor table in device memory and one coefficient row per tensor.
 
 Clipping adds one launch before the update: `optim_clip_norm` (one tensor) or
@@ -50,6 +50,9 @@ CLIP_SLOT = SLOT["clip"]
 # the status slot's values
 GO, FROZEN, NAN, INF, OUT = (_device.DEVICE_GO, _device.DEVICE_FROZEN, _device.DEVICE_NAN,
                              _device.DEVICE_INF, _device.DEVICE_OUT)
+# the check slot's value for a tensor that does not check its gradient (a Hyper's
+# nonfinite mode, optim._kernels.NONFINITE_*, as a double)
+CHECK_APPLY = float(_kernels.NONFINITE_APPLY)
 BLOCK = 256  # threads per block (8 warps); the results do not depend on it
 # the tensor table: array addresses, size, first chunk, and the address of the key's
 # update count on the device (0: none; skip mode only)
@@ -273,6 +276,8 @@ _COMMON = r"""
 #define OPTIM_NAN {nan!r}
 #define OPTIM_INF {inf!r}
 #define OPTIM_OUT {out!r}
+// a row's check: the Hyper's nonfinite mode; apply mode checks nothing
+#define OPTIM_CHECK_APPLY {check_apply!r}
 // a ticket's low 32 bits: chunks counted, and what the chunks' non-finite scans found
 #define OPTIM_COUNT_MASK 0x3fffffffu
 #define OPTIM_MARK_NAN 0x80000000u
@@ -437,7 +442,7 @@ _NORM_KERNELS = r"""
     double* row = coefs + static_cast<long long>(t) * OPTIM_ROW;
     const double check = row[OPTIM_S_CHECK];
     if (row[OPTIM_S_STATUS] == OPTIM_FROZEN ||
-        (check == 0.0 && !(row[OPTIM_S_GRAD_CLIP] > 0.0))) {{
+        (check == OPTIM_CHECK_APPLY && !(row[OPTIM_S_GRAD_CLIP] > 0.0))) {{
       continue;  // frozen, or neither clipped nor checked: the row keeps its factor 1.0
     }}
     const T* w = reinterpret_cast<const T*>(tensor[0]);
@@ -452,7 +457,7 @@ _NORM_KERNELS = r"""
       partials[k] = sum;
     }}
     unsigned int mark = 0u;
-    if (check != 0.0) {{  // the same in all lanes (one tensor's row)
+    if (check != OPTIM_CHECK_APPLY) {{  // the same in all lanes (one tensor's row)
       const double chunk = __shfl_sync(0xffffffffu, sum, 0);
       if (!(chunk - chunk == 0.0)) {{
         mark = optim_chunk_scan(g + start, w + start, T(l2), len);
@@ -463,7 +468,7 @@ _NORM_KERNELS = r"""
       const double total = optim_tensor_sum_squares(partials + first, tensor_chunks);
       if (optim_lane() == 0) {{
         row[OPTIM_CLIP_SLOT] = optim_clip_factor(total, row[OPTIM_S_GRAD_CLIP]);
-        if (check != 0.0) {{
+        if (check != OPTIM_CHECK_APPLY) {{
           double status = (word & OPTIM_MARK_NAN) != 0u ? OPTIM_NAN
                           : ((word & OPTIM_MARK_INF) != 0u ? OPTIM_INF : OPTIM_GO);
           // skip mode: the key's update count lives on the device; this update is
@@ -586,7 +591,7 @@ def cuda_source(dtype: Any) -> str:
         _COMMON.format(chunk=NORM_CHUNK, lanes=NORM_LANES, row=ROW, clip_slot=CLIP_SLOT,
                        tensor_fields=len(TENSOR_FIELDS), coef_defines=coef_defines,
                        ncoefs=len(COEFS), slot_defines=slot_defines, go=GO, frozen=FROZEN,
-                       nan=NAN, inf=INF, out=OUT),
+                       nan=NAN, inf=INF, out=OUT, check_apply=CHECK_APPLY),
         _NORM_KERNELS.format(norm_signature=_signature("optim_clip_norm"),
                              norm_many_signature=_signature("optim_clip_norm_many")),
     ]

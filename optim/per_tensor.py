@@ -13,14 +13,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy
 
 from . import _kernels
+from ._kernels import NONFINITE_RAISE, OUTCOME_NAN  # Hyper.nonfinite's values, outcomes
 from .groups import Group, GroupsT, build_groups, check_matches, group_for, key_path
 from .hyperparams import KeyT
 from .naming import param_paths
 from .scheduled import ScheduledHyperparameters
-
-
-# Hyper.nonfinite's values: indexes into _kernels.NONFINITE_MODES
-APPLY, SKIP, RAISE = map(_kernels.NONFINITE_MODES.index, ("apply", "skip", "raise"))
 
 
 _LIVE: "weakref.WeakSet[PerTensorSettings]" = weakref.WeakSet()  # (optim.bind.v1)
@@ -87,7 +84,8 @@ class PerTensorSettings(ScheduledHyperparameters):
 
     def _hyper_for(self, key: KeyT) -> Any:
         """The `_kernels.Hyper` that updates `key`: its group's, or the optimizer's.
-        (`.frozen`: only zero the gradient; `.nonfinite`: 0 apply, 1 skip, 2 raise.)"""
+        (`.frozen`: only zero the gradient; `.nonfinite`: NONFINITE_APPLY, _SKIP or
+        _RAISE, of optim._kernels.)"""
         key_hyper = self._key_hyper
         if key_hyper is None:
             return self._hyper
@@ -101,14 +99,15 @@ class PerTensorSettings(ScheduledHyperparameters):
         return hyper
 
     def _nonfinite_found(self, key: KeyT, outcome: int, weights: Any, count: int = 1) -> None:
-        """An update of `key` found a NaN (outcome 1) or an inf (2) in its gradient and
-        changed nothing but the gradient (skip: counted) or nothing at all (raise)."""
-        what = "a NaN" if outcome == 1 else "an infinity"
+        """An update of `key` found a NaN (outcome OUTCOME_NAN) or an inf (OUTCOME_INF) in
+        its gradient and changed nothing but the gradient (skip: counted) or nothing at
+        all (raise)."""
+        what = "a NaN" if outcome == OUTCOME_NAN else "an infinity"
         where = f"key {key!r}" + (f" ({self._paths[key]})" if key in self._paths else "")
         weights_bad = not _all_finite(weights)
         cause = (" Its weights are already non-finite: the gradient is not at fault, and "
                  "skipping updates cannot repair them." if weights_bad else "")
-        if self._hyper_for(key).nonfinite == RAISE:
+        if self._hyper_for(key).nonfinite == NONFINITE_RAISE:
             raise NonFiniteError(
                 f"{where}: the gradient holds {what} at step {self._step} (update "
                 f"{self.nr_update.get(key, 0) + 1} of this key); nothing was written "

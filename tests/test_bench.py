@@ -304,13 +304,13 @@ def test_plot_command_rejects_other_files(tmp_path):
 
 def _fake_gpu(monkeypatch):
     """--device gpu on the CPU harness: optim's real GPU backend on an emulated device."""
-    ch = pytest.importorskip("cuda_harness")
-    if not ch.shutil.which("g++"):
+    fc = pytest.importorskip("fake_cupy")
+    if not __import__("shutil").which("g++"):
         pytest.skip("g++ is not on PATH: cannot run the CUDA kernels on the host")
     from optim import backends
     from optim.bench import devices, runner
 
-    backend = ch.HarnessBackend(block=32)
+    backend = fc.HarnessBackend(block=32)
     previous = backends.set_gpu_backend(backend)
     dev = devices.CupyDevice(backend.cupy)
     monkeypatch.setattr(runner, "get_device", lambda name: dev)

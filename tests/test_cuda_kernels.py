@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import cuda_harness as ch
+import fake_cupy as fc
 import reference
 from test_cpu import needs_mprotect, run_unreadable
 from optim import _device, _kernels
@@ -459,7 +460,7 @@ hyper_draws = st.fixed_dictionaries({
     "L2": st.one_of(st.just(0.0), st.floats(1e-4, 0.1)), "decoupled": st.booleans(),
     "weight_decay": st.one_of(st.just(0.0), st.floats(1e-4, 0.1)), "la_alpha": unit,
 })
-BACKENDS = {block: ch.HarnessBackend(block=block, max_grid=2) for block in (32, 64)}
+BACKENDS = {block: fc.HarnessBackend(block=block, max_grid=2) for block in (32, 64)}
 
 
 def setup_case(name, h, b2, t_early):
@@ -490,7 +491,7 @@ def test_backend_launch_matches_cython_kernels(name, dtype, shape, h, seed, grad
     hyper = make_hyper(base_of(name), h, lookahead, grad_clip)
     spec = kc.KERNELS[name]
     cpu = random_arrays(spec.arrays, shape, dtype, seed, 1.0)
-    dev = {k: ch.to_fake_device(x) for k, x in cpu.items()}
+    dev = {k: fc.to_fake_device(x) for k, x in cpu.items()}
     _kernels.step(hyper, "key", cpu["w"], cpu["g"], cpu.get("m"), cpu.get("v"),
                   cpu.get("avg"), cpu.get("slow"), t, lr_scale)
 
@@ -529,7 +530,7 @@ def test_launch_many_matches_cython_kernels(dtype, kind, sizes, h, grad_clip, se
     arrays = ("w", "g") + (("m", "v") if kind != "sgd" else ()) + (
         ("avg",) if averages else ()) + (("slow",) if lookahead_k else ())
     cpu = [random_arrays(arrays, (n,), dtype, int(rng.integers(2**31)), 1.0) for n in sizes]
-    dev = [{k: ch.to_fake_device(x) for k, x in c.items()} for c in cpu]
+    dev = [{k: fc.to_fake_device(x) for k, x in c.items()} for c in cpu]
     keys = list(range(len(sizes)))
     counts = ts[:len(sizes)]
     for key, c, t in zip(keys, cpu, counts):
@@ -569,7 +570,7 @@ def test_launch_many_with_inf_and_nan_weights_matches_cython_kernels(dtype, coup
     for c, value, k in zip(cpu, poison, where):
         if value is not None:
             c["w"][k] = value
-    dev = [{a: ch.to_fake_device(x) for a, x in c.items()} for c in cpu]
+    dev = [{a: fc.to_fake_device(x) for a, x in c.items()} for c in cpu]
     keys = list(range(len(sizes)))
     for c, c_clean in zip(cpu, clean):
         for arrs in (c, c_clean):

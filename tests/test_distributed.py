@@ -626,21 +626,6 @@ def test_flat_copies_validate_before_copying():
         _flat.copy_out([good, good.copy()], starts, 0, 6, buf, 0)
 
 
-def test_owners_balance_by_size_independent_of_call_order():
-    rng = numpy.random.default_rng(0)
-    sizes = [int(n) for n in rng.integers(1, 5000, size=60)]
-    keys = [(i, "W") for i in range(len(sizes))]
-    for world in (2, 3):
-        owners = []
-        for order in (rng.permutation(len(sizes)), rng.permutation(len(sizes))):
-            opt = dist_opt.Adam(0.01, sharded=True, group=dist_opt.Group(0, world))
-            owners.append(opt._assign([keys[i] for i in order],
-                                      {k: s * 4 for k, s in zip(keys, sizes)}))
-        assert owners[0] == owners[1]
-        loads = [sum(s for k, s in zip(keys, sizes) if owners[0][k] == r) for r in range(world)]
-        assert max(loads) <= 1.05 * sum(sizes) / world, loads
-
-
 # ---------------------------------------------------------------- registries
 
 def _entry_points(group):

@@ -2,13 +2,15 @@
 
 Thinc's `Optimizer.__call__` returns `(weights, gradient)` at once when the gradient is
 empty, before looking at the weights. We do the same on the host path, on the device path
-(the CPU-executed fake device of tests/cuda_harness.py) and in `step_many`: nothing is
+(the CPU-executed fake device of tests/fake_cupy.py) and in `step_many`: nothing is
 allocated, no update is counted, and every check on non-empty gradients stays as strict.
 """
+import shutil
+
 import numpy
 import pytest
 
-import cuda_harness as ch
+import fake_cupy as fc
 import optim
 from optim import backends
 
@@ -24,7 +26,7 @@ WEIGHT_SHAPES = [(1, 2), (0,), (5,), (2, 0)]
 
 @pytest.fixture
 def device():
-    backend = ch.HarnessBackend()
+    backend = fc.HarnessBackend()
     previous = backends.set_gpu_backend(backend)
     try:
         yield backend
@@ -84,7 +86,7 @@ def test_non_empty_gradients_are_still_checked(device, kind):
     with pytest.raises(TypeError, match="float64"):
         opt("k", w, numpy.zeros((1, 2), dtype="float64"))
     with pytest.raises(TypeError):
-        opt("k", w, ch.to_fake_device(numpy.zeros((1, 2), dtype="float32")))
+        opt("k", w, fc.to_fake_device(numpy.zeros((1, 2), dtype="float32")))
     assert_untouched(opt, "k")
 
 
@@ -113,20 +115,20 @@ def test_step_many_skips_empty_gradients(kind):
     assert_untouched(many, "empty1")
 
 
-@pytest.mark.skipif(not ch.shutil.which("g++"), reason="g++ runs the GPU kernels on the host")
+@pytest.mark.skipif(not shutil.which("g++"), reason="g++ runs the GPU kernels on the host")
 @pytest.mark.parametrize("kind", list(FACTORIES))
 @pytest.mark.parametrize("gshape", [(0,), (2, 0)])
 def test_empty_gradient_on_the_device(device, kind, gshape):
     opt = FACTORIES[kind]()
-    w = ch.to_fake_device(numpy.ones((1, 2), dtype="float32"))
-    g = ch.to_fake_device(numpy.zeros(gshape, dtype="float32"))
+    w = fc.to_fake_device(numpy.ones((1, 2), dtype="float32"))
+    g = fc.to_fake_device(numpy.zeros(gshape, dtype="float32"))
     w_out, g_out = opt(("k", 1), w, g)
     assert w_out is w and g_out is g
     assert_untouched(opt, ("k", 1))
     assert device.launches == []
     # a known device key: step_many with an empty entry launches only for the others
-    w2 = ch.to_fake_device(numpy.ones((3,), dtype="float32"))
-    opt.step_many(["x", "y"], [w2, w], [ch.to_fake_device(numpy.full(3, 0.5, "float32")), g])
+    w2 = fc.to_fake_device(numpy.ones((3,), dtype="float32"))
+    opt.step_many(["x", "y"], [w2, w], [fc.to_fake_device(numpy.full(3, 0.5, "float32")), g])
     assert opt.nr_update["x"] == 1
     assert_untouched(opt, "y")
     assert device.launches and all("sum_squares" in n or n.startswith("optim_")

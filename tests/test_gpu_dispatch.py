@@ -1,6 +1,6 @@
 """The Optimizer's GPU path, end to end, with the GPU replaced by the CPU harness.
 
-`HarnessBackend` (tests/cuda_harness.py) is injected as the GPU backend: it is optim's
+`HarnessBackend` (tests/fake_cupy.py) is injected as the GPU backend: it is optim's
 real `CupyBackend` on a fake CuPy whose arrays are `FakeDeviceArray`s and whose
 RawModule runs the CUDA source on the host with CUDA's execution model emulated. So
 everything is exercised but the silicon: choosing kernels and arguments, allocating
@@ -13,13 +13,14 @@ type as the Cython kernels, and the clip norm sums in the same fixed order on bo
 checked to read nothing back from the device and to launch 1 kernel (2 when clipping;
 step_many: 1 per group, +1 when clipping).
 """
+import shutil
 import sys
 from typing import Any, Dict, List, Tuple
 
 import numpy
 import pytest
 
-import cuda_harness as ch
+import fake_cupy as fc
 import optim
 from optim import _kernels_cuda as kc
 from optim.backends import cupy as cupy_backend
@@ -28,14 +29,14 @@ from optim import backends
 NORM, NORM_MANY = "optim_clip_norm", "optim_clip_norm_many"
 
 pytestmark = pytest.mark.skipif(
-    not ch.shutil.which("g++"), reason="g++ is not on PATH: cannot run the CUDA kernel "
+    not shutil.which("g++"), reason="g++ is not on PATH: cannot run the CUDA kernel "
     "strings on the host"
 )
 
 
 @pytest.fixture(params=[32, 64], ids=["block32", "block64"])
 def device(request):
-    backend = ch.HarnessBackend(block=request.param)
+    backend = fc.HarnessBackend(block=request.param)
     previous = backends.set_gpu_backend(backend)
     try:
         yield backend
@@ -108,22 +109,22 @@ def test_device_path_matches_cpu_optimizer(device, config, dtype):
     rng = numpy.random.default_rng(0)
     keys = [(i, "W") for i in range(len(SHAPES))]
     w_cpu = {k: rng.standard_normal(s).astype(dtype) for k, s in zip(keys, SHAPES)}
-    w_dev = {k: ch.to_fake_device(w) for k, w in w_cpu.items()}
+    w_dev = {k: fc.to_fake_device(w) for k, w in w_cpu.items()}
     grads = {k: gradients(s, dtype, STEPS, i) for i, (k, s) in enumerate(zip(keys, SHAPES))}
     for step in range(STEPS):
         for key in keys:
             g_cpu = grads[key][step].copy()
-            g_dev = ch.to_fake_device(grads[key][step])
+            g_dev = fc.to_fake_device(grads[key][step])
             cpu(key, w_cpu[key], g_cpu)
             out_w, out_g = dev(key, w_dev[key], g_dev)
             assert out_w is w_dev[key] and out_g is g_dev, "updates in place"
-            assert type(w_dev[key]) is ch.FakeDeviceArray
+            assert type(w_dev[key]) is fc.FakeDeviceArray
             assert not g_dev.any(), "the kernel zeroes the gradient"
             assert_same(w_dev[key], w_cpu[key], f"{config} step {step} weights")
             cpu_state, dev_state = state_of(cpu, key), state_of(dev, key)
             assert sorted(cpu_state) == sorted(dev_state)
             for name, array in dev_state.items():
-                assert type(array) is ch.FakeDeviceArray, f"{name} lives on the device"
+                assert type(array) is fc.FakeDeviceArray, f"{name} lives on the device"
                 assert_same(array, cpu_state[name], f"{config} step {step} {name}")
     per_key = expected_launches(config, dev, STEPS)
     launches = device.launches
@@ -150,8 +151,8 @@ def test_to_gpu_and_back(device, config):
         if step == 3:
             assert opt.to_gpu() is opt
             for name, array in state_of(opt, "k").items():
-                assert type(array) is ch.FakeDeviceArray, name
-            w = ch.to_fake_device(w)
+                assert type(array) is fc.FakeDeviceArray, name
+            w = fc.to_fake_device(w)
         if step == 6:
             assert opt.to_cpu() is opt
             for name, array in state_of(opt, "k").items():
@@ -159,7 +160,7 @@ def test_to_gpu_and_back(device, config):
             w = numpy.array(w.view(numpy.ndarray))
         ref("k", w_ref, grads[step].copy())
         g = grads[step].copy()
-        opt("k", w, g if type(w) is numpy.ndarray else ch.to_fake_device(g))
+        opt("k", w, g if type(w) is numpy.ndarray else fc.to_fake_device(g))
         assert_same(w, w_ref, f"step {step}")
         for name, array in state_of(ref, "k").items():
             assert_same(state_of(opt, "k")[name], array, f"step {step} {name}")
@@ -170,12 +171,12 @@ def test_to_gpu_and_back(device, config):
 
 def test_mixed_inputs_are_errors(device):
     opt = optim.Adam(0.01)
-    w = ch.to_fake_device(numpy.ones((2, 3), numpy.float32))
+    w = fc.to_fake_device(numpy.ones((2, 3), numpy.float32))
     g_host = numpy.full((2, 3), 0.5, numpy.float32)
     with pytest.raises(TypeError, match="same device"):
         opt("k", w, g_host)
     with pytest.raises(TypeError, match="same device"):
-        opt("k", numpy.ones((2, 3), numpy.float32), ch.to_fake_device(g_host))
+        opt("k", numpy.ones((2, 3), numpy.float32), fc.to_fake_device(g_host))
     assert (g_host == 0.5).all() and (w == 1).all(), "nothing was touched"
     assert device.launches == [] and not opt.mom1
 
@@ -185,7 +186,7 @@ def test_state_and_weights_on_different_devices(device):
     the fix, and nothing updated."""
     opt = optim.Adam(0.01)
     g = numpy.full((2, 3), 0.5, numpy.float32)
-    opt("k", ch.to_fake_device(numpy.ones((2, 3), numpy.float32)), ch.to_fake_device(g))
+    opt("k", fc.to_fake_device(numpy.ones((2, 3), numpy.float32)), fc.to_fake_device(g))
     mom1 = opt.mom1["k"].copy()
     w_host = numpy.ones((2, 3), numpy.float32)
     with pytest.raises(TypeError, match=r"to_cpu\(\)"):
@@ -193,22 +194,22 @@ def test_state_and_weights_on_different_devices(device):
     assert (w_host == 1).all() and (opt.mom1["k"] == mom1).all() and opt.nr_update["k"] == 1
     opt.to_cpu()
     with pytest.raises(TypeError, match=r"to_gpu\(\)"):
-        opt("k", ch.to_fake_device(w_host), ch.to_fake_device(g))
+        opt("k", fc.to_fake_device(w_host), fc.to_fake_device(g))
 
 
 def test_device_arrays_are_validated(device):
     opt = optim.SGD(0.1)
-    w = ch.to_fake_device(numpy.ones((4, 4), numpy.float32))
+    w = fc.to_fake_device(numpy.ones((4, 4), numpy.float32))
     with pytest.raises(TypeError, match="float16"):
         opt("a", w.astype(numpy.float16), w.astype(numpy.float16))
     with pytest.raises(ValueError, match="C-contiguous"):
         opt("b", w[:, ::2], w[:, ::2].copy())
     with pytest.raises(TypeError):
-        opt("c", w, ch.to_fake_device(numpy.ones((4, 4), numpy.float64)))
+        opt("c", w, fc.to_fake_device(numpy.ones((4, 4), numpy.float64)))
     with pytest.raises(ValueError):
-        opt("d", w, ch.to_fake_device(numpy.ones((2, 8), numpy.float32)))
+        opt("d", w, fc.to_fake_device(numpy.ones((2, 8), numpy.float32)))
     with pytest.raises(ValueError, match=r"key 'e': lr_scale"):
-        opt("e", w, ch.to_fake_device(numpy.ones((4, 4), numpy.float32)), lr_scale=-1.0)
+        opt("e", w, fc.to_fake_device(numpy.ones((4, 4), numpy.float32)), lr_scale=-1.0)
     assert device.launches == []
     assert not opt.nr_update
 
@@ -240,8 +241,8 @@ def run_many(config: str, dtype, steps: int, device, late_key: bool = False):
     rng = numpy.random.default_rng(3)
     keys = [(i, "W") for i in range(len(MANY_SHAPES))]
     w_cpu = [rng.standard_normal(s).astype(dtype) for s in MANY_SHAPES]
-    w_dev = [ch.to_fake_device(w) for w in w_cpu]
-    g_dev = [ch.to_fake_device(numpy.zeros(s, dtype)) for s in MANY_SHAPES]
+    w_dev = [fc.to_fake_device(w) for w in w_cpu]
+    g_dev = [fc.to_fake_device(numpy.zeros(s, dtype)) for s in MANY_SHAPES]
     per_step = []
     for step in range(steps):
         grads = [(rng.standard_normal(s) * 0.7).astype(dtype) for s in MANY_SHAPES]
@@ -262,7 +263,7 @@ def run_many(config: str, dtype, steps: int, device, late_key: bool = False):
             cpu_state, dev_state = state_of(cpu, keys[i]), state_of(dev, keys[i])
             assert sorted(cpu_state) == sorted(dev_state)
             for name, array in dev_state.items():
-                assert type(array) is ch.FakeDeviceArray
+                assert type(array) is fc.FakeDeviceArray
                 assert_same(array, cpu_state[name], f"{config} step {step} key {i} {name}")
         assert dict(dev.nr_update) == dict(cpu.nr_update)
     return per_step
@@ -300,8 +301,8 @@ def test_step_many_groups_by_kernel(device, config):
 def test_step_many_rebuilds_tables_only_when_memory_changes(device):
     opt = make("adam_defaults")
     keys = ["a", "b"]
-    w = [ch.to_fake_device(numpy.ones((5, 3), numpy.float32)) for _ in keys]
-    g = [ch.to_fake_device(numpy.full((5, 3), 0.1, numpy.float32)) for _ in keys]
+    w = [fc.to_fake_device(numpy.ones((5, 3), numpy.float32)) for _ in keys]
+    g = [fc.to_fake_device(numpy.full((5, 3), 0.1, numpy.float32)) for _ in keys]
 
     def writes(grads):
         before = device.moved_to_device
@@ -310,7 +311,7 @@ def test_step_many_rebuilds_tables_only_when_memory_changes(device):
 
     assert writes(g) == 3  # tensor table, chunk table, coefficient rows
     assert writes([x[...] for x in g]) == 1  # new views, same memory: rows only
-    other = [ch.to_fake_device(numpy.full((5, 3), 0.1, numpy.float32)) for _ in keys]
+    other = [fc.to_fake_device(numpy.full((5, 3), 0.1, numpy.float32)) for _ in keys]
     assert writes(other) == 3  # other gradient memory: rebuilt
     assert writes([other[1], other[0]]) == 3  # another order: rebuilt
     assert device.moved_to_host == 0
@@ -323,12 +324,12 @@ def test_step_many_mixed_dtypes_and_empty_gradients(device):
     cpu = make("adam_defaults")
     arrays = {"a": numpy.ones((2, 3), numpy.float32), "b": numpy.ones(4, numpy.float64),
               "empty": numpy.ones((0, 3), numpy.float32), "c": numpy.full(3, 2, numpy.float32)}
-    w_dev = {k: ch.to_fake_device(v) for k, v in arrays.items()}
+    w_dev = {k: fc.to_fake_device(v) for k, v in arrays.items()}
     for step in range(3):
         grads = {k: numpy.full(v.shape, 0.5 + step, v.dtype) for k, v in arrays.items()}
         before = len(device.launches)
         opt.step_many(list(arrays), list(w_dev.values()),
-                      [ch.to_fake_device(x) for x in grads.values()])
+                      [fc.to_fake_device(x) for x in grads.values()])
         for k in arrays:
             cpu(k, arrays[k], grads[k].copy())
             assert_same(w_dev[k], arrays[k], f"{k} step {step}")
@@ -340,8 +341,8 @@ def test_step_many_mixed_dtypes_and_empty_gradients(device):
 
 def test_empty_gradient_is_a_no_op(device):
     opt = make("adam_defaults")
-    w = ch.to_fake_device(numpy.ones((0, 4), numpy.float32))
-    g = ch.to_fake_device(numpy.ones((0, 4), numpy.float32))
+    w = fc.to_fake_device(numpy.ones((0, 4), numpy.float32))
+    g = fc.to_fake_device(numpy.ones((0, 4), numpy.float32))
     assert opt("k", w, g) == (w, g)
     opt.step_many(["j"], [w], [g])
     assert not opt.nr_update and not opt.mom1 and not opt.averages and not device.launches
@@ -355,17 +356,17 @@ def test_per_call_path_reuses_its_plan(device):
     fine); replacing a state array makes a new plan, never a stale pointer."""
     opt, ref = make("adam_defaults"), make("adam_defaults")
     w_host = numpy.linspace(-1, 1, 12, dtype=numpy.float32).reshape(3, 4)
-    w = ch.to_fake_device(w_host)
+    w = fc.to_fake_device(w_host)
     for step in range(4):
         g = numpy.full((3, 4), 0.3 * (step + 1), numpy.float32)
-        opt("k", w[...], ch.to_fake_device(g))
+        opt("k", w[...], fc.to_fake_device(g))
         ref("k", w_host, g.copy())
         if step == 0:
             plan = opt._dev.plans["k"]
         assert opt._dev.plans["k"] is plan
     assert_same(w, w_host, "after 4 steps")
-    opt.mom1["k"] = ch.to_fake_device(ref.mom1["k"])  # a user replaces the state
-    opt("k", w, ch.to_fake_device(numpy.ones((3, 4), numpy.float32)))
+    opt.mom1["k"] = fc.to_fake_device(ref.mom1["k"])  # a user replaces the state
+    opt("k", w, fc.to_fake_device(numpy.ones((3, 4), numpy.float32)))
     ref("k", w_host, numpy.ones((3, 4), numpy.float32))
     assert opt._dev.plans["k"] is not plan and opt._dev.plans["k"].m is opt.mom1["k"]
     assert_same(w, w_host, "after the replaced state")
@@ -374,20 +375,20 @@ def test_per_call_path_reuses_its_plan(device):
 
 def test_known_key_with_bad_arrays_is_an_error(device):
     opt = make("adam_defaults")
-    w = ch.to_fake_device(numpy.ones((4, 4), numpy.float32))
-    opt("k", w, ch.to_fake_device(numpy.ones((4, 4), numpy.float32)))
+    w = fc.to_fake_device(numpy.ones((4, 4), numpy.float32))
+    opt("k", w, fc.to_fake_device(numpy.ones((4, 4), numpy.float32)))
     launches, count, w_before = len(device.launches), opt.nr_update["k"], w.copy()
     with pytest.raises(TypeError, match="float64"):
-        opt("k", w.astype(numpy.float64), ch.to_fake_device(numpy.ones((4, 4))))
+        opt("k", w.astype(numpy.float64), fc.to_fake_device(numpy.ones((4, 4))))
     with pytest.raises(ValueError, match="shape"):
-        opt("k", w.reshape(2, 8), ch.to_fake_device(numpy.ones((2, 8), numpy.float32)))
+        opt("k", w.reshape(2, 8), fc.to_fake_device(numpy.ones((2, 8), numpy.float32)))
     with pytest.raises(ValueError, match="C-contiguous"):
-        opt("k", w.T, ch.to_fake_device(numpy.ones((4, 4), numpy.float32)).T)
+        opt("k", w.T, fc.to_fake_device(numpy.ones((4, 4), numpy.float32)).T)
     with pytest.raises(ValueError, match="lr_scale"):
-        opt("k", w, ch.to_fake_device(numpy.ones((4, 4), numpy.float32)), lr_scale=-1.0)
+        opt("k", w, fc.to_fake_device(numpy.ones((4, 4), numpy.float32)), lr_scale=-1.0)
     with pytest.raises(TypeError, match="float64"):
         opt.step_many(["k"], [w.astype(numpy.float64)],
-                      [ch.to_fake_device(numpy.ones((4, 4)))])
+                      [fc.to_fake_device(numpy.ones((4, 4)))])
     assert len(device.launches) == launches and opt.nr_update["k"] == count
     assert (w == w_before).all()
 
@@ -401,10 +402,10 @@ def test_launches_follow_the_current_stream(device):
     whatever the stream; step_many's tables are rebuilt for another stream."""
     cuda = device.cupy.cuda
     opt = make("adam_defaults")
-    w = ch.to_fake_device(numpy.ones(5000, numpy.float32))
+    w = fc.to_fake_device(numpy.ones(5000, numpy.float32))
 
     def grad():
-        return ch.to_fake_device(numpy.full(5000, 0.5, numpy.float32))
+        return fc.to_fake_device(numpy.full(5000, 0.5, numpy.float32))
 
     opt("k", w, grad())
     torch_stream = cuda.ExternalStream(0xABC0)  # torch.cuda.current_stream().cuda_stream
@@ -463,17 +464,17 @@ def test_deepcopy_of_a_device_optimizer(device):
     import copy
 
     opt = make("adam_defaults")
-    w = ch.to_fake_device(numpy.linspace(-1, 1, 10, dtype=numpy.float32))
-    opt("k", w, ch.to_fake_device(numpy.ones(10, numpy.float32)))
-    opt.step_many(["k"], [w], [ch.to_fake_device(numpy.ones(10, numpy.float32))])
+    w = fc.to_fake_device(numpy.linspace(-1, 1, 10, dtype=numpy.float32))
+    opt("k", w, fc.to_fake_device(numpy.ones(10, numpy.float32)))
+    opt.step_many(["k"], [w], [fc.to_fake_device(numpy.ones(10, numpy.float32))])
     twin = copy.deepcopy(opt)
     assert twin._dev is None and opt._dev.plans and opt._dev.tables
     assert twin.mom1["k"] is not opt.mom1["k"]
     w_twin = w.copy()
     for step in range(3):
         g = numpy.full(10, 0.2 * step, numpy.float32)
-        opt("k", w, ch.to_fake_device(g))
-        twin("k", w_twin, ch.to_fake_device(g))
+        opt("k", w, fc.to_fake_device(g))
+        twin("k", w_twin, fc.to_fake_device(g))
     assert_same(w_twin, w.view(numpy.ndarray), "copy")
     assert twin._dev.plans["k"].m is twin.mom1["k"]
 
@@ -482,8 +483,8 @@ def test_device_host_loops():
     """optim._device: the per-tensor checks of step_many's hot path."""
     from optim import _device
 
-    a = ch.to_fake_device(numpy.ones((2, 3), numpy.float32))
-    b = ch.to_fake_device(numpy.ones(4, numpy.float64))
+    a = fc.to_fake_device(numpy.ones((2, 3), numpy.float32))
+    b = fc.to_fake_device(numpy.ones(4, numpy.float64))
     dtypes, shapes = [a.dtype, b.dtype], [(2, 3), (4,)]
     assert _device.array_pointers([a, b], dtypes, shapes, 0) == [a.data.ptr, b.data.ptr]
     assert _device.array_pointers([a[...], b], dtypes, shapes, 0) == [a.data.ptr, b.data.ptr]

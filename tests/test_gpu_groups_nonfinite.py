@@ -1,5 +1,5 @@
 """Per-parameter groups and the non-finite skip on the device (issues 21 and 22), on the
-emulated device of tests/cuda_harness.py.
+emulated device of tests/fake_cupy.py.
 
 Kernel level: step_many's launch with one Hyper per tensor (a coefficient row each:
 learning rate, betas, eps, L2, grad_clip, decay, lookahead alpha, kind, frozen, the
@@ -12,13 +12,14 @@ run without that call, bitwise, per call and in step_many, with no host read and
 extra launch when clipping (the update counts live on the device until `sync()`), with
 windows of counts when the host runs ahead of the device; raise mode writes nothing.
 """
+import shutil
 import weakref
 from typing import Any, Dict, List
 
 import numpy
 import pytest
 
-import cuda_harness as ch
+import fake_cupy as fc
 import optim
 from optim import _kernels
 from optim import _kernels_cuda as kc
@@ -28,7 +29,7 @@ NORM_MANY = "optim_clip_norm_many"
 DTYPES = [numpy.float32, numpy.float64]
 
 pytestmark = pytest.mark.skipif(
-    not ch.shutil.which("g++"), reason="g++ is not on PATH: cannot run the CUDA kernel "
+    not shutil.which("g++"), reason="g++ is not on PATH: cannot run the CUDA kernel "
     "strings on the host"
 )
 
@@ -116,7 +117,7 @@ def launch_many(backend: Any, hypers: List[Any], host_arrays: List[Dict[str, Any
                 counts: List[int], averages: bool = True, batches: Any = None):
     """backend.launch_many on device copies of `host_arrays` with one Hyper per tensor;
     returns (device arrays, batches, launches)."""
-    dev = [{a: ch.to_fake_device(x) for a, x in arrays.items()} for arrays in host_arrays]
+    dev = [{a: fc.to_fake_device(x) for a, x in arrays.items()} for arrays in host_arrays]
     plans = [backend.plan(i, h.kind, averages, d["w"],
                           None if h.frozen else d.get("m"), None if h.frozen else d.get("v"),
                           None if h.frozen else d.get("avg"),
@@ -134,7 +135,7 @@ def cpu_step(h: Any, arrays: Dict[str, numpy.ndarray], t: int, averages: bool = 
                          arrays.get("avg") if averages else None, arrays.get("slow"), t, 0.8)
 
 
-BACKEND = ch.HarnessBackend(block=64, max_grid=2)
+BACKEND = fc.HarnessBackend(block=64, max_grid=2)
 
 
 # ---------------------------------------------------------------- kernel level
@@ -240,7 +241,7 @@ def test_raise_mode_reads_back_and_writes_nothing(dtype):
     base = hyper("adam", nonfinite=2, grad_clip=1.0)
     cpu = [arrays_for(n, dtype, rng, False) for n in (300, 5000)]
     cpu[1]["g"][4500] = numpy.inf
-    dev = [{a: ch.to_fake_device(x) for a, x in c.items()} for c in cpu]
+    dev = [{a: fc.to_fake_device(x) for a, x in c.items()} for c in cpu]
     plans = [BACKEND.plan(i, "adam", True, d["w"], d["m"], d["v"], d["avg"], None)
              for i, d in enumerate(dev)]
     refused = []
@@ -274,7 +275,7 @@ def test_groups_share_the_launch_of_one_group(use, groups, factory):
     """Two groups (another learning rate, another grad_clip, one unclipped) in one
     step_many: bitwise the separate optimizers of each group's settings, and the
     launches and transfers of a single group (one clip norm, one update per step)."""
-    dev = use(ch.HarnessBackend())
+    dev = use(fc.HarnessBackend())
     dtype = numpy.float32
     kwargs = dict(learn_rate=0.05, grad_clip=1.0, use_averages=True)
     make = getattr(optim, factory)
@@ -291,9 +292,9 @@ def test_groups_share_the_launch_of_one_group(use, groups, factory):
     single = make(**kwargs)  # one group: the launches to match
     rng = numpy.random.default_rng(5)
     w_cpu = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
-    w_dev = [ch.to_fake_device(w) for w in w_cpu]
-    w_single = [ch.to_fake_device(w) for w in w_cpu]
-    g_dev = [ch.to_fake_device(numpy.zeros(s, dtype)) for s in SHAPES]
+    w_dev = [fc.to_fake_device(w) for w in w_cpu]
+    w_single = [fc.to_fake_device(w) for w in w_cpu]
+    g_dev = [fc.to_fake_device(numpy.zeros(s, dtype)) for s in SHAPES]
     for step, grads in enumerate(gradient_steps(SHAPES, dtype, 4, 6)):
         for k, g in enumerate(grads):
             refs[id(table[k])](k, w_cpu[k], g.copy())
@@ -303,7 +304,7 @@ def test_groups_share_the_launch_of_one_group(use, groups, factory):
         mine = (dev.launches[before[0]:], dev.moved_to_host - before[1],
                 dev.moved_to_device - before[2])
         before = (len(dev.launches), dev.moved_to_host, dev.moved_to_device)
-        single.step_many(keys, w_single, [ch.to_fake_device(g) for g in grads])
+        single.step_many(keys, w_single, [fc.to_fake_device(g) for g in grads])
         theirs = (dev.launches[before[0]:], dev.moved_to_host - before[1],
                   dev.moved_to_device - before[2])
         assert mine[0] == theirs[0] == [NORM_MANY, f"optim_{factory.lower()}_avg_many"]
@@ -319,7 +320,7 @@ def test_a_group_of_another_kind_is_another_launch_group(use, groups):
     """An SGD-kind group (beta1 = beta2 = 0) in an Adam optimizer: its tensors run the
     SGD kernel in a launch group of their own (a kernel is chosen per group of the
     same dtype and kernel), with the bits of an SGD optimizer."""
-    dev = use(ch.HarnessBackend())
+    dev = use(fc.HarnessBackend())
     dtype = numpy.float64
     opt = optim.Adam(0.01)
     sgd = with_values(opt._hyper, beta1=0.0, beta2=0.0, learn_rate=0.1)
@@ -328,12 +329,12 @@ def test_a_group_of_another_kind_is_another_launch_group(use, groups):
     keys = list(range(len(SHAPES)))
     rng = numpy.random.default_rng(7)
     w_cpu = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
-    w_dev = [ch.to_fake_device(w) for w in w_cpu]
+    w_dev = [fc.to_fake_device(w) for w in w_cpu]
     for step, grads in enumerate(gradient_steps(SHAPES, dtype, 3, 8)):
         for k, g in enumerate(grads):
             (cpu_sgd if k in (2, 3) else cpu_adam)(k, w_cpu[k], g.copy())
         before = len(dev.launches)
-        opt.step_many(keys, w_dev, [ch.to_fake_device(g) for g in grads])
+        opt.step_many(keys, w_dev, [fc.to_fake_device(g) for g in grads])
         assert sorted(dev.launches[before:]) == sorted(
             [NORM_MANY, NORM_MANY, "optim_adam_avg_many", "optim_sgd_avg_many"])
         for k in keys:
@@ -345,7 +346,7 @@ def test_a_group_of_another_kind_is_another_launch_group(use, groups):
 def test_frozen_keys_cost_no_launch_and_get_no_state(use, groups):
     """Frozen keys in step_many: weights untouched, gradient zeroed, no state, no count,
     no launch more than the call without them; per call: one fill, no launch."""
-    dev = use(ch.HarnessBackend())
+    dev = use(fc.HarnessBackend())
     dtype = numpy.float32
     opt, ref = optim.Adam(0.01), optim.Adam(0.01)
     frozen = with_values(opt._hyper, frozen=True)
@@ -355,9 +356,9 @@ def test_frozen_keys_cost_no_launch_and_get_no_state(use, groups):
     rng = numpy.random.default_rng(9)
     w0 = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
     w_cpu = [w.copy() for w in w0]
-    w_dev = [ch.to_fake_device(w) for w in w0]
+    w_dev = [fc.to_fake_device(w) for w in w0]
     for step, grads in enumerate(gradient_steps(SHAPES, dtype, 3, 10)):
-        g_dev = [ch.to_fake_device(g) for g in grads]
+        g_dev = [fc.to_fake_device(g) for g in grads]
         for k in live:
             ref(k, w_cpu[k], grads[k].copy())
         before = len(dev.launches)
@@ -371,13 +372,13 @@ def test_frozen_keys_cost_no_launch_and_get_no_state(use, groups):
         assert k not in opt.mom1 and k not in opt.averages and k not in opt.nr_update
     assert dict(opt.nr_update) == {k: 3 for k in live}
     # a call of only frozen keys: one launch zeroes them all
-    g = [ch.to_fake_device(numpy.ones(SHAPES[k], dtype)) for k in (1, 4)]
+    g = [fc.to_fake_device(numpy.ones(SHAPES[k], dtype)) for k in (1, 4)]
     before = len(dev.launches)
     opt.step_many([1, 4], [w_dev[1], w_dev[4]], g)
     assert dev.launches[before:] == ["optim_sgd_many"]
     assert not host(g[0]).any() and not host(g[1]).any()
     # per call: the gradient zeroed (a fill), no launch, no state
-    g1 = ch.to_fake_device(numpy.ones(SHAPES[1], dtype))
+    g1 = fc.to_fake_device(numpy.ones(SHAPES[1], dtype))
     before = len(dev.launches)
     opt(1, w_dev[1], g1)
     assert dev.launches[before:] == [] and not host(g1).any()
@@ -401,8 +402,8 @@ def skip_run(dev: Any, make: Any, how: str, dtype: Any, run_at_end: bool = False
     keys = list(range(len(SKIP_SHAPES)))
     rng = numpy.random.default_rng(11)
     w_cpu = [rng.standard_normal(s).astype(dtype) for s in SKIP_SHAPES]
-    w_dev = [ch.to_fake_device(w) for w in w_cpu]
-    g_dev = [ch.to_fake_device(numpy.zeros(s, dtype)) for s in SKIP_SHAPES]
+    w_dev = [fc.to_fake_device(w) for w in w_cpu]
+    g_dev = [fc.to_fake_device(numpy.zeros(s, dtype)) for s in SKIP_SHAPES]
     per_step, kept = [], []
     for step, grads in enumerate(gradient_steps(SKIP_SHAPES, dtype, STEPS, 12)):
         for k, g in enumerate(grads):
@@ -413,7 +414,7 @@ def skip_run(dev: Any, make: Any, how: str, dtype: Any, run_at_end: bool = False
                 g = g.copy()
                 g.reshape(-1)[g.size // 2] = bad
             if run_at_end:  # the host must not write memory queued work still reads,
-                g_dev[k] = ch.to_fake_device(g)  # nor free it (the tables' pointers)
+                g_dev[k] = fc.to_fake_device(g)  # nor free it (the tables' pointers)
                 kept.append(g_dev[k])
             else:
                 g_dev[k].view(numpy.ndarray)[...] = g
@@ -448,7 +449,7 @@ def test_a_skipped_update_is_the_run_without_that_call(use, config, how, dtype):
     every array bitwise that of a run that omitted exactly those two calls; no host
     read; a clipped update launches what it launches in apply mode (an unclipped one
     adds the norm); after sync() the counts and skip counts are right."""
-    dev = use(ch.HarnessBackend())
+    dev = use(fc.HarnessBackend())
     opt, w_dev, cpu, w_cpu, per_step = skip_run(dev, MAKERS[config], how, dtype)
     keys = list(range(len(SKIP_SHAPES)))
     assert_same_run(opt, cpu, w_dev, w_cpu, keys, f"{config} {how}")
@@ -478,7 +479,7 @@ def test_the_host_running_ahead_uploads_windows(use, how, monkeypatch):
     launch when the window spans both). A window of MAX_WINDOW rows waits for the
     oldest launch (the one sync). Bitwise the run without the bad calls."""
     monkeypatch.setattr(device_updates, "MAX_WINDOW", 4)
-    dev = use(ch.HarnessBackend(deferred=True))
+    dev = use(fc.HarnessBackend(deferred=True))
     make = MAKERS["adam_clip_avg_la"]
     opt, w_dev, cpu, w_cpu, per_step = skip_run(dev, make, how, numpy.float32,
                                                 run_at_end=True)
@@ -495,14 +496,14 @@ def test_the_host_running_ahead_uploads_windows(use, how, monkeypatch):
 def test_skip_mode_costs_are_counted(use):
     """Per call and step_many, clipped and not, after the first update: launches, host
     reads, host writes, queued copies of the verdicts into pinned memory."""
-    dev = use(ch.HarnessBackend())
+    dev = use(fc.HarnessBackend())
     dtype = numpy.float32
     costs = {}
     for mode in ("apply", "skip"):
         for clip in (1.0, 0.0):
             opt = optim.Adam(0.01, grad_clip=clip, nonfinite=mode)
-            w = [ch.to_fake_device(numpy.ones(5000, dtype)) for _ in range(2)]
-            g = [ch.to_fake_device(numpy.full(5000, 0.5, dtype)) for _ in range(2)]
+            w = [fc.to_fake_device(numpy.ones(5000, dtype)) for _ in range(2)]
+            g = [fc.to_fake_device(numpy.full(5000, 0.5, dtype)) for _ in range(2)]
             for how in ("call", "step_many"):
                 for _ in range(2):  # first updates: state, tables
                     opt(0, w[0], g[0]) if how == "call" else opt.step_many([0, 1], w, g)
@@ -526,19 +527,19 @@ def test_skip_mode_costs_are_counted(use):
 
 @pytest.mark.parametrize("how", ["call", "step_many"])
 def test_raise_mode_raises_before_anything_is_written(use, how):
-    dev = use(ch.HarnessBackend())
+    dev = use(fc.HarnessBackend())
     dtype = numpy.float32
     opt = optim.Adam(0.01, nonfinite="raise")
     keys = [0, 1, 2]
     rng = numpy.random.default_rng(13)
-    w = [ch.to_fake_device(rng.standard_normal(n).astype(dtype)) for n in (300, 5000, 7)]
-    g = [ch.to_fake_device(numpy.full(x.shape, 0.5, dtype)) for x in w]
+    w = [fc.to_fake_device(rng.standard_normal(n).astype(dtype)) for n in (300, 5000, 7)]
+    g = [fc.to_fake_device(numpy.full(x.shape, 0.5, dtype)) for x in w]
     opt.step_many(keys, w, g)  # state, tables
     snapshot = {k: {**{n: host(a).copy() for n, a in state_of(opt, k).items()},
                     "w": host(w[k]).copy()} for k in keys}
     grads = [rng.standard_normal(x.shape).astype(dtype) for x in w]
     grads[1][4321] = numpy.nan
-    g = [ch.to_fake_device(x) for x in grads]
+    g = [fc.to_fake_device(x) for x in grads]
     reads = dev.moved_to_host
     with pytest.raises(optim.NonFiniteError, match="key 1.*a NaN.*nothing was"):
         if how == "call":
@@ -563,7 +564,7 @@ def test_raise_and_skip_groups_in_one_step_many(use, groups):
     group refuses the whole call before anything is written (the raise group's check
     runs first, without moving the skip group's device counts); a NaN in the skip
     group skips that key only. Bitwise the CPU run of the calls that were kept."""
-    dev = use(ch.HarnessBackend())
+    dev = use(fc.HarnessBackend())
     dtype = numpy.float32
     opt, cpu = optim.Adam(0.01), optim.Adam(0.01)
     skip, refuse = with_values(opt._hyper, nonfinite=1), with_values(opt._hyper, nonfinite=2)
@@ -571,10 +572,10 @@ def test_raise_and_skip_groups_in_one_step_many(use, groups):
     keys = [0, 1, 2]
     rng = numpy.random.default_rng(14)
     w_cpu = [rng.standard_normal(n).astype(dtype) for n in (300, 5000, 4097)]
-    w_dev = [ch.to_fake_device(w) for w in w_cpu]
+    w_dev = [fc.to_fake_device(w) for w in w_cpu]
     for step in range(6):
         grads = [rng.standard_normal(w.shape).astype(dtype) for w in w_cpu]
-        g_dev = [ch.to_fake_device(g) for g in grads]
+        g_dev = [fc.to_fake_device(g) for g in grads]
         if step == 2:  # the raise group refuses: nothing of the call happens
             g_dev[2].view(numpy.ndarray)[7] = numpy.nan
             launched, reads = len(dev.launches), dev.moved_to_host
@@ -602,7 +603,7 @@ def test_the_optimizers_groups_on_the_device_are_the_cpus(use, how, mode):
     no clipping, an SGD-kind group, a frozen group; nonfinite apply or skip, with a NaN
     and an inf put in gradients: the device optimizer and the CPU optimizer with the
     same settings give the same bits, counts and skip counts."""
-    dev = use(ch.HarnessBackend())
+    dev = use(fc.HarnessBackend())
     assert dev.launches == []
     dtype = numpy.float32
     spec = [{"match": "fast/*", "learn_rate": 0.05, "grad_clip": 0.0, "L2": 1e-3},
@@ -616,14 +617,14 @@ def test_the_optimizers_groups_on_the_device_are_the_cpus(use, how, mode):
     rng = numpy.random.default_rng(15)
     sizes = [300, 4097, 50, 700, 5000]
     w_cpu = [rng.standard_normal(n).astype(dtype) for n in sizes]
-    w_dev = [ch.to_fake_device(w) for w in w_cpu]
+    w_dev = [fc.to_fake_device(w) for w in w_cpu]
     bad = {(2, 0): numpy.nan, (3, 4): numpy.inf, (4, 2): numpy.nan, (5, 3): numpy.nan}
     for step in range(7):
         grads = [rng.standard_normal(n).astype(dtype) for n in sizes]
         for (s, k), value in bad.items():
             if s == step and mode == "skip":
                 grads[k][n_mid(grads[k])] = value
-        g_dev = [ch.to_fake_device(g) for g in grads]
+        g_dev = [fc.to_fake_device(g) for g in grads]
         before = (len(dev.launches), dev.moved_to_host)
         if how == "call":
             for k, key in enumerate(keys):

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from test_reference import hyperparams, shapes
 
-import cuda_harness as ch
+import fake_cupy as fc
 from optim import Adam, Optimizer, backends
 
 KEYS = [(0, "W"), (0, "b"), (1, "W"), (2, "W")]
@@ -199,7 +199,7 @@ def test_from_bytes_between_calls():
 
 def test_to_gpu_and_back_between_calls():
     """A trip to the (fake) device replaces every state array with a copy."""
-    previous = backends.set_gpu_backend(ch.HarnessBackend(block=32))
+    previous = backends.set_gpu_backend(fc.HarnessBackend(block=32))
     try:
         twin = Twin(CONFIG)
         twin.step()

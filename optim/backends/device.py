@@ -17,6 +17,7 @@ from collections import deque
 from typing import Any, Dict, List, Optional
 
 from .. import _device
+from .._kernels import NONFINITE_APPLY, NONFINITE_SKIP, OUTCOME_INF, OUTCOME_NAN
 from .._kernels_cuda import GO as _GO, INF as _INF, NAN as _NAN
 from ..hyperparams import KeyT
 
@@ -112,7 +113,7 @@ class DeviceUpdates:
         if hyper.frozen:
             plan.backend.zero_gradient(plan, key, weights, gradient)
             return True
-        if hyper.nonfinite == 0:
+        if hyper.nonfinite == NONFINITE_APPLY:
             track = self.tracks.get(key)
             t = opt.nr_update[key] + 1 if track is None else track.settle() + 1
             plan.backend.launch(plan, hyper, key, weights, gradient, t, lr_scale)
@@ -161,7 +162,7 @@ class DeviceUpdates:
         plan = self.plan(key, weights, state, hyper)
         if hyper.frozen:
             self.backend.zero_gradient(plan, key, weights, gradient)
-        elif hyper.nonfinite == 0:
+        elif hyper.nonfinite == NONFINITE_APPLY:
             track = self.tracks.get(key)
             if track is not None:
                 t = track.settle() + 1
@@ -256,7 +257,7 @@ class DeviceUpdates:
             hyper, key = hypers[i], keys[i]
             if hyper.frozen:
                 counts.append(1)
-            elif hyper.nonfinite == 1:
+            elif hyper.nonfinite == NONFINITE_SKIP:
                 if windows is None:
                     windows = [None] * n
                 windows[i] = self._window(key, plans[i])
@@ -324,9 +325,9 @@ class DeviceUpdates:
             if skipped:
                 opt.nr_update[key] -= skipped
                 if track.nan:
-                    opt._nonfinite_found(key, 1, track.weights, track.nan)
+                    opt._nonfinite_found(key, OUTCOME_NAN, track.weights, track.nan)
                 if track.inf:
-                    opt._nonfinite_found(key, 2, track.weights, track.inf)
+                    opt._nonfinite_found(key, OUTCOME_INF, track.weights, track.inf)
 
     def forget(self, key: Any = None) -> None:
         """State arrays were replaced, moved or renamed: settle the counts kept on the

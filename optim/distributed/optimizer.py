@@ -13,8 +13,6 @@ When weights change: `step_many` updates before it returns. The per-tensor call
 `optimizer(key, weights, gradient)` (Thinc's `finish_update`) only records the tensors;
 `flush()` or `step_schedules()` updates all recorded ones together (docs/distributed.md).
 """
-import functools
-import inspect
 import math
 import numbers
 from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
@@ -29,27 +27,12 @@ from ..hyperparams import any_empty, is_empty, shape_error
 from ..optimizer import Optimizer
 from . import flat
 from .group import Group, DistributedError, from_process_group, join
+from .factories import distributed_factory, forwarded
+from .plan import (DEFAULT_BUCKET_MB, Ownership, StepPlan, bucket_elems, state_owners,
+                   step_plan, summed_positions)
 
 KeyT = Hashable
 REDUCTIONS = ("mean", "sum")
-DEFAULT_BUCKET_MB = 25.0  # torch DDP's default bucket size
-
-
-class _Plan:
-    """How one step's tensors travel: cached while the keys and shapes repeat."""
-
-    __slots__ = ("keys", "shapes", "typenums", "layouts", "local", "local_ends")
-
-    def __init__(self, keys: List[KeyT], shapes: List[Tuple[int, ...]], typenums: Any,
-                 layouts: List[flat.Layout], local: List[int]) -> None:
-        self.keys = keys          # the step's keys, in call order
-        self.shapes = shapes      # their shapes
-        self.typenums = typenums  # their NumPy type numbers (int32 array)
-        self.layouts = layouts    # one per dtype: the non-empty tensors, grouped by owner
-        self.local = local        # positions this rank updates (call order)
-        mine = set(local)         # per layout: (where each local tensor ends, its position)
-        self.local_ends = [[(int(layout.starts[j + 1]), i) for j, i in enumerate(layout.index)
-                            if i in mine] for layout in layouts]
 
 
 class DistributedOptimizer:
@@ -66,8 +49,8 @@ class DistributedOptimizer:
     """
 
     __slots__ = ("optimizer", "reduce", "sharded", "bucket_mb", "timeout", "_group",
-                 "_pending", "_pending_keys", "_plan", "_shapes", "_dtypes", "_owner",
-                 "_loads", "_order", "_buffers", "_averages", "_xp", "__weakref__")
+                 "_pending", "_pending_keys", "_plan", "_keys", "_buffers", "_averages", "_xp",
+                 "__weakref__")
 
     def __init__(self, optimizer: Optimizer, *, reduce: str = "mean", sharded: bool = False,
                  bucket_mb: float = DEFAULT_BUCKET_MB, group: Any = None,
@@ -95,12 +78,8 @@ class DistributedOptimizer:
             else from_process_group(group, timeout)
         self._pending: List[Tuple[KeyT, Any, Any, float]] = []
         self._pending_keys: set = set()
-        self._plan: Optional[_Plan] = None
-        self._shapes: Dict[KeyT, Tuple[int, ...]] = {}   # every key seen, on every rank
-        self._dtypes: Dict[KeyT, Optional[numpy.dtype]] = {}
-        self._owner: Dict[KeyT, int] = {}
-        self._loads: List[int] = []
-        self._order: List[KeyT] = []                      # keys in first-seen order
+        self._plan: Optional[StepPlan] = None
+        self._keys = Ownership()  # every key seen, on every rank: shape, dtype, owner
         self._buffers = flat.Buffers()
         self._averages: Optional[Dict[KeyT, Any]] = None  # sharded: gathered, until a step
         self._xp: Any = numpy  # where the state lives: numpy, or cupy after GPU steps
@@ -132,7 +111,7 @@ class DistributedOptimizer:
         return self.group.world_size
 
     def _bucket_elems(self, dtype: numpy.dtype) -> int:
-        return max(1, int(self.bucket_mb * 2 ** 20) // dtype.itemsize)
+        return bucket_elems(self.bucket_mb, dtype)
 
     # ------------------------------------------------------------ updates
 
@@ -264,15 +243,10 @@ class DistributedOptimizer:
                  gradients: List[Any], scales: List[float]) -> Callable[[int], None]:
         """`ready(done)` for flat.reduce: update the local tensors that end by `done`
         (their sums are back) while the next bucket's all-reduce runs."""
-        updated = 0
+        summed = summed_positions(ends)
 
         def ready(done: int) -> None:
-            nonlocal updated
-            first = updated
-            while updated < len(ends) and ends[updated][0] <= done:
-                updated += 1
-            self._update_local([i for _, i in ends[first:updated]], keys, weights, gradients,
-                               scales)
+            self._update_local(summed(done), keys, weights, gradients, scales)
 
         return ready
 
@@ -290,26 +264,16 @@ class DistributedOptimizer:
     # ------------------------------------------------------------ plans
 
     def _plan_for(self, keys: List[KeyT], weights: List[Any], gradients: List[Any],
-                  checked: bool) -> _Plan:
+                  checked: bool) -> StepPlan:
         """The cached plan when this step repeats the last one (checked in C), else a new
         one, validated here and agreed on by all ranks, before any collective runs."""
         plan = self._plan
-        if plan is not None and keys == plan.keys:
-            if not plan.layouts or plan.layouts[0].xp is numpy:
-                from .. import _flat
-
-                if _flat.check_pairs(weights, gradients, plan.shapes, plan.typenums) < 0:
-                    return plan
-            elif len(weights) == len(gradients) == len(keys):  # device arrays: in Python
-                for key, w, g in zip(keys, weights, gradients):
-                    self._check(key, w, g)
-                if ([tuple(g.shape) for g in gradients] == plan.shapes
-                        and [numpy.dtype(g.dtype).num for g in gradients] == list(plan.typenums)):
-                    return plan
+        if plan is not None and plan.repeats(keys, weights, gradients, self._check):
+            return plan
         return self._new_plan(keys, weights, gradients, checked)
 
     def _new_plan(self, keys: List[KeyT], weights: List[Any], gradients: List[Any],
-                  checked: bool) -> _Plan:
+                  checked: bool) -> StepPlan:
         if len(set(keys)) != len(keys):
             raise ValueError("step_many: each key may appear once per call")
         backends = []
@@ -321,59 +285,28 @@ class DistributedOptimizer:
         xp = numpy if not backends or backends[0] is NUMPY else _cupy()
         if xp is not numpy:
             self._xp = xp
-        group = self.group
-        new_keys = []
-        for key, g in zip(keys, gradients):
-            if g.size and key not in self._owner:
-                new_keys.append(key)
+        group, seen = self.group, self._keys
+        new_keys = [key for key, g in zip(keys, gradients) if g.size and key not in seen.owner]
         nbytes = {k: int(g.size * g.dtype.itemsize) for k, g in zip(keys, gradients)}
-        owners = self._assign(new_keys, nbytes)
+        owners = seen.propose(new_keys, nbytes, group.world_size)
         group.check_same(flat.describe((k, g.shape, g.dtype) for k, g in zip(keys, gradients)),
                          "the keys, shapes and dtypes of a step")
-        # agreed: commit the new keys
-        for key in new_keys:
-            self._owner[key] = owners[key]
-            self._loads[owners[key]] += nbytes[key]
-            self._order.append(key)
+        seen.commit(new_keys, owners, nbytes)  # agreed
         for key, g in zip(keys, gradients):
             if g.size:
-                self._shapes[key] = tuple(g.shape)
-                self._dtypes[key] = numpy.dtype(g.dtype)
-        owner_of = [self._owner.get(k, -1) for k in keys]
-        layouts = []
-        for dtype in sorted({numpy.dtype(g.dtype).str for g in gradients if g.size}):
-            index = [i for i, g in enumerate(gradients)
-                     if g.size and numpy.dtype(g.dtype).str == dtype]
-            layouts.append(flat.Layout(dtype, index, [g.size for g in gradients], owner_of,
-                                       group.world_size, xp))
-        local = [i for i, g in enumerate(gradients)
-                 if g.size and (not self.sharded or owner_of[i] == group.rank)]
-        typenums = numpy.array([numpy.dtype(g.dtype).num for g in gradients], dtype=numpy.intc)
-        plan = _Plan(list(keys), [tuple(g.shape) for g in gradients], typenums, layouts, local)
-        self._plan = plan
-        return plan
-
-    def _assign(self, new_keys: List[KeyT], nbytes: Dict[KeyT, int]) -> Dict[KeyT, int]:
-        """Owners for new keys: largest first (ties by repr), each to the least-loaded
-        rank (ties to the lowest). Depends on the keys and sizes, not the call order."""
-        world_size = self.group.world_size
-        if len(self._loads) != world_size:
-            self._loads = [0] * world_size
-        loads = list(self._loads)
-        owners = {}
-        for key in sorted(new_keys, key=lambda k: (-nbytes[k], repr(k))):
-            rank = min(range(world_size), key=lambda r: (loads[r], r))
-            owners[key] = rank
-            loads[rank] += nbytes[key]
-        return owners
+                seen.see(key, g.shape, g.dtype)
+        self._plan = step_plan(keys, [tuple(g.shape) for g in gradients],
+                               [g.dtype for g in gradients], seen.owner, group.world_size,
+                               group.rank, self.sharded, xp)
+        return self._plan
 
     def _check(self, key: KeyT, weights: Any, gradient: Any) -> Any:
         """Validate one update (dtypes, contiguity, device, shapes) before anything runs."""
         backend = self.optimizer.check_pair(key, weights, gradient)
-        shape = self._shapes.get(key)  # (empty gradients never get here)
+        shape = self._keys.shapes.get(key)  # (empty gradients never get here)
         if shape is not None and tuple(weights.shape) != shape:
             raise ValueError(shape_error(key, weights.shape, shape))
-        dtype = self._dtypes.get(key)
+        dtype = self._keys.dtypes.get(key)
         if dtype is not None and numpy.dtype(gradient.dtype) != dtype:
             raise TypeError(f"key {key!r}: the gradient is {gradient.dtype}, but this key "
                             f"was updated as {dtype} before")
@@ -397,19 +330,15 @@ class DistributedOptimizer:
         return self._averages
 
     def _gather_averages(self) -> Dict[KeyT, Any]:
-        group, inner = self.group, self.optimizer.averages
-        keys = [k for k in self._order if self._dtypes.get(k) is not None]
-        xp = self._xp
+        group, inner, seen = self.group, self.optimizer.averages, self._keys
+        keys = seen.with_state()
         arrays = {}
         for key in keys:
-            if self._owner[key] == group.rank:
+            if seen.owner[key] == group.rank:
                 arrays[key] = inner[key]
             else:
-                arrays[key] = xp.empty(self._shapes[key], dtype=self._dtypes[key])
-        for dtype in sorted({self._dtypes[k].str for k in keys}):
-            index = [i for i, k in enumerate(keys) if self._dtypes[k].str == dtype]
-            layout = flat.Layout(dtype, index, [math.prod(self._shapes[k]) for k in keys],
-                                 [self._owner[k] for k in keys], group.world_size, xp)
+                arrays[key] = self._xp.empty(seen.shapes[key], dtype=seen.dtypes[key])
+        for layout in seen.state_layouts(keys, group.world_size, self._xp):
             flat.share(group, layout, layout.take([arrays[k] for k in keys]), self._buffers,
                        self._bucket_elems(layout.dtype),
                        f"the gathering of the averages at step {self.optimizer.step}")
@@ -426,7 +355,7 @@ class DistributedOptimizer:
 
     def owner(self, key: KeyT) -> int:
         """The rank that keeps `key`'s state when sharded."""
-        return self._owner[key]
+        return self._keys.owner[key]
 
     # ------------------------------------------------------------ checkpoints
 
@@ -443,9 +372,7 @@ class DistributedOptimizer:
             records = [record for part in parts for record in part[0]]
             msg["skipped"] = [pair for part in parts for pair in part[1]]
         by_key = {serialize.decode_key(r["key"]): r for r in records}
-        order = [k for k in self._order if k in by_key]
-        order += [k for k in by_key if k not in self._owner]
-        msg["keys"] = [by_key[k] for k in order]
+        msg["keys"] = [by_key[k] for k in self._keys.ordered(by_key)]
         return msg
 
     def to_bytes(self) -> bytes:
@@ -483,11 +410,8 @@ class DistributedOptimizer:
         for key, record in zip(keys, records):
             arrays = [record[n] for n in serialize.STATE_ARRAYS if record[n] is not None]
             dtypes[key] = numpy.dtype(arrays[0].dtype) if arrays else None
-        nbytes = {k: math.prod(shapes[k]) * (dtypes[k].itemsize if dtypes[k] else 4)
-                  for k in keys}
-        self._loads = []
-        owners = self._assign(keys, nbytes)
-        rank = self.group.rank
+        world_size, rank = self.group.world_size, self.group.rank
+        owners, nbytes = state_owners(keys, shapes, dtypes, world_size)
         mine = [r for k, r in zip(keys, records) if not self.sharded or owners[k] == rank]
         if fresh or len(mine) != len(records):
             skipped = [pair for pair in msg.get("skipped", ())  # each count on one rank
@@ -495,13 +419,7 @@ class DistributedOptimizer:
                        or owners.get(serialize.decode_key(pair[0]), 0) == rank]
             self.optimizer.from_bytes(srsly.msgpack_dumps({**msg, "keys": mine,
                                                            "skipped": skipped}))
-        self._order = keys
-        self._shapes = shapes
-        self._dtypes = dtypes
-        self._owner = owners
-        self._loads = [0] * self.group.world_size
-        for key, owner in owners.items():
-            self._loads[owner] += nbytes[key]
+        self._keys.reset(keys, shapes, dtypes, owners, nbytes, world_size)
         self._plan = None
         self._averages = None
 
@@ -514,12 +432,7 @@ class DistributedOptimizer:
         """Rename keys (as `Optimizer.remap_keys`); call with the same mapping everywhere."""
         self._check_flushed("remap_keys")
         self.optimizer.remap_keys(mapping)
-        rename = lambda k: mapping.get(k, k)  # noqa: E731
-        self._order = [rename(k) for k in self._order]
-        for store in (self._shapes, self._dtypes, self._owner):
-            items = [(rename(k), v) for k, v in store.items()]
-            store.clear()
-            store.update(items)
+        self._keys.rename(mapping)
         self._plan = None
         self._averages = None
         return self
@@ -548,25 +461,14 @@ class DistributedOptimizer:
         return f"<optim.distributed {mode} {self.reduce} over {where} of {self.optimizer!r}>"
 
 
-def _forward(name: str, settable: bool) -> property:
-    def get(self: DistributedOptimizer) -> Any:
-        return getattr(self.optimizer, name)
-
-    def set(self: DistributedOptimizer, value: Any) -> None:
-        setattr(self.optimizer, name, value)
-
-    return property(get, set if settable else None,
-                    doc=f"The local optimizer's {name} (the same on every rank).")
-
-
 # Read or set by Thinc and spaCy (see optim.thinc.FORWARDED): the local optimizer's.
 for _name in ("learn_rate", "grad_clip", "b1", "b2", "beta1", "beta2", "eps", "L2",
               "weight_decay", "lookahead_alpha", "lookahead_k", "last_score", "nonfinite",
               "max_consecutive_skips"):
-    setattr(DistributedOptimizer, _name, _forward(_name, True))
+    setattr(DistributedOptimizer, _name, forwarded(_name, True))
 for _name in ("use_radam", "use_averages", "L2_is_weight_decay", "mom1", "mom2", "lookahead",
               "nr_update", "schedules", "step", "ops", "groups", "paths"):
-    setattr(DistributedOptimizer, _name, _forward(_name, False))
+    setattr(DistributedOptimizer, _name, forwarded(_name, False))
 
 
 def _check_lr_scale(lr_scale: Any) -> None:
@@ -583,40 +485,8 @@ def _cupy() -> Any:
 
 # ---------------------------------------------------------------- factories
 
-def _distributed(factory: Any) -> Any:
-    """`factory`'s arguments plus reduce, sharded, bucket_mb, timeout and group."""
-
-    @functools.wraps(factory)
-    def make(*args: Any, reduce: str = "mean", sharded: bool = False,
-             bucket_mb: float = DEFAULT_BUCKET_MB, timeout: Optional[float] = None,
-             group: Any = None, **kwargs: Any) -> DistributedOptimizer:
-        return DistributedOptimizer(factory(*args, **kwargs), reduce=reduce, sharded=sharded,
-                                    bucket_mb=bucket_mb, timeout=timeout, group=group)
-
-    base = inspect.signature(factory)
-    extra = [
-        inspect.Parameter("reduce", inspect.Parameter.KEYWORD_ONLY, default="mean",
-                          annotation=str),
-        inspect.Parameter("sharded", inspect.Parameter.KEYWORD_ONLY, default=False,
-                          annotation=bool),
-        inspect.Parameter("bucket_mb", inspect.Parameter.KEYWORD_ONLY,
-                          default=DEFAULT_BUCKET_MB, annotation=float),
-        inspect.Parameter("timeout", inspect.Parameter.KEYWORD_ONLY, default=None,
-                          annotation=Optional[float]),
-        inspect.Parameter("group", inspect.Parameter.KEYWORD_ONLY, default=None,
-                          annotation=Any),
-    ]
-    params = list(base.parameters.values()) + extra
-    make.__signature__ = base.replace(parameters=params,  # type: ignore[attr-defined]
-                                      return_annotation=DistributedOptimizer)
-    del make.__wrapped__
-    make.__doc__ = (f"{factory.__doc__} Data-parallel over torch.distributed "
-                    "(optim.distributed.DistributedOptimizer).")
-    return make
-
-
-SGD = _distributed(_optimizer.SGD)
-Adam = _distributed(_optimizer.Adam)
-RAdam = _distributed(_optimizer.RAdam)
+SGD = distributed_factory(_optimizer.SGD, DistributedOptimizer)
+Adam = distributed_factory(_optimizer.Adam, DistributedOptimizer)
+RAdam = distributed_factory(_optimizer.RAdam, DistributedOptimizer)
 
 __all__ = ["DistributedOptimizer", "DistributedError", "SGD", "Adam", "RAdam"]
