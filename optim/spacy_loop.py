@@ -4,8 +4,8 @@ against 3.8.18), with checkpoints at step boundaries and an exact resume.
 `train`, `train_while_improving` and `create_train_batches` are copies of spaCy's
 functions of the same names, in spaCy's order, with spaCy's text line for line; what
 optim adds is a marked step (a line or block commented `# optim:`) that calls a small
-named helper of `optim.spacy_loop_extras`, and three extra arguments: `train`'s
-checkpoint and resume settings, `train_while_improving`'s `extras` (a `LoopExtras`) and
+named helper of `optim.spacy_loop_extras`, plus extra arguments: `train`'s checkpoint
+and resume settings, `train_while_improving`'s `extras` (a `LoopExtras`) and
 `create_train_batches`'s `epoch_states`. `train_while_improving` is a generator yielding
 spaCy's `(batch, info, is_best_checkpoint)`; `train` is the thin consumer that saves and
 logs. The rest of `spacy.training.loop` (`subdivide_batch`, `create_evaluation_callback`,
