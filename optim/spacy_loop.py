@@ -1,377 +1,400 @@
-"""spaCy's training loop (`spacy.training.loop.train` of spaCy 3.8), step for step, with
-checkpoints at step boundaries and an exact resume.
+"""spaCy's training loop, mirrored from spaCy 3.8 (`spacy/training/loop.py`, checked
+against 3.8.18), with checkpoints at step boundaries and an exact resume.
 
-The loop below does what `train` and `train_while_improving` do, in the same order, so an
-uninterrupted run gives spaCy's numbers bit for bit. What it adds:
+`train`, `train_while_improving` and `create_train_batches` are copies of spaCy's
+functions of the same names, in spaCy's order, with spaCy's text line for line; what
+optim adds is a marked step (a line or block commented `# optim:`) that calls a small
+named helper of `optim.spacy_loop_extras`, plus extra arguments: `train`'s checkpoint
+and resume settings, `train_while_improving`'s `extras` (a `LoopExtras`) and
+`create_train_batches`'s `epoch_states`. `train_while_improving` is a generator yielding
+spaCy's `(batch, info, is_best_checkpoint)`; `train` is the thin consumer that saves and
+logs. The rest of `spacy.training.loop` (`subdivide_batch`, `create_evaluation_callback`,
+`update_meta`, `create_before_to_disk_callback`, `clean_output_dir`) is used as it is,
+imported. So an uninterrupted run gives spaCy's numbers bit for bit
+(tests/test_spacy_resume.py compares the files with `python -m spacy train`'s).
 
-* at a step boundary (every `checkpoint_every` steps, or when `stop` says so) the state
-  that decides the rest of the run is written through `Checkpoints`: the raw weights, the
-  optimizer, the counters (step, epoch, words seen), the scores so far and the losses
-  since the last evaluation, every rank's random generators, and Python's `random` state
-  at the start of each epoch (the data order);
-* a resumed run rebuilds the pipeline and the resolved `[training]` block exactly as a
-  fresh one, loads the weights and the optimizer, then replays the data stream (the
-  corpus, the per-epoch shuffles, the batcher and its size schedule, the dropout
-  schedule) for the steps already taken, without training, and restores the generators:
-  every object that a generator holds ends where it was;
-* `model-last` and `model-best` are replaced atomically (`save_pipeline`);
-* an optim optimizer is bound to the pipeline (`bind_optimizer`) before training and again
-  after a resume loads its state, so `[training.optimizer.groups.*]` match parameter paths
-  such as `tagger/softmax/W`;
-* with `nonfinite = "skip"`, one warning line at the first skipped update (naming its
-  parameter) and, after each evaluation row, the number of updates skipped since the
-  previous row; a `NonFiniteError` (the `max_consecutive_skips` limit, or
-  `nonfinite = "raise"`) ends the run as `Diverged`.
+To compare with the installed spaCy, function by function:
+
+    python -m optim.spacy_loop    # a unified diff of each function in MIRRORED
+
+tests/test_spacy_loop_mirror.py pins the SHA-256 of spaCy's source of each of them: when
+spaCy changes one, it fails and names the function to re-check here.
+
+What optim adds (optim.spacy_loop_extras): checkpoints of everything that decides the
+rest of the run (weights, optimizer, counters, scores, losses, every rank's generators,
+the data order); a resume that rebuilds the pipeline, loads the state and replays the
+data stream of the steps already taken; atomic `model-last`/`model-best`; the optim
+optimizer bound to the pipeline (`[training.optimizer.groups.*]`); the non-finite skip
+report and `Diverged`; the ranks of a torchrun group stopping together.
 """
-import os
 import random
 import shutil
 import sys
 from pathlib import Path
 from timeit import default_timer as timer
-from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple
-
-import srsly
-
-from .checkpoint import (
-    FORMAT_VERSION,
-    load_optimizer_state,
-    named_optimizer_state,
-    param_names,
-    param_shapes,
-    python_random_state,
-    rng_state,
-    set_python_random_state,
-    set_rng_state,
+from typing import (
+    IO,
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Optional,
 )
+
+from spacy.errors import Errors
+from spacy.schemas import ConfigSchemaTraining
+from spacy.training.example import Example
+from spacy.training.loop import (  # used as they are
+    DIR_MODEL_BEST,
+    DIR_MODEL_LAST,
+    clean_output_dir,
+    create_before_to_disk_callback,
+    create_evaluation_callback,
+    subdivide_batch,
+    update_meta,
+)
+from spacy.util import registry, resolve_dot_names
+from thinc.api import Optimizer, constant, fix_random_seed, set_gpu_allocator
+from wasabi import Printer
+
+from .checkpoint import python_random_state, set_python_random_state
 from .per_tensor import NonFiniteError
+from .spacy_loop_extras import (  # noqa: F401 (public here: optim.spacy_bind, spacy_train)
+    STATE_FORMAT,
+    Diverged,
+    GroupsError,
+    LoopExtras,
+    LoopState,
+    Stopped,
+    bind_optimizer,
+    repair_dirs,
+    replace_dir,
+    skipped_row_line,
+    warn_first_skip,
+)
 
-STATE_FORMAT = "optim.spacy_train"
-DIR_MODEL_BEST = "model-best"
-DIR_MODEL_LAST = "model-last"
+if TYPE_CHECKING:
+    from spacy.language import Language  # noqa: F401
 
-
-class Stopped(Exception):
-    """Raised at a step boundary after a stop was asked for and the checkpoint written."""
-
-    def __init__(self, step: int, path: Optional[Path]) -> None:
-        super().__init__(f"stopped after step {step}")
-        self.step = step
-        self.path = path
-
-
-class GroupsError(Exception):
-    """The optimizer's groups do not fit the pipeline (a group matches no parameter)."""
-
-
-class Diverged(Exception):
-    """A `NonFiniteError` stopped training at `step` (`max_consecutive_skips` steps in a
-    row skipped an update, or a non-finite gradient with nonfinite="raise")."""
-
-    def __init__(self, step: int, error: Exception) -> None:
-        super().__init__(f"stopped at step {step}: {error}")
-        self.step = step
-        self.error = error
+MIRRORED = ("train", "train_while_improving", "create_train_batches")
 
 
-def bind_optimizer(optimizer: Any, nlp: Any) -> bool:
-    """Name `nlp`'s parameters for the optimizer's groups (`optimizer.bind(nlp)`: paths
-    `<component>/<node name>/<param>`) if it is an optim optimizer, wrapped or not;
-    False for one that cannot bind (Thinc's own). GroupsError for a group that matches
-    no parameter."""
-    bind = getattr(optimizer, "bind", None)
-    if not callable(bind):
-        return False
-    try:
-        bind(nlp)
-    except ValueError as err:
-        raise GroupsError(f"[training.optimizer.groups]: {err}") from None
-    return True
+def train(
+    nlp: "Language",
+    output_path: Optional[Path] = None,
+    *,
+    use_gpu: int = -1,
+    stdout: IO = sys.stdout,
+    stderr: IO = sys.stderr,
+    # optim: what LoopExtras needs, and the resumed run
+    group: Any,
+    checkpoints: Any = None,
+    checkpoint_every: int = 0,
+    resume: Optional[Dict[str, Any]] = None,
+    stop: Callable[[], bool] = lambda: False,
+    config_text: Optional[str] = None,
+    allow_config_change: bool = False,
+    before_start: Optional[Callable[[], None]] = None,
+) -> LoopState:
+    """Train a pipeline.
 
+    nlp (Language): The initialized nlp object with the full config.
+    output_path (Optional[Path]): Optional output path to save trained model to.
+    use_gpu (int): Whether to train on GPU. Make sure to call require_gpu
+        before calling this function.
+    stdout (file): A file-like object to write output messages. To disable
+        printing, set to io.StringIO.
+    stderr (file): A second file-like object to write output messages. To disable
+        printing, set to io.StringIO.
 
-def warn_first_skip(optimizer: Any, skipped: Dict[Any, int], when: str, stdout: IO) -> bool:
-    """One warning line naming the first skipped parameter; whether one was written."""
-    if not skipped:
-        return False
-    path = optimizer.path_of(next(iter(skipped)))
-    stdout.write(f"  warning: {when} skipped an update of {path}: its gradient is not "
-                 "finite (nonfinite = \"skip\"; skips are counted after each evaluation "
-                 "row)\n")
-    return True
+    optim: `group` (the ranks), `checkpoints` (an `optim.checkpoint.Checkpoints` on
+    every rank, writing on rank 0; None for none) every `checkpoint_every` steps and
+    when `stop()` says so, `resume` (from `optim.spacy_train.load_resume`) to continue a
+    checkpointed run, `config_text` (saved in checkpoints), `allow_config_change` (a
+    resumed optimizer's groups may differ), `before_start` (runs once the optimizer is
+    bound and resumed, before anything is written).
 
-
-def skipped_row_line(total: int, at_last_row: int) -> str:
-    """The line after an evaluation row: updates skipped since the previous row."""
-    return f"  updates skipped since the last row: {total - at_last_row} ({total} in all)\n"
-
-
-class LoopState:
-    """The loop's own counters: what, besides weights and optimizer, decides the rest."""
-
-    __slots__ = ("step", "epoch", "results", "losses", "words_seen", "seconds",
-                 "epoch_states", "finished", "skipped_at_row")
-
-    def __init__(self) -> None:
-        self.step = 0                 # steps completed
-        self.epoch = 0
-        self.results: List[Tuple[float, int]] = []
-        self.losses: Dict[str, float] = {}
-        self.words_seen = 0
-        self.seconds = 0.0
-        self.epoch_states: List[Any] = []  # Python `random` state at each epoch's start
-        self.finished = False
-        self.skipped_at_row = 0  # the optimizer's skipped_total at the last printed row
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch,
-                "results": [[float(s), int(t)] for s, t in self.results],
-                "losses": dict(self.losses), "words_seen": self.words_seen,
-                "seconds": self.seconds, "finished": self.finished,
-                "skipped_at_row": self.skipped_at_row}
-
-    @classmethod
-    def from_dict(cls, msg: Dict[str, Any], epoch_states: List[Any]) -> "LoopState":
-        state = cls()
-        state.step, state.epoch = int(msg["step"]), int(msg["epoch"])
-        state.results = [(float(s), int(t)) for s, t in msg["results"]]
-        state.losses = dict(msg["losses"])
-        state.words_seen, state.seconds = int(msg["words_seen"]), float(msg["seconds"])
-        state.finished = bool(msg["finished"])
-        state.skipped_at_row = int(msg.get("skipped_at_row", 0))  # absent in older checkpoints
-        state.epoch_states = list(epoch_states)
-        return state
-
-
-def train(nlp: Any, output_path: Optional[Path], *, group: Any, checkpoints: Any = None,
-          checkpoint_every: int = 0, resume: Optional[Dict[str, Any]] = None,
-          stop: Callable[[], bool] = lambda: False, config_text: Optional[str] = None,
-          use_gpu: int = -1, allow_config_change: bool = False,
-          before_start: Optional[Callable[[], None]] = None,
-          stdout: IO = sys.stdout, stderr: IO = sys.stderr) -> LoopState:
-    """`spacy.training.loop.train(nlp, output_path)` with checkpoints (`checkpoints`, an
-    `optim.checkpoint.Checkpoints` on every rank, writing on rank 0; None for none)
-    and, with `resume` (from `load_resume`), a continuation of a checkpointed run.
-    `before_start` runs once the optimizer is bound and resumed, before anything is
-    written (a bad groups table is refused before it)."""
-    from spacy.schemas import ConfigSchemaTraining
-    from spacy.training.loop import create_before_to_disk_callback, create_evaluation_callback
-    from spacy.training.loop import subdivide_batch, update_meta
-    from spacy.util import registry, resolve_dot_names
-    from thinc.api import constant, fix_random_seed, set_gpu_allocator
-    from wasabi import Printer
-
+    RETURNS (LoopState): optim: the loop's counters at the end (spaCy returns the nlp
+        object and the path to the exported model).
+    """
+    # We use no_print here so we can respect the stdout/stderr options.
     msg = Printer(no_print=True)
+    # Create iterator, which yields out info after each optimization step.
     config = nlp.config.interpolate()
     if config["training"]["seed"] is not None:
         fix_random_seed(config["training"]["seed"])
     allocator = config["training"]["gpu_allocator"]
     if use_gpu >= 0 and allocator:
         set_gpu_allocator(allocator)
-    T = registry.resolve(config["training"], schema=ConfigSchemaTraining)
-    train_corpus, dev_corpus = resolve_dot_names(config, [T["train_corpus"], T["dev_corpus"]])
+    T = registry.resolve(config["training"], schema=ConfigSchemaTraining)  # type: ignore[arg-type]
+    dot_names = [T["train_corpus"], T["dev_corpus"]]
+    train_corpus, dev_corpus = resolve_dot_names(config, dot_names)
     optimizer = T["optimizer"]
+    score_weights = T["score_weights"]
+    batcher = T["batcher"]
+    train_logger = T["logger"]
     before_to_disk = create_before_to_disk_callback(T["before_to_disk"])
     before_update = T["before_update"]
-    exclude = T["frozen_components"]
-    annotating = T["annotating_components"]
-    evaluate = create_evaluation_callback(nlp, dev_corpus, T["score_weights"])
-    dropout = T["dropout"]
-    dropouts = constant(dropout) if isinstance(dropout, float) else dropout
-    names, shapes = param_names(nlp), param_shapes(nlp)  # the architecture stays put
 
-    bind_optimizer(optimizer, nlp)  # a group that matches nothing: refused here
-    state = LoopState()
-    if resume is not None:
-        state = LoopState.from_dict(resume["loop"], resume["epoch_states"])
-        load_optimizer_state(optimizer, resume["optimizer"], names,
-                             allow_group_change=allow_config_change)
-        bind_optimizer(optimizer, nlp)  # the loaded state replaced groups and paths
-    skip_mode = getattr(optimizer, "nonfinite", "apply") == "skip"
-    warned_skip = skip_mode and optimizer.skipped_total > 0  # reported before a resume
+    # Helper function to save checkpoints. This is a closure for convenience,
+    # to avoid passing in all the args all the time.
+    def save_checkpoint(is_best):
+        # optim: each directory written beside its place, then swapped in
+        with nlp.use_params(optimizer.averages):
+            replace_dir(output_path / DIR_MODEL_LAST,
+                        lambda tmp: before_to_disk(nlp).to_disk(tmp))
+        if is_best:
+            replace_dir(output_path / DIR_MODEL_BEST,
+                        lambda tmp: shutil.copytree(output_path / DIR_MODEL_LAST, tmp))
+
+    # Components that shouldn't be updated during training
+    frozen_components = T["frozen_components"]
+    # Components that should set annotations on update
+    annotating_components = T["annotating_components"]
+    # optim: bind the optimizer, load a resumed run's state, replay its data stream
+    extras = LoopExtras(nlp, optimizer, group=group, checkpoints=checkpoints,
+                        checkpoint_every=checkpoint_every, stop=stop,
+                        config_text=config_text, stdout=stdout)
+    extras.start(resume, allow_config_change)
     if before_start is not None:
         before_start()
-    replaying = state.step
-    stream = enumerate(_train_batches(nlp, train_corpus, T["batcher"], T["max_epochs"],
-                                      state.epoch_states, replay_epochs=len(state.epoch_states)))
-    for _ in range(replaying):  # the data order and schedules of the steps already taken
-        next(stream)
-        next(dropouts)
-    if resume is not None and resume.get("rng") is not None:
-        set_rng_state(resume["rng"])
-
-    def save_pipeline(is_best: bool) -> None:
-        with nlp.use_params(optimizer.averages):
-            _replace_dir(output_path / DIR_MODEL_LAST,
-                         lambda tmp: before_to_disk(nlp).to_disk(tmp))
-        if is_best:
-            _replace_dir(output_path / DIR_MODEL_BEST,
-                         lambda tmp: shutil.copytree(output_path / DIR_MODEL_LAST, tmp))
-
-    def write_checkpoint() -> Optional[Path]:
-        """Every rank: its generators and epoch starts gathered, the optimizer's state
-        (a collective when sharded); rank 0 writes the checkpoint."""
-        opt_msg = named_optimizer_state(optimizer, names)
-        mine = srsly.msgpack_dumps({"rng": rng_state(), "epoch_states": state.epoch_states})
-        ranks = group.all_gather_bytes(mine, "the gathering of a checkpoint")
-        path = None
-        if checkpoints.writer:
-            state.seconds = seconds()
-            path = checkpoints.write(state.step, {
-                "state.msgpack": srsly.msgpack_dumps({
-                    "format": STATE_FORMAT, "version": FORMAT_VERSION,
-                    "loop": state.to_dict(), "optimizer": opt_msg, "ranks": ranks,
-                    "params": shapes, "world_size": group.world_size}),
-                "pipeline.bin": nlp.to_bytes(exclude=["vocab"]),
-                "strings.json": srsly.json_dumps(list(nlp.vocab.strings)).encode("utf8"),
-                "config.cfg": (config_text or nlp.config.to_str()).encode("utf8")})
-        group.barrier("the end of a checkpoint")
-        return path
-
-    start_time = timer() - state.seconds
-
-    def seconds() -> float:
-        return timer() - start_time
-
-    if resume is None and output_path is not None:
-        from spacy.training.loop import clean_output_dir
-
+    train_data, dropout = extras.replay(
+        create_train_batches(nlp, train_corpus, batcher, T["max_epochs"],
+                             extras.state.epoch_states),
+        T["dropout"], resume)
+    # Create iterator, which yields out info after each optimization step.
+    training_step_iterator = train_while_improving(
+        nlp,
+        optimizer,
+        train_data,
+        create_evaluation_callback(nlp, dev_corpus, score_weights),
+        dropout=dropout,
+        accumulate_gradient=T["accumulate_gradient"],
+        patience=T["patience"],
+        max_steps=T["max_steps"],
+        eval_frequency=T["eval_frequency"],
+        exclude=frozen_components,
+        annotating_components=annotating_components,
+        before_update=before_update,
+        extras=extras,
+    )
+    if resume is None:  # optim: a resumed run keeps what it saved
         clean_output_dir(output_path)
-    if resume is not None:
-        stdout.write(msg.info(f"Resuming at step {state.step} (epoch {state.epoch}) from "
-                              f"{resume['path']}") + "\n")
+    else:
+        stdout.write(msg.info(f"Resuming at step {extras.state.step} (epoch "
+                              f"{extras.state.epoch}) from {resume['path']}") + "\n")
     stdout.write(msg.info(f"Pipeline: {nlp.pipe_names}") + "\n")
-    if exclude:
-        stdout.write(msg.info(f"Frozen components: {exclude}") + "\n")
-    if annotating:
-        stdout.write(msg.info(f"Set annotations on update for: {annotating}") + "\n")
+    if frozen_components:
+        stdout.write(msg.info(f"Frozen components: {frozen_components}") + "\n")
+    if annotating_components:
+        stdout.write(
+            msg.info(f"Set annotations on update for: {annotating_components}") + "\n"
+        )
     stdout.write(msg.info(f"Initial learn rate: {optimizer.learn_rate}") + "\n")
-    if warned_skip:
+    if extras.warned_skip:  # optim: skips reported before a resume
         stdout.write(msg.info(f"Updates skipped so far (non-finite gradients): "
                               f"{optimizer.skipped_total}") + "\n")
-    with nlp.select_pipes(disable=exclude):
-        log_step, finalize_logger = T["logger"](nlp, stdout, stderr)
-    in_step = True  # False at a step boundary that every rank reached
+    with nlp.select_pipes(disable=frozen_components):
+        log_step, finalize_logger = train_logger(nlp, stdout, stderr)
     try:
-        for step, (epoch, batch) in stream:
-            in_step = True
-            if before_update:
-                before_update(nlp, {"step": step, "epoch": epoch})
-            drop = next(dropouts)
-            for subbatch in subdivide_batch(batch, T["accumulate_gradient"]):
-                nlp.update(subbatch, drop=drop, losses=state.losses, sgd=False,
-                           exclude=exclude, annotates=annotating)
-            for name, proc in nlp.pipeline:
-                if (name not in exclude and hasattr(proc, "is_trainable")
-                        and proc.is_trainable and proc.model not in (True, False, None)):
-                    proc.finish_update(optimizer)
-            if skip_mode and not warned_skip:  # what the host knows now: no device wait
-                warned_skip = warn_first_skip(optimizer, optimizer.peek_skipped(),
-                                               f"step {step}", stdout)
-            try:
-                optimizer.step_schedules()
-            except NonFiniteError as err:
-                raise Diverged(step, err) from err
-            if not (step % T["eval_frequency"]):
-                if optimizer.averages:
-                    with nlp.use_params(optimizer.averages):
-                        score, other_scores = evaluate()
-                else:
-                    score, other_scores = evaluate()
-                state.results.append((score, step))
-                is_best = score == max(state.results)[0]
-            else:
-                score, other_scores, is_best = None, None, None
-            state.words_seen += sum(len(eg) for eg in batch)
-            info = {"epoch": epoch, "step": step, "score": score,
-                    "other_scores": other_scores, "losses": state.losses,
-                    "checkpoints": state.results, "seconds": int(seconds()),
-                    "words": state.words_seen}
-            if is_best is not None:
-                with nlp.select_pipes(disable=exclude):
+        for batch, info, is_best_checkpoint in training_step_iterator:
+            if is_best_checkpoint is not None:
+                with nlp.select_pipes(disable=frozen_components):
                     update_meta(T, nlp, info)
                 if output_path is not None:
-                    save_pipeline(is_best)
+                    save_checkpoint(is_best_checkpoint)
                     info["output_path"] = str(output_path / DIR_MODEL_LAST)
-            log_step(info if is_best is not None else None)
-            if is_best is not None:
-                state.losses = {}
-                if skip_mode:  # every rank: a collective when sharded, a device sync
-                    skipped = optimizer.skipped
-                    total = sum(skipped.values())
-                    if not warned_skip:  # found by a device or another rank since
-                        warned_skip = warn_first_skip(optimizer, skipped,
-                                                       f"a step before {step}", stdout)
-                    stdout.write(skipped_row_line(total, state.skipped_at_row))
-                    state.skipped_at_row = total
-            state.step, state.epoch = step + 1, epoch
-            in_step = False
-            best_step = -max((s, -t) for s, t in state.results)[1]  # earliest of the best
-            if T["patience"] and (step - best_step) >= T["patience"]:
-                break
-            if T["max_steps"] and step >= T["max_steps"]:
-                break
-            stopping = _any_rank(group, stop())
-            path = None
-            if checkpoints is not None and (
-                    stopping or (checkpoint_every and state.step % checkpoint_every == 0)):
-                path = write_checkpoint()
-            if stopping:
-                raise Stopped(state.step, path)
-    except Stopped:
+            log_step(info if is_best_checkpoint is not None else None)
+    except Stopped:  # optim: a stop asked for, after its checkpoint
         raise
-    except (Diverged, NonFiniteError) as e:
-        if not isinstance(e, Diverged):  # nonfinite="raise": from an update
-            e = Diverged(step, e)
+    except NonFiniteError as e:  # optim: non-finite gradients stopped the run
+        diverged = Diverged(extras.state.step, e)
         if output_path is not None:
-            stdout.write(msg.warn(f"Stopping at step {e.step} (non-finite gradients) and "
-                                  f"saving {DIR_MODEL_LAST} as it stands") + "\n")
-        raise e from e.error
+            stdout.write(msg.warn(f"Stopping at step {diverged.step} (non-finite "
+                                  f"gradients) and saving {DIR_MODEL_LAST} as it "
+                                  "stands") + "\n")
+        raise diverged from e
     except Exception as e:
         if output_path is not None:
-            stdout.write(msg.warn(f"Aborting and saving the final best model. "
-                                  f"Encountered exception: {repr(e)}") + "\n")
-        raise
+            stdout.write(
+                msg.warn(
+                    f"Aborting and saving the final best model. "
+                    f"Encountered exception: {repr(e)}"
+                )
+                + "\n"
+            )
+        raise e
     finally:
         finalize_logger()
-        sharded = group.world_size > 1 and getattr(optimizer, "sharded", False)
-        if not in_step and sharded:
-            optimizer.averages  # gathered by every rank (a collective when sharded)
-        if output_path is not None and not (in_step and sharded):
-            save_pipeline(False)  # after an error, sharded averages can't be gathered
-    state.finished = True
-    if checkpoints is not None:
-        write_checkpoint()  # marks the run finished: a rerun with --resume does nothing
+        # optim: sharded averages are gathered at a step boundary only
+        if extras.averages_at_hand() and output_path is not None:
+            save_checkpoint(False)
+    # This will only run if we did't hit an error
+    # optim: spaCy's `nlp.use_params(optimizer.averages)` here is never entered (a no-op)
+    extras.finish()  # optim: the last checkpoint marks the run finished
     if output_path is not None:
-        stdout.write(msg.good("Saved pipeline to output directory",
-                              output_path / DIR_MODEL_LAST) + "\n")
-    return state
+        stdout.write(
+            msg.good("Saved pipeline to output directory", output_path / DIR_MODEL_LAST)
+            + "\n"
+        )
+    return extras.state  # optim
 
 
-def _any_rank(group: Any, flag: bool) -> bool:
-    """Whether any rank asked to stop (every rank gets the same answer)."""
-    if group.world_size == 1:
-        return bool(flag)
-    return group.all_min(0 if flag else 1, "the stop check") == 0
+def train_while_improving(
+    nlp: "Language",
+    optimizer: Optimizer,
+    train_data,
+    evaluate,
+    *,
+    dropout: float,
+    eval_frequency: int,
+    accumulate_gradient: int,
+    patience: int,
+    max_steps: int,
+    exclude: List[str],
+    annotating_components: List[str],
+    before_update: Optional[Callable[["Language", Dict[str, Any]], None]],
+    extras: LoopExtras,  # optim
+):
+    """Train until an evaluation stops improving. Works as a generator,
+    with each iteration yielding a tuple `(batch, info, is_best_checkpoint)`,
+    where info is a dict, and is_best_checkpoint is in [True, False, None] --
+    None indicating that the iteration was not evaluated as a checkpoint.
+    The evaluation is conducted by calling the evaluate callback.
+
+    Positional arguments:
+        nlp: The spaCy pipeline to evaluate.
+        optimizer: The optimizer callable.
+        train_data (Iterable[Batch]): A generator of batches, with the training
+            data. Each batch should be a Sized[Tuple[Input, Annot]]. The training
+            data iterable needs to take care of iterating over the epochs and
+            shuffling.
+        evaluate (Callable[[], Tuple[float, Any]]): A callback to perform evaluation.
+            The callback should take no arguments and return a tuple
+            `(main_score, other_scores)`. The main_score should be a float where
+            higher is better. other_scores can be any object.
+
+    Every iteration, the function yields out a tuple with:
+
+    * batch: A list of Example objects.
+    * info: A dict with various information about the last update (see below).
+    * is_best_checkpoint: A value in None, False, True, indicating whether this
+        was the best evaluation so far. You should use this to save the model
+        checkpoints during training. If None, evaluation was not conducted on
+        that iteration. False means evaluation was conducted, but a previous
+        evaluation was better.
+
+    The info dict provides the following information:
+
+        epoch (int): How many passes over the data have been completed.
+        step (int): How many steps have been completed.
+        score (float): The main score from the last evaluation.
+        other_scores: : The other scores from the last evaluation.
+        losses: The accumulated losses throughout training.
+        checkpoints: A list of previous results, where each result is a
+            (score, step, epoch) tuple.
+
+    optim: `extras` (a LoopExtras) holds the counters, a resumed run's so far: the
+    first step is `extras.state.step` and `train_data` starts there (LoopExtras.replay).
+    """
+    if isinstance(dropout, float):
+        dropouts = constant(dropout)
+    else:
+        dropouts = dropout
+    state = extras.state  # optim: the counters so far
+    results = state.results
+    losses: Dict[str, float] = state.losses
+    words_seen = state.words_seen
+    start_time = timer() - state.seconds
+    for step, (epoch, batch) in enumerate(train_data, state.step):
+        state.in_step = True  # optim
+        if before_update:
+            before_update_args = {"step": step, "epoch": epoch}
+            before_update(nlp, before_update_args)
+        dropout = next(dropouts)  # type: ignore
+        for subbatch in subdivide_batch(batch, accumulate_gradient):
+            nlp.update(
+                subbatch,
+                drop=dropout,
+                losses=losses,
+                sgd=False,  # type: ignore[arg-type]
+                exclude=exclude,
+                annotates=annotating_components,
+            )
+        # TODO: refactor this so we don't have to run it separately in here
+        for name, proc in nlp.pipeline:
+            if (
+                name not in exclude
+                and hasattr(proc, "is_trainable")
+                and proc.is_trainable
+                and proc.model not in (True, False, None)  # type: ignore[attr-defined]
+            ):
+                proc.finish_update(optimizer)  # type: ignore[attr-defined]
+        extras.after_update(step)  # optim: name the first skipped update
+        optimizer.step_schedules()
+        if not (step % eval_frequency):
+            if optimizer.averages:
+                with nlp.use_params(optimizer.averages):
+                    score, other_scores = evaluate()
+            else:
+                score, other_scores = evaluate()
+            results.append((score, step))
+            is_best_checkpoint = score == max(results)[0]
+        else:
+            score, other_scores = (None, None)
+            is_best_checkpoint = None
+        words_seen += sum(len(eg) for eg in batch)
+        info = {
+            "epoch": epoch,
+            "step": step,
+            "score": score,
+            "other_scores": other_scores,
+            "losses": losses,
+            "checkpoints": results,
+            "seconds": int(timer() - start_time),
+            "words": words_seen,
+        }
+        yield batch, info, is_best_checkpoint
+        if is_best_checkpoint is not None:
+            losses = {}
+            extras.after_row(step)  # optim: the updates skipped since the last row
+        state.end_step(step, epoch, losses, words_seen, timer() - start_time)  # optim
+        # Stop if no improvement in `patience` updates (if specified)
+        # Negate step value so that the earliest best step is chosen for the
+        # same score, i.e. (1.0, 100) is chosen over (1.0, 200)
+        best_result = max((r_score, -r_step) for r_score, r_step in results)
+        best_step = -best_result[1]
+        if patience and (step - best_step) >= patience:
+            break
+        # Stop if we've exhausted our max steps (if specified)
+        if max_steps and step >= max_steps:
+            break
+        extras.at_boundary()  # optim: a checkpoint, or a stop asked for
 
 
-def _train_batches(nlp: Any, corpus: Callable, batcher: Callable, max_epochs: int,
-                   epoch_states: List[Any], replay_epochs: int) -> Iterator[Tuple[int, Any]]:
-    """`spacy.training.loop.create_train_batches`, recording Python's `random` state at
-    each epoch's start (restored instead for the first `replay_epochs` epochs)."""
+def create_train_batches(
+    nlp: "Language",
+    corpus: Callable[["Language"], Iterable[Example]],
+    batcher: Callable[[Iterable[Example]], Iterable[Example]],
+    max_epochs: int,
+    epoch_states: List[Any],  # optim: Python's `random` state at each epoch's start
+):
+    replay_epochs = len(epoch_states)  # optim: a resumed run's epochs, shuffled again
     epoch = 0
     if max_epochs >= 0:
-        examples = list(corpus(nlp))
+        examples = list(corpus(nlp))  # type: Iterable[Example]
         if not examples:
-            from spacy.errors import Errors
-
+            # Raise error if no data
             raise ValueError(Errors.E986)
     while max_epochs < 1 or epoch != max_epochs:
-        if epoch < replay_epochs:
+        if epoch < replay_epochs:  # optim: as that epoch did
             set_python_random_state(epoch_states[epoch])
-        else:
+        else:  # optim: recorded for a resume
             epoch_states.append(python_random_state())
         if max_epochs >= 0:
-            random.shuffle(examples)
+            random.shuffle(examples)  # type: ignore
         else:
             examples = corpus(nlp)
         for batch in batcher(examples):
@@ -379,32 +402,22 @@ def _train_batches(nlp: Any, corpus: Callable, batcher: Callable, max_epochs: in
         epoch += 1
 
 
-def _replace_dir(final: Path, write: Callable[[Path], Any]) -> None:
-    """Write a directory beside `final`, then swap it in: at any instant either the old
-    or the new one is at `final`, or (between two renames) at `final.old`, which
-    `repair_dirs` puts back."""
-    tmp = final.with_name(final.name + ".tmp")
-    old = final.with_name(final.name + ".old")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write(tmp)
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+def diff_against_spacy() -> str:
+    """A unified diff of each function in MIRRORED: the installed spaCy's, then this
+    module's."""
+    import difflib
+    import inspect
+
+    from spacy.training import loop
+
+    out: List[str] = []
+    for name in MIRRORED:
+        theirs = inspect.getsource(getattr(loop, name)).splitlines(keepends=True)
+        ours = inspect.getsource(globals()[name]).splitlines(keepends=True)
+        out += difflib.unified_diff(theirs, ours, f"spacy.training.loop.{name}",
+                                    f"optim.spacy_loop.{name}")
+    return "".join(out)
 
 
-def repair_dirs(output_path: Path) -> None:
-    """Undo what a kill between `_replace_dir`'s steps left: a lone `.old` goes back."""
-    for name in (DIR_MODEL_LAST, DIR_MODEL_BEST):
-        final, old = output_path / name, output_path / (name + ".old")
-        tmp = output_path / (name + ".tmp")
-        if old.exists() and not final.exists():
-            os.rename(old, final)
-        for leftover in (old, tmp):
-            if leftover.exists():
-                shutil.rmtree(leftover)
-
-
+if __name__ == "__main__":
+    sys.stdout.write(diff_against_spacy())

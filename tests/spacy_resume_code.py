@@ -80,6 +80,19 @@ def poison_gradient(path: str, steps: List[int] = [], every_step: bool = False):
     return before_update
 
 
+@spacy.registry.callbacks("optim_resume_test.record_steps.v1")
+def record_steps():
+    """A `[training.before_update]` callback that leaves a trace in the saved pipeline:
+    `nlp.meta["optim_test_before_update"]` counts its calls and holds the last call's
+    step and epoch (meta.json of model-last and model-best)."""
+
+    def before_update(nlp, args):
+        record = nlp.meta.setdefault("optim_test_before_update", {"calls": 0})
+        record.update(calls=record["calls"] + 1, step=args["step"], epoch=args["epoch"])
+
+    return before_update
+
+
 CONFIG = """
 [paths]
 train = null

@@ -5,9 +5,11 @@ ends bitwise equal to the run that never stopped: every file of `model-last` and
 `model-best` (weights, and the scores in meta.json). The pipeline is tok2vec + tagger +
 textcat with dropout, compounding batch sizes, several epochs, gradient accumulation and
 Thinc's Adam defaults (clipping, averages). Also: the uninterrupted launcher gives `spacy
-train`'s files bit for bit, SIGTERM stops at a step boundary with a checkpoint, and each
-bad input (changed config, damaged checkpoint, empty or unwritable DIR, another pipeline,
-a newer format) does the documented thing.
+train`'s files bit for bit, on that pipeline and on a fine-tuning of it (sourced, frozen
+and annotating components, a `before_update` callback, stopped by `patience` or by
+`max_steps`; killed and resumed too), SIGTERM stops at a step boundary with a checkpoint,
+and each bad input (changed config, damaged checkpoint, empty or unwritable DIR, another
+pipeline, a newer format) does the documented thing.
 """
 import json
 import os
@@ -161,6 +163,108 @@ def test_uninterrupted_launcher_gives_spacy_trains_files(reference, tmp_path):
     # the final checkpoint marks the run finished, the last two are kept
     assert len(_checkpoint_steps(reference["output"])) == 2
     assert reference["steps"] > 60
+
+
+FINE_TUNE_MAX_STEPS = {"patience": 150, "max_steps": 30}  # which setting stops the run
+FINE_TUNE_PATIENCE = 20
+FROZEN = ["tok2vec", "tagger"]
+
+
+def _fine_tune_config_text(source, max_steps):
+    """The test pipeline fine-tuned: every component sourced from `source`, tok2vec and
+    tagger frozen and annotating (textcat's listener reads the frozen tok2vec's
+    `doc.tensor`), textcat trained on at a higher learning rate, evaluations every 5
+    steps, `patience`, `max_steps`, and the `optim_resume_test.record_steps.v1`
+    before_update callback (a trace in meta.json)."""
+    text = _config_text()
+    head, rest = text.split("[components]\n", 1)
+    _, tail = rest.split("[corpora]\n", 1)
+    sourced = "".join(f'[components.{name}]\nsource = "{source}"\n\n'
+                      for name in ("tok2vec", "tagger", "textcat"))
+    text = f"{head}[components]\n\n{sourced}[corpora]\n{tail}"
+    for old, new in (("patience = 0", f"patience = {FINE_TUNE_PATIENCE}"),
+                     ("max_steps = 0", f"max_steps = {max_steps}"),
+                     ("eval_frequency = 7", "eval_frequency = 5"),
+                     ("frozen_components = []", f"frozen_components = {json.dumps(FROZEN)}"),
+                     ("annotating_components = []",
+                      f"annotating_components = {json.dumps(FROZEN)}"),
+                     ("before_update = null\n", "\n[training.before_update]\n"
+                      '@callbacks = "optim_resume_test.record_steps.v1"\n'),
+                     ('@optimizers = "optim.Adam.v1"\n',
+                      '@optimizers = "optim.Adam.v1"\nlearn_rate = 0.01\n')):
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    return text
+
+
+@pytest.fixture(scope="module")
+def fine_tune(tmp_path_factory):
+    """The pipeline trained first (15 steps of `spacy train`); `fine_tune(stop)` runs
+    `spacy train`'s fine-tuning of it (once per stop setting) and returns its config,
+    output and source."""
+    tmp = tmp_path_factory.mktemp("fine_tune")
+    base = tmp / "base.cfg"
+    base.write_text(_config_text())
+    code, out, err = _run([sys.executable, "-m", "spacy", "train", str(base), "--output",
+                           str(tmp / "base"), "--code", str(CODE), "--training.max_steps", "15"])
+    assert code == 0, err[-3000:]
+    source = tmp / "base" / "model-last"
+    runs = {}
+
+    def by_spacy(stop):
+        if stop not in runs:
+            config = tmp / f"{stop}.cfg"
+            config.write_text(_fine_tune_config_text(source, FINE_TUNE_MAX_STEPS[stop]))
+            code, out, err = _run([sys.executable, "-m", "spacy", "train", str(config),
+                                   "--output", str(tmp / stop), "--code", str(CODE)])
+            assert code == 0, err[-3000:]
+            runs[stop] = {"config": config, "output": tmp / stop, "source": source}
+        return runs[stop]
+
+    return by_spacy
+
+
+def _trace(output, name):
+    """What the before_update callback left in `name`'s meta.json."""
+    return json.loads((Path(output) / name / "meta.json").read_text())["optim_test_before_update"]
+
+
+@pytest.mark.parametrize("stop", ["patience", "max_steps"])
+def test_fine_tuning_through_the_launcher_gives_spacy_trains_files(fine_tune, tmp_path, stop):
+    spacy_run = fine_tune(stop)
+    code, out, err = _run(_command(spacy_run["config"], tmp_path / "out",
+                                   "--checkpoint-every", "5"))
+    assert code == 0, out[-2000:] + err[-3000:]
+    _assert_same_outputs(spacy_run["output"], tmp_path / "out")
+    assert f"Frozen components: {FROZEN}" in out
+    assert f"Set annotations on update for: {FROZEN}" in out
+    # what the comparison covered: the frozen components are the source's, byte for byte,
+    # and the fine-tuned one is not; before_update ran once a step; the run stopped as set
+    last, best = _trace(tmp_path / "out", "model-last"), _trace(tmp_path / "out", "model-best")
+    for name in ("tok2vec", "tagger", "textcat"):
+        saved = _files(tmp_path / "out" / "model-last" / name)
+        assert (_files(spacy_run["source"] / name) == saved) == (name in FROZEN), name
+    assert last["calls"] == last["step"] + 1 and best["calls"] == best["step"] + 1
+    max_steps = FINE_TUNE_MAX_STEPS[stop]
+    if stop == "patience":  # before max_steps and the last epoch: patience stopped it
+        assert FINE_TUNE_PATIENCE <= last["step"] < max_steps and last["epoch"] < EPOCHS - 1
+        assert 0 < best["step"] < last["step"], (best, last)  # it improved, then stalled
+    else:
+        assert last["step"] == max_steps
+    # the final checkpoint follows the last step and marks the run finished
+    assert _checkpoint_steps(tmp_path / "out")[-1] == last["step"] + 1
+
+
+def test_fine_tuning_killed_and_resumed_gives_spacy_trains_files(fine_tune, tmp_path):
+    spacy_run = fine_tune("patience")
+    command = _command(spacy_run["config"], tmp_path / "out", "--checkpoint-every", "5",
+                       "--resume")
+    code, out, err = _kill_after(command, 30, random.Random(5).uniform(0.0, 0.3))
+    assert code is None, out[-2000:] + err[-3000:]
+    code, out, err = _run(command)
+    assert code == 0, out[-2000:] + err[-3000:]
+    assert "Resuming at step" in out
+    _assert_same_outputs(spacy_run["output"], tmp_path / "out")
 
 
 @pytest.mark.parametrize("seed", [1, 2])
