@@ -18,15 +18,15 @@ import copy
 import functools
 from typing import Any, Callable, List, Tuple
 
-import thinc.api
-
-from . import optimizer as _optimizer
-from .checkpoint import load_checkpoint, save_checkpoint
-from .optimizer import Optimizer
-
 from .about import check_package as _check_package
 
 _check_package()  # an entry point may reach this module under another project's optim/
+
+import thinc.api  # noqa: E402 (after the check: its error names the real problem)
+
+from . import optimizer as _optimizer  # noqa: E402
+from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from .optimizer import Optimizer  # noqa: E402
 
 # Attributes read or set by Thinc and spaCy (and ours), forwarded to the optim optimizer.
 FORWARDED = ("learn_rate", "grad_clip", "b1", "b2", "beta1", "beta2", "eps", "L2",
