@@ -31,6 +31,12 @@ cdef class Hyper:
     cdef Kind _kind(self) noexcept
 
 
+cdef class StateDicts:  # per-key state, read by the hot paths (optim.state.KeyStates)
+    cdef public dict mom1, mom2, lookahead, shapes
+    cdef public object averages   # a dict, or None without averages
+    cdef public object nr_update  # a dict (Thinc's defaultdict(int)): key -> updates
+
+
 cdef struct Task:  # one update: its arrays (data pointers), size, dtype, count, settings
     void* w
     void* g

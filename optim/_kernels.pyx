@@ -712,31 +712,34 @@ cdef inline object dict_get(object d, object key, Py_hash_t h):
     return <object>found
 
 
-cdef class KnownKeys:
-    """The per-call hot path of known NumPy keys, in C: the optimizer's state dicts, held
-    directly (optim.backends.cpu.CpuUpdates is this plus the step_many paths).
+cdef class StateDicts:
+    """The dicts of per-key state, as the hot paths read them: a struct of six fields
+    (`optim.state.KeyStates` is this with the rest of what state means)."""
 
-    `key_hyper` (None without groups) maps each key whose group is resolved to its
-    Hyper; `on_nonfinite(key, outcome, weights)` hears of every skipped or refused
-    update (it raises in raise mode)."""
+
+cdef class KnownKeys:
+    """The per-call hot path of known NumPy keys, in C, over the optimizer's per-key
+    state (`states`: replacing one of its dicts needs no notice here, each call reads
+    them). `key_hyper` (None without groups) maps each key whose group is resolved to
+    its Hyper; `report(key, outcome, weights)` hears of every skipped or refused update
+    (it raises in raise mode). A known key's count is committed here, as the optimizer
+    commits it (`KeyStates.commit`): nr_update[key] = t."""
 
     cdef readonly Hyper hyper
-    cdef readonly dict mom1, mom2, lookahead, shapes
-    cdef readonly object averages, nr_update  # dict or None; a defaultdict(int)
-    cdef public object key_hyper, on_nonfinite
+    cdef readonly StateDicts states
+    cdef public object key_hyper, report
 
-    def __init__(self, Hyper hyper, dict mom1, dict mom2, object averages, dict lookahead,
-                 object nr_update, dict shapes, object key_hyper=None,
-                 object on_nonfinite=None) -> None:
-        self.hyper, self.mom1, self.mom2, self.averages = hyper, mom1, mom2, averages
-        self.lookahead, self.nr_update, self.shapes = lookahead, nr_update, shapes
-        self.key_hyper, self.on_nonfinite = key_hyper, on_nonfinite
+    def __init__(self, Hyper hyper, StateDicts states, object key_hyper=None,
+                 object report=None) -> None:
+        self.hyper, self.states = hyper, states
+        self.key_hyper, self.report = key_hyper, report
 
     def step_known(self, object key, object weights, object gradient,
                    double lr_scale=1.0) -> bool:
         """Update a known key whose state is complete; False (nothing touched) when the
         general path is needed (a new key, other array types, an empty gradient)."""
         cdef Hyper hyper = self.hyper
+        cdef StateDicts states = self.states
         cdef Py_hash_t h = PyObject_Hash(key)  # once, for every dict below
         cdef object found
         if self.key_hyper is not None:
@@ -750,7 +753,7 @@ cdef class KnownKeys:
                     return False
                 zero_gradient_of(key, weights, gradient)
                 return True
-        shape = dict_get(self.shapes, key, h)
+        shape = dict_get(states.shapes, key, h)
         if (shape is None or type(weights) is not cnp.ndarray
                 or type(gradient) is not cnp.ndarray or not (<cnp.ndarray>gradient).size):
             return False
@@ -758,19 +761,19 @@ cdef class KnownKeys:
             from optim.hyperparams import shape_error
 
             raise ValueError(shape_error(key, weights.shape, shape))
-        count = dict_get(self.nr_update, key, h)
+        count = dict_get(states.nr_update, key, h)
         if count is None:
             return False
         cdef long t = count + 1
-        averages = self.averages
-        cdef int outcome = step_c(hyper, key, weights, gradient, dict_get(self.mom1, key, h),
-                                  dict_get(self.mom2, key, h),
+        averages = states.averages
+        cdef int outcome = step_c(hyper, key, weights, gradient,
+                                  dict_get(states.mom1, key, h), dict_get(states.mom2, key, h),
                                   None if averages is None else dict_get(averages, key, h),
-                                  dict_get(self.lookahead, key, h), t, lr_scale)
+                                  dict_get(states.lookahead, key, h), t, lr_scale)
         if outcome == OUTCOME_UPDATED:
-            self.nr_update[key] = t
+            states.nr_update[key] = t
         else:
-            self.on_nonfinite(key, outcome, weights)
+            self.report(key, outcome, weights)
         return True
 
 

@@ -128,7 +128,7 @@ def _check_groups(optimizer: Any, msg: Dict[str, Any], allow: bool) -> None:
     core = optimizer
     while not isinstance(core, Optimizer):
         core = core.optimizer
-    now = serialize.encode_groups(core._group_states())
+    now = serialize.encode_groups(core.group_states())
     saved = msg.get("groups", [])
     if _groups_as_written(saved) == _groups_as_written(now):
         return

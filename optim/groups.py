@@ -35,7 +35,7 @@ class Group(ScheduledHyperparameters):
         self.overrides = tuple(overrides)  # the hyperparameters the group sets
         for setting, value in overrides.items():
             try:
-                self._set_hyperparameter(setting, value)
+                self.set_hyperparameter(setting, value)
             except ValueError as err:
                 raise ValueError(f"group {name!r}: {err}") from None
         self.hyper = self._hyper.copy()

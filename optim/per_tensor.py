@@ -187,6 +187,17 @@ class PerTensorSettings(ScheduledHyperparameters):
         """Bring counts a device keeps (skip mode) up to date on the host."""
 
     @property
+    def step_skipped(self) -> bool:
+        """Whether an update was skipped since the last `step_schedules()` (what
+        `max_consecutive_skips` counts). Settable: a sharded wrapper sets it when
+        another rank skipped one."""
+        return self._skipped_in_step
+
+    @step_skipped.setter
+    def step_skipped(self, skipped: bool) -> None:
+        self._skipped_in_step = bool(skipped)
+
+    @property
     def skipped(self) -> Dict[KeyT, int]:
         """key -> how many of its updates were skipped (non-finite gradient), a copy."""
         self._sync()

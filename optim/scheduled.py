@@ -37,11 +37,11 @@ class ScheduledHyperparameters:
         """Schedules that advance with this one's step and see its last_score (groups)."""
         return ()
 
-    def _set_hyperparameter(self, name: str, value: Any, *, absolute: bool = False) -> None:
-        """A number, or a schedule whose value at the current step is taken now (Thinc).
-
+    def set_hyperparameter(self, name: str, value: Any, *, absolute: bool = False) -> None:
+        """Set hyperparameter `name` (`optimizer.learn_rate = value` does this): a
+        number, or a schedule whose value at the current step is taken now (Thinc).
         absolute=True reads a schedule at the optimizer's step rather than from its own
-        start (Thinc 9's semantics, used by optim.thinc's Thinc 9 wrapper)."""
+        start (Thinc 9's rule, which optim.thinc's Thinc 9 face follows)."""
         kind = self._hyper.kind
         self._assign(name, value, absolute)
         self._after_kind(kind)
@@ -202,7 +202,7 @@ class ScheduledHyperparameters:
                 if value.owner is self and value.name == name:
                     return  # optimizer.learn_rate = optimizer.learn_rate: no change
                 value = float(value)  # another's value: the number it reads as
-            self._set_hyperparameter(name, value)
+            self.set_hyperparameter(name, value)
 
         return property(get, set, doc=f"The current {name}: a number that is also its "
                                       f"schedule, {name}(step=..., key=...); set a number "

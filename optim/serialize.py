@@ -20,11 +20,12 @@ import srsly
 
 from .hyperparams import HYPERPARAMETERS, check_value
 from .schedules import Schedule, from_thinc, is_step_schedule
+from .state import ARRAYS
 
 FORMAT_NAME = "optim.Optimizer"
 FORMAT_VERSION = 2  # 2: groups, nonfinite, skip counts, paths (version 1 still reads)
 NONFINITE_MODES = ("apply", "skip", "raise")
-STATE_ARRAYS = ("mom1", "mom2", "average", "slow")
+STATE_ARRAYS = ARRAYS  # a key's state arrays (optim/state.py), by their names in the file
 FLOAT_DTYPES = ("float32", "float64")
 
 

@@ -130,7 +130,7 @@ def _schedule_property(name: str) -> property:
         if (getattr(value, "_schedule", None) is _read_hyperparameter
                 and value.attrs["optimizer"] is core and value.attrs["name"] == name):
             return  # optimizer.learn_rate = optimizer.learn_rate
-        core._set_hyperparameter(name, value, absolute=True)
+        core.set_hyperparameter(name, value, absolute=True)
 
     return property(get, set, doc=f"{name} as a Thinc 9 schedule: {name}(step=..., **extra).")
 

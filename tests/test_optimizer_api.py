@@ -22,7 +22,7 @@ def snapshot(opt):
     for name in ("mom1", "mom2", "averages", "lookahead"):
         store = getattr(opt, name)
         stores[name] = None if store is None else {k: v.copy() for k, v in store.items()}
-    return stores, dict(opt.nr_update), dict(opt._shapes)
+    return stores, dict(opt.nr_update), dict(opt._states.shapes)
 
 
 def assert_same(a, b):

@@ -231,7 +231,7 @@ def test_fuzzed_states_give_only_clean_errors(data):
         assert target.learn_rate == 0.001 and not target.nr_update
     else:
         # A mutation that still parses must give a usable optimizer.
-        for key, shape in loaded._shapes.items():
+        for key, shape in loaded._states.shapes.items():
             dtype = next(iter(s[key].dtype for s in (loaded.mom1, loaded.lookahead) if key in s),
                          numpy.float32)
             loaded(key, numpy.ones(shape, dtype), numpy.ones(shape, dtype))

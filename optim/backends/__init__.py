@@ -4,9 +4,24 @@ The optimizer picks the backend from the arrays it is given. NumPy arrays go to 
 Cython kernels (a fast path in `Optimizer.__call__`); arrays of any other registered
 backend (CuPy by default) go through the `Backend` protocol below.
 """
-from typing import Any, List, Optional, Protocol
+from typing import Any, Callable, List, NamedTuple, Optional, Protocol
 
 import numpy
+
+
+class Owner(NamedTuple):
+    """What an optimizer lends its backends' updates objects, and all they may use of it:
+    the Hyper of keys without a group, the key -> Hyper dict of resolved keys (None
+    without groups), its per-key state (`optim.state.KeyStates`), the Hyper that
+    updates a key (`hyper_for(key)`, resolving its group), and where an update that
+    found a NaN or an inf is reported (`report(key, outcome, weights, count=1)`: counts
+    a skip, raises in raise mode)."""
+
+    hyper: Any
+    key_hyper: Optional[dict]
+    states: Any
+    hyper_for: Callable[[Any], Any]
+    report: Callable[..., None]
 
 
 class Backend(Protocol):

@@ -8,16 +8,16 @@ update was skipped is decided on the device, and the host never waits to learn i
 checked launch copies its verdicts into pinned host memory behind it, with an event;
 the host reads them when the event has passed (`event.done`, which does not wait).
 Until then a key's count is one of a few: the host uploads the coefficient rows of each
-(its *window*) and the device picks the row of the count it holds. `opt.nr_update`
-counts every call meanwhile; `sync()` (the optimizer calls it before saving, moving or
-reading skip counts) waits for what is still in flight, takes the skipped calls off
-`nr_update` and reports them to `opt._nonfinite_found`.
+(its *window*) and the device picks the row of the count it holds. The optimizer's
+`nr_update` counts every call meanwhile; `sync()` (the optimizer calls it before saving,
+moving or reading skip counts) waits for what is still in flight and returns the
+skipped calls, which the optimizer takes off its counts and reports.
 """
 from collections import deque
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .. import _device
-from .._kernels import NONFINITE_APPLY, NONFINITE_SKIP, OUTCOME_INF, OUTCOME_NAN
+from .._kernels import NONFINITE_APPLY, NONFINITE_SKIP
 from .._kernels_cuda import GO as _GO, INF as _INF, NAN as _NAN
 from ..hyperparams import KeyT
 
@@ -67,15 +67,17 @@ class Track:
 
 
 class DeviceUpdates:
-    """`Updates` (see optim.backends) for one device backend's arrays."""
+    """`Updates` (see optim.backends) for one device backend's arrays, lent an `Owner`:
+    the optimizer's per-key state, each key's Hyper and its report."""
 
-    __slots__ = ("backend", "opt", "plans", "tables", "tracks")
+    __slots__ = ("backend", "owner", "states", "plans", "tables", "tracks")
 
-    def __init__(self, opt: Any, backend: Any) -> None:
+    def __init__(self, owner: Any, backend: Any) -> None:
         self.backend = backend
-        self.opt = opt
+        self.owner = owner
+        self.states = owner.states
         self.plans: Dict[KeyT, Any] = {}   # key -> prepared launch (optim.backends.cupy.Plan)
-        self.tables: Dict[Any, Any] = {}   # step_many's device tables per group
+        self.tables: Dict[Any, Any] = {}   # step_many's device tables per segment set
         self.tracks: Dict[KeyT, Track] = {}  # skip mode: key -> what the host knows
 
     @staticmethod
@@ -85,11 +87,8 @@ class DeviceUpdates:
         check_device_pair(key, weights, gradient)
 
     def _holds(self, plan: Any, key: KeyT) -> bool:
-        opt = self.opt
-        averages = opt.averages
-        return plan.holds(opt.mom1.get(key), opt.mom2.get(key),
-                          None if averages is None else averages.get(key),
-                          opt.lookahead.get(key))
+        state = self.states.arrays(key)
+        return plan.holds(state["mom1"], state["mom2"], state["average"], state["slow"])
 
     @staticmethod
     def _fits(plan: Any, hyper: Any) -> bool:
@@ -100,28 +99,35 @@ class DeviceUpdates:
 
     def step_known(self, key: KeyT, weights: Any, gradient: Any, lr_scale: float) -> bool:
         """A key with a prepared launch whose state and settings' kind are unchanged: no
-        allocation, no host read (but in raise mode). False: take the general path."""
+        allocation, no host read (but in raise mode). Counts the update, as the general
+        path's commit does (in skip mode ahead: `sync` corrects). False: take the general
+        path."""
         plan = self.plans.get(key)
         if (plan is None or type(weights) is not plan.array_type
                 or type(gradient) is not plan.array_type or not gradient.size
                 or not self._holds(plan, key)):
             return False
-        opt = self.opt
-        hyper = opt._hyper_for(key)
+        hyper = self.owner.hyper_for(key)
         if not self._fits(plan, hyper):
             return False
         if hyper.frozen:
             plan.backend.zero_gradient(plan, key, weights, gradient)
             return True
+        nr_update = self.states.nr_update
         if hyper.nonfinite == NONFINITE_APPLY:
             track = self.tracks.get(key)
-            t = opt.nr_update[key] + 1 if track is None else track.settle() + 1
+            t = nr_update[key] + 1 if track is None else track.settle() + 1
             plan.backend.launch(plan, hyper, key, weights, gradient, t, lr_scale)
             self._done(key, track, t)
         else:
             self._checked([key], [weights], [gradient], [plan], [hyper], lr_scale, plan.solo)
-        opt.nr_update[key] += 1
+        nr_update[key] += 1
         return True
+
+    @staticmethod
+    def zero_gradient(key: KeyT, weights: Any, gradient: Any) -> None:
+        """A frozen key's update by a single call: the gradient zeroed, nothing else."""
+        gradient.fill(0)
 
     def refuse_capture(self, what: str) -> None:
         """The backend's RuntimeError when `what` (which allocates) would run under CUDA
@@ -130,36 +136,24 @@ class DeviceUpdates:
         if refuse is not None:
             refuse(what)
 
-    def plan(self, key: KeyT, weights: Any, state: Dict[str, Any], hyper: Any = None) -> Any:
-        opt = self.opt
-        hyper = opt._hyper_for(key) if hyper is None else hyper
+    def _plan(self, key: KeyT, weights: Any, state: Dict[str, Any], hyper: Any) -> Any:
+        """A key's launch over `state` (a frozen key's: over the arrays held, which it
+        uses none of, so that it is known unchanged)."""
         if hyper.frozen:
-            plan = self.backend.plan(key, hyper.kind, opt.averages is not None, weights,
-                                     state["mom1"], state["mom2"], state["average"],
-                                     state["slow"], frozen=True)
-        else:
-            plan = self.backend.plan(key, hyper.kind, opt.averages is not None, weights,
-                                     state["mom1"], state["mom2"], state["average"],
-                                     state["slow"])
+            state = self.states.arrays(key)
+        plan = self.backend.plan(key, hyper.kind, self.states.averages is not None, weights,
+                                 state["mom1"], state["mom2"], state["average"],
+                                 state["slow"], frozen=bool(hyper.frozen))
         old = self.plans.get(key)
         if old is not None and old.counter is not None:
             plan.counter = old.counter  # the key's count on the device goes on
         return plan
 
-    def _held(self, key: KeyT) -> Dict[str, Any]:
-        """The state arrays the optimizer holds for `key` (a frozen key's plan holds them,
-        so that it is known unchanged, and uses none)."""
-        opt = self.opt
-        return {"mom1": opt.mom1.get(key), "mom2": opt.mom2.get(key),
-                "average": None if opt.averages is None else opt.averages.get(key),
-                "slow": opt.lookahead.get(key)}
-
-    def step(self, key: KeyT, weights: Any, gradient: Any, state: Dict[str, Any], t: int,
-             lr_scale: float) -> int:
+    def step(self, key: KeyT, weights: Any, gradient: Any, hyper: Any, state: Dict[str, Any],
+             t: int, lr_scale: float) -> int:
         """One checked update with the key's (possibly new) state arrays. Returns 0: in
         skip mode whether it was skipped is known at `sync()` (raise mode raises here)."""
-        hyper = self.opt._hyper_for(key)
-        plan = self.plan(key, weights, state, hyper)
+        plan = self._plan(key, weights, state, hyper)
         if hyper.frozen:
             self.backend.zero_gradient(plan, key, weights, gradient)
         elif hyper.nonfinite == NONFINITE_APPLY:
@@ -174,71 +168,56 @@ class DeviceUpdates:
         return 0
 
     def step_many_known(self, keys: List[KeyT], weights: List[Any], gradients: List[Any],
-                        lr_scale: float) -> bool:
+                        lr_scale: float) -> Optional[Tuple[List[KeyT], List[int]]]:
         """Keys with prepared launches whose state is unchanged. The backend checks every
-        array against its plan before launching; False (nothing touched) when the
-        general path is needed."""
+        array against its plan before launching. Returns the keys to count (frozen ones
+        left out) and their counts, for the owner to commit; None (nothing touched)
+        when the general path is needed."""
         if not keys:
-            return False
+            return None
         plans = list(map(self.plans.get, keys))
         if None in plans:
-            return False
+            return None
         array_type = {plans[0].array_type}
         if set(map(type, weights)) != array_type or set(map(type, gradients)) != array_type:
-            return False
-        opt = self.opt
-        hypers = list(map(opt._hyper_for, keys))
+            return None
+        hypers = list(map(self.owner.hyper_for, keys))
         modes = _device.plan_modes(plans, hypers)
         if modes < 0:
-            return False  # a key's settings changed its kind or froze it: plan again
+            return None  # a key's settings changed its kind or froze it: plan again
         expected = plans[0].backend.expected(self.tables, plans)
-        averages = opt.averages if opt.averages is not None else {}
-        if not (_device.same_state(opt.mom1, keys, expected.m)
-                and _device.same_state(opt.mom2, keys, expected.v)
+        states = self.states
+        averages = states.averages if states.averages is not None else {}
+        if not (_device.same_state(states.mom1, keys, expected.m)
+                and _device.same_state(states.mom2, keys, expected.v)
                 and _device.same_state(averages, keys, expected.avg)
-                and _device.same_state(opt.lookahead, keys, expected.slow)):
-            return False  # a state array was replaced: plan again
-        nr_update = opt.nr_update
+                and _device.same_state(states.lookahead, keys, expected.slow)):
+            return None  # a state array was replaced: plan again
+        nr_update = states.nr_update
         if modes == 0 and not self.tracks:  # apply mode, nobody frozen: the counts known
             counts = [nr_update[key] + 1 for key in keys]
             plans[0].backend.launch_many(self.tables, hypers, keys, weights, gradients,
                                          plans, counts, lr_scale)
-            nr_update.update(zip(keys, counts))
-            return True
+            return keys, counts
         self._checked(keys, weights, gradients, plans, hypers, lr_scale, self.tables)
-        for key, hyper in zip(keys, hypers):
-            if not hyper.frozen:
-                nr_update[key] += 1
-        return True
+        counted = [key for key, hyper in zip(keys, hypers) if not hyper.frozen]
+        return counted, [nr_update[key] + 1 for key in counted]
 
     def step_many(self, keys: List[KeyT], weights: List[Any], gradients: List[Any],
-                  lr_scale: float) -> None:
-        """Checked tensors: one launch per group of tensors sharing dtype and kernel, plus
-        one clip norm launch per group; new keys get their state first, frozen keys none."""
+                  hypers: List[Any], states: List[Dict[str, Any]], lr_scale: float) -> None:
+        """Checked tensors with their (possibly new) state arrays: one launch per segment
+        of tensors sharing dtype and kernel, plus one clip norm launch per segment."""
         self.refuse_capture("step_many")
-        opt = self.opt
-        plans, hypers, new = [], [], []
-        for key, w in zip(keys, weights):
-            hyper = opt._hyper_for(key)
+        plans = []
+        stale = self.states.stale
+        for key, w, hyper, state in zip(keys, weights, hypers, states):
             plan = self.plans.get(key)
-            if (plan is None or (key in opt._stale and not hyper.frozen)
+            if (plan is None or (key in stale and not hyper.frozen)
                     or not self._holds(plan, key) or not self._fits(plan, hyper)):
-                if hyper.frozen:
-                    plan = self.plan(key, w, self._held(key), hyper)
-                else:
-                    state = opt._state_for(key, self.backend, w)
-                    plan = self.plan(key, w, state, hyper)
-                    new.append((key, w.shape, state))
+                plan = self._plan(key, w, state, hyper)
             plans.append(plan)
-            hypers.append(hyper)
-        calls = [opt.nr_update.get(key, 0) + 1 for key in keys]
         self._checked(keys, weights, gradients, plans, hypers, lr_scale, self.tables)
-        for key, shape, state in new:
-            opt._commit(key, shape, state, 0)
-        for key, plan, hyper, t in zip(keys, plans, hypers, calls):
-            self.plans[key] = plan
-            if not hyper.frozen:
-                opt.nr_update[key] = t
+        self.plans.update(zip(keys, plans))
 
     # ------------------------------------------------------------ checked updates
 
@@ -246,13 +225,13 @@ class DeviceUpdates:
                  plans: List[Any], hypers: List[Any], lr_scale: float,
                  tables: Dict[Any, Any]) -> None:
         """launch_many with each key's count: known on the host (apply and raise modes),
-        or a window of counts (skip mode). Leaves `opt.nr_update` to the caller."""
-        opt = self.opt
+        or a window of counts (skip mode). Counts nothing: the caller commits them."""
         self.refuse_capture("an update that checks its gradient (nonfinite skip or raise)")
         n = len(keys)
         windows: Optional[List[Any]] = None
         counts = []
         tracks = self.tracks
+        nr_update = self.states.nr_update
         for i in range(n):
             hyper, key = hypers[i], keys[i]
             if hyper.frozen:
@@ -264,11 +243,13 @@ class DeviceUpdates:
                 counts.append(windows[i][0])
             else:
                 track = tracks.get(key)
-                counts.append(opt.nr_update.get(key, 0) + 1 if track is None
+                counts.append(nr_update.get(key, 0) + 1 if track is None
                               else track.settle() + 1)
 
+        report = self.owner.report
+
         def refused(i: int, outcome: int) -> None:
-            opt._nonfinite_found(keys[i], outcome, weights[i])
+            report(keys[i], outcome, weights[i])
 
         out = self.backend.launch_many(tables, hypers, keys, weights, gradients, plans,
                                        counts, lr_scale, windows, refused)
@@ -297,7 +278,7 @@ class DeviceUpdates:
         (else wait for the oldest pending launch)."""
         track = self.tracks.get(key)
         if track is None:
-            track = self.tracks[key] = Track(self.opt.nr_update.get(key, 0))
+            track = self.tracks[key] = Track(self.states.nr_update.get(key, 0))
         if plan.counter is None:
             self.backend.add_counter(plan)
             self.tables.clear()  # the tensor tables hold the counters' addresses
@@ -311,28 +292,21 @@ class DeviceUpdates:
         return (track.base + 1, len(track.pending) + 1,
                 track.base if track.reset else -1)
 
-    def sync(self) -> None:
-        """Bring `opt.nr_update` and the skip counts up to date: wait for the pending
-        skip-mode launches, take their skipped calls off the counts and report them
-        (`opt._nonfinite_found(key, outcome, weights, count)`)."""
+    def sync(self) -> List[Tuple[KeyT, Any, int, int]]:
+        """Wait for the pending skip-mode launches; (key, weights, NaNs, infs) of each key
+        that skipped updates counted ahead, for the optimizer to take off its counts
+        and report."""
         tracks = self.tracks
         for track in tracks.values():
             track.settle()
-        opt = self.opt
-        for key in list(tracks):
-            track = tracks.pop(key)
-            skipped = track.nan + track.inf
-            if skipped:
-                opt.nr_update[key] -= skipped
-                if track.nan:
-                    opt._nonfinite_found(key, OUTCOME_NAN, track.weights, track.nan)
-                if track.inf:
-                    opt._nonfinite_found(key, OUTCOME_INF, track.weights, track.inf)
+        skipped = [(key, track.weights, track.nan, track.inf)
+                   for key, track in tracks.items() if track.nan or track.inf]
+        tracks.clear()
+        return skipped
 
-    def forget(self, key: Any = None) -> None:
-        """State arrays were replaced, moved or renamed: settle the counts kept on the
-        device, then drop the prepared launches."""
-        self.sync()
+    def forget(self) -> None:
+        """State arrays were replaced, moved or renamed (the optimizer synced first):
+        drop the prepared launches."""
+        self.tracks.clear()
         self.plans.clear()
         self.tables.clear()
-

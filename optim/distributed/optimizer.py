@@ -155,9 +155,9 @@ class DistributedOptimizer:
         self.flush()
         opt = self.optimizer
         if opt.max_consecutive_skips is not None and self.sharded and self.world_size > 1:
-            flags = self.group.all_gather_bytes(b"1" if opt._skipped_in_step else b"0",
+            flags = self.group.all_gather_bytes(b"1" if opt.step_skipped else b"0",
                                                 "the count of skipped updates")
-            opt._skipped_in_step = b"1" in flags
+            opt.step_skipped = b"1" in flags
         opt.step_schedules()
 
     def bind(self, obj: Any) -> "DistributedOptimizer":
