@@ -201,29 +201,31 @@ def fmt_us(seconds: float) -> str:
     return f"{us:.3g} us" if us < 1000 else f"{us:.0f} us"
 
 
-def print_table(rounds: List[Dict[str, Dict[str, float]]], threshold: float) -> List[str]:
+def print_table(rounds: List[Dict[str, Dict[str, float]]], threshold: float,
+                base: str = "gcc", other: str = "clang") -> List[str]:
     """The table; returns the rows whose paired ratio is over threshold.
 
     Each round's figure for a row is the bench's median; the table gives the median over
     the rounds per build, their ratio, and the paired ratio: the median over the rounds
-    of clang/gcc within a round. On a shared machine whole runs land in a slow phase
+    of other/base within a round. On a shared machine whole runs land in a slow phase
     (other processes' load; it comes and goes over seconds): the two runs of a round are
     seconds apart, so the paired ratio is the one that compares the code."""
-    keys = [k for k in rounds[0]["gcc"] if all(k in r["clang"] for r in rounds)]
+    keys = [k for k in rounds[0][base] if all(k in r[other] for r in rounds)]
     width = max(len(k) for k in keys)
-    print(f"\n{'row':{width}s}  {'gcc':>9s}  {'clang':>9s}  clang/gcc  paired")
-    print(f"{'-' * width}  {'-' * 9}  {'-' * 9}  ---------  ------")
+    ratio = f"{other}/{base}"
+    print(f"\n{'row':{width}s}  {base:>9s}  {other:>9s}  {ratio:>9s}  paired")
+    print(f"{'-' * width}  {'-' * 9}  {'-' * 9}  {'-' * max(9, len(ratio))}  ------")
     slow, paired_ratios = [], []
     for key in keys:
-        gcc, clang = (statistics.median(r[c][key] for r in rounds) for c in ("gcc", "clang"))
-        paired = statistics.median(r["clang"][key] / r["gcc"][key] for r in rounds)
+        a, b = (statistics.median(r[c][key] for r in rounds) for c in (base, other))
+        paired = statistics.median(r[other][key] / r[base][key] for r in rounds)
         paired_ratios.append(paired)
         mark = f"  <- over {threshold:.2f}x" if paired > threshold else ""
         if mark:
             slow.append(key)
-        print(f"{key:{width}s}  {fmt_us(gcc):>9s}  {fmt_us(clang):>9s}  {clang / gcc:9.2f}  "
+        print(f"{key:{width}s}  {fmt_us(a):>9s}  {fmt_us(b):>9s}  {b / a:9.2f}  "
               f"{paired:6.2f}{mark}")
-    print(f"\npaired clang/gcc over {len(keys)} rows: {min(paired_ratios):.2f} to "
+    print(f"\npaired {ratio} over {len(keys)} rows: {min(paired_ratios):.2f} to "
           f"{max(paired_ratios):.2f}, median {statistics.median(paired_ratios):.2f}; "
           f"{len(slow)} over {threshold:.2f}x")
     return slow

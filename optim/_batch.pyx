@@ -11,7 +11,8 @@ from libc.math cimport isfinite
 from cymem.cymem cimport Pool
 
 from optim._kernels cimport (
-    OUTCOME_UPDATED, Hyper, Task, fill_task, make_coefs, n_threads, run_tasks, syncs,
+    NONFINITE_APPLY, NONFINITE_RAISE, OUTCOME_UPDATED, Hyper, Task, fill_task, make_coefs, n_threads,
+    run_tasks,
 )
 from optim._loops cimport KIND_SGD, Kind
 
@@ -101,6 +102,9 @@ cdef class Batch:
     cdef Py_ssize_t n
     cdef list keys
     cdef tuple hypers           # each task's Hyper
+    cdef char* hyper_starts     # per task: 1 if its Hyper is not the previous task's
+    cdef bint checking          # the last run checked a gradient (skip or raise mode)
+    cdef bint raising           # a task is in raise mode
     cdef bint wrote             # the last run wrote (False: refused in raise mode)
     cdef tuple state            # n * N_STATE arrays or None, task by task
     cdef tuple stores           # the state dicts `bind` recorded, and their lengths
@@ -127,6 +131,11 @@ cdef class Batch:
         self.tasks = <Task*>self.mem.alloc(max(n, 1), sizeof(Task))
         self.sizes = <Py_ssize_t*>self.mem.alloc(max(n, 1), sizeof(Py_ssize_t))
         self.dim_start = <Py_ssize_t*>self.mem.alloc(n + 1, sizeof(Py_ssize_t))
+        self.hyper_starts = <char*>self.mem.alloc(max(n, 1), sizeof(char))
+        for i in range(n):
+            self.hyper_starts[i] = i == 0 or hypers[i] is not hypers[i - 1]
+            if self.hyper_starts[i]:
+                self.raising = self.raising or (<Hyper>hypers[i]).nonfinite == NONFINITE_RAISE
         for i in range(n):
             fill_task(&self.tasks[i], <Hyper>hypers[i], keys[i], weights[i], gradients[i],
                       mom1[i], mom2[i], averages[i], slows[i], counts[i], lr_scale,
@@ -147,7 +156,7 @@ cdef class Batch:
         cdef int threads = n_threads()
         cdef bint wrote
         with nogil:
-            wrote = run_tasks(self.tasks, self.sizes, self.n, threads)
+            wrote = run_tasks(self.tasks, self.sizes, self.n, threads, self.raising)
         self.wrote = wrote
         return 0
 
@@ -267,8 +276,12 @@ cdef class Batch:
         cdef int typenum, ndim
         cdef const Py_ssize_t* dims
         cdef object w, g, m, v, avg, slow
-        cdef Hyper hyper
-        cdef bint moments
+        cdef Hyper hyper = None
+        cdef Kind kind = KIND_SGD
+        cdef bint moments = False, same_coefs
+        cdef int nonfinite = 0
+        cdef double grad_clip = 0.0
+        cdef long lookahead_k = 0
         # The caller's lists are its own copies: Python code run by comparing or hashing
         # keys cannot change them. First what runs such code, then only C.
         if (PyList_GET_SIZE(weights) != n or PyList_GET_SIZE(gradients) != n
@@ -277,11 +290,19 @@ cdef class Batch:
         if (keys != self.keys or not self.read_counts(keys, nr_update)
                 or not self.unchanged(stores, keys)):
             return 0
+        self.checking = self.raising = False
         for i in range(n):
             task = &self.tasks[i]
             t = task.t
-            hyper = <Hyper>PyTuple_GET_ITEM(self.hypers, i)
-            moments = hyper._kind() != KIND_SGD
+            same_coefs = i and not self.hyper_starts[i] and self.tasks[i - 1].t == t
+            if self.hyper_starts[i]:  # the settings of a run of tasks sharing a Hyper
+                hyper = <Hyper>PyTuple_GET_ITEM(self.hypers, i)
+                kind = hyper._kind()
+                moments = kind != KIND_SGD
+                nonfinite, grad_clip = hyper.nonfinite, hyper.grad_clip
+                lookahead_k = hyper.lookahead_k
+                self.checking = self.checking or nonfinite != NONFINITE_APPLY
+                self.raising = self.raising or nonfinite == NONFINITE_RAISE
             typenum, ndim = task.dtype, self.dim_start[i + 1] - self.dim_start[i]
             dims = &self.dims[self.dim_start[i]]
             w = <object>PyList_GET_ITEM(weights, i)
@@ -305,17 +326,17 @@ cdef class Batch:
                 if not fits(avg, typenum, ndim, dims):
                     return 0
                 task.avg = cnp.PyArray_DATA(<cnp.ndarray>avg)
-            if syncs(hyper, t):
+            if lookahead_k > 0 and t % lookahead_k == 0:  # syncs(hyper, t)
                 if not fits(slow, typenum, ndim, dims):
                     return 0
                 task.slow = cnp.PyArray_DATA(<cnp.ndarray>slow)
-            if i and self.tasks[i - 1].t == t and hyper is self.hypers[i - 1]:
+            if same_coefs:
                 task.c = self.tasks[i - 1].c
             else:
                 task.c = make_coefs(hyper, t, lr_scale)
-            task.kind = hyper._kind()
-            task.grad_clip = hyper.grad_clip
-            task.nonfinite = hyper.nonfinite
+            task.kind = kind
+            task.grad_clip = grad_clip
+            task.nonfinite = nonfinite
         self.run()
         if self.wrote:
             self.count(keys, nr_update)
@@ -355,8 +376,9 @@ cdef class Batch:
         cdef Py_ssize_t i
         cdef long last = -1
         cdef object t = None
+        cdef bint checking = self.checking
         for i in range(self.n):
-            if self.tasks[i].outcome != OUTCOME_UPDATED:
+            if checking and self.tasks[i].outcome != OUTCOME_UPDATED:
                 continue
             if self.tasks[i].t != last:
                 last = self.tasks[i].t
@@ -370,6 +392,8 @@ cdef int report_nonfinite(Batch batch, list keys, list weights,
     """Tell `on_nonfinite(key, outcome, weights)` of each update of the batch's last run
     that found a non-finite gradient (none, almost always: one C loop)."""
     cdef Py_ssize_t i
+    if not batch.checking:  # apply mode: every outcome is OUTCOME_UPDATED
+        return 0
     for i in range(batch.n):
         if batch.tasks[i].outcome != OUTCOME_UPDATED:
             on_nonfinite(keys[i], batch.tasks[i].outcome, weights[i])

@@ -63,4 +63,4 @@ cdef int fill_task(Task* task, Hyper h, object key, object weights, object gradi
                    object mom1, object mom2, object average, object slow, long t,
                    double lr_scale, const Task* previous=*) except -1
 cdef bint run_tasks(Task* tasks, const Py_ssize_t* sizes, Py_ssize_t n_tasks,
-                    int n_threads) noexcept nogil
+                    int n_threads, bint raising) noexcept nogil

@@ -593,7 +593,11 @@ cdef void apply(Task* task, int n_threads) noexcept nogil:
     """The fused pass. A large task is cut into pieces of whole norm chunks for up to
     n_threads threads: each element's arithmetic is the same in any piece, so the bits
     do not depend on n_threads."""
-    cdef Split s = Split(task, task.kind, pieces_for(task.n, n_threads))
+    cdef Split s
+    if n_threads == 1:  # (step_many's small tasks: no piece to plan)
+        run_range(task, task.kind, 0, task.n)
+        return
+    s = Split(task, task.kind, pieces_for(task.n, n_threads))
     if s.n_pieces == 1:
         run_range(task, task.kind, 0, task.n)
     else:
@@ -603,6 +607,11 @@ cdef void apply(Task* task, int n_threads) noexcept nogil:
 cdef void run_task(Task* task, int n_threads) noexcept nogil:
     """Measure, then the fused pass; a gradient found non-finite in skip mode is zeroed
     and nothing else is written, in raise mode nothing at all (task.outcome says)."""
+    if task.grad_clip <= 0.0 and task.nonfinite == NONFINITE_APPLY:  # nothing to measure
+        task.c.clip_scale = 1.0
+        task.outcome = OUTCOME_UPDATED
+        apply(task, n_threads)
+        return
     task.outcome = measure(task, n_threads)
     if task.outcome == OUTCOME_UPDATED:
         apply(task, n_threads)
@@ -630,19 +639,17 @@ cdef void group_piece(void* arg, Py_ssize_t b) noexcept nogil:
 
 
 cdef bint run_tasks(Task* tasks, const Py_ssize_t* sizes, Py_ssize_t n_tasks,
-                    int n_threads) noexcept nogil:
+                    int n_threads, bint raising) noexcept nogil:
     """step_many's loop. Tasks large enough to split run one after another as in `step`;
     the others are cut into contiguous groups of about equal size, each task run whole
-    by one thread. The tasks must not share memory. If a task is in raise mode, every
-    task is measured first and nothing is written when one is found non-finite: returns
-    False then (the outcomes say which), else True."""
+    by one thread. The tasks must not share memory. `raising`: a task is in raise mode
+    (the caller knows; each task's nonfinite says which): every task is measured first
+    and nothing is written when one is found non-finite: returns False then (the
+    outcomes say which), else True."""
     cdef Py_ssize_t i, n_groups
     cdef Py_ssize_t first[MAX_PIECES + 1]
-    cdef Groups gr = Groups(tasks, &first[0], n_threads, False)
-    for i in range(n_tasks):
-        if tasks[i].nonfinite == NONFINITE_RAISE:
-            gr.measured = True
-    if gr.measured:
+    cdef Groups gr = Groups(tasks, &first[0], n_threads, raising)
+    if raising:
         for i in range(n_tasks):
             tasks[i].outcome = measure(&tasks[i], n_threads)
         for i in range(n_tasks):
@@ -728,11 +735,24 @@ cdef class KnownKeys:
     cdef readonly Hyper hyper
     cdef readonly StateDicts states
     cdef public object key_hyper, report
+    cdef public object batch  # the last step_many's optim._batch.Batch, kept to rerun
 
     def __init__(self, Hyper hyper, StateDicts states, object key_hyper=None,
                  object report=None) -> None:
         self.hyper, self.states = hyper, states
         self.key_hyper, self.report = key_hyper, report
+
+    def step_many_again(self, list keys, list weights, list gradients,
+                        double lr_scale=1.0) -> bool:
+        """Rerun the kept batch if C code finds the same keys, arrays and state
+        (`Batch.again`, which commits the counts into nr_update and reports what it
+        skipped); False (nothing touched) otherwise."""
+        if self.batch is None:
+            return False
+        cdef StateDicts states = self.states
+        return self.batch.again(keys, weights, gradients, states.nr_update, lr_scale,
+                                (states.mom1, states.mom2, states.averages, states.lookahead,
+                                 states.shapes), self.report)
 
     def step_known(self, object key, object weights, object gradient,
                    double lr_scale=1.0) -> bool:

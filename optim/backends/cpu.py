@@ -9,13 +9,14 @@ from ..hyperparams import KeyT
 class CpuUpdates(_kernels.KnownKeys):
     """`Updates` (see optim.backends) for NumPy arrays, lent an `Owner`. The per-call hot
     path, `step_known(key, weights, gradient, lr_scale) -> bool`, is
-    `_kernels.KnownKeys`'s (C), over the owner's `KeyStates`."""
+    `_kernels.KnownKeys`'s (C), over the owner's `KeyStates`, and so is
+    `step_many_again(keys, weights, gradients, lr_scale) -> bool`, which reruns the kept
+    `batch`."""
 
-    __slots__ = ("batch",)
+    __slots__ = ()
 
     def __init__(self, owner: Any) -> None:
         super().__init__(owner.hyper, owner.states, owner.key_hyper, owner.report)
-        self.batch: Optional[_batch.Batch] = None
 
     @staticmethod
     def check(key: KeyT, weights: Any, gradient: Any) -> None:
@@ -34,15 +35,6 @@ class CpuUpdates(_kernels.KnownKeys):
         mode nothing at all)."""
         return _kernels.step(hyper, key, weights, gradient, state["mom1"], state["mom2"],
                              state["average"], state["slow"], t, lr_scale)
-
-    def step_many_again(self, keys: List[KeyT], weights: List[Any], gradients: List[Any],
-                        lr_scale: float) -> bool:
-        """Rerun the kept batch if C code finds the same keys, arrays and state; it
-        commits the counts (into the owner's nr_update) and reports what it skipped."""
-        batch = self.batch
-        return batch is not None and batch.again(keys, weights, gradients,
-                                                 self.states.nr_update, lr_scale,
-                                                 self._sources(), self.report)
 
     def step_many_known(self, keys: List[KeyT], weights: List[Any], gradients: List[Any],
                         lr_scale: float) -> Optional[Tuple["_batch.Batch", List[int]]]:
