@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """Build optim's Cython extensions, compiled with -O3 and never with FMA contraction.
 
-The update loops (optim/_loops.pxi) are built once per SIMD level, one module each:
-optim._loops_baseline (the platform's default target), and for x86-64 targets with a
-GCC-style compiler (gcc, clang, Apple clang) also optim._loops_avx2 and
-optim._loops_avx512, with the flags in ISA_FLAGS. optim picks the best level the CPU
+The update loops (optim/cpu/_loops.pxi) are built once per SIMD level, one module each:
+optim.cpu._loops_baseline (the platform's default target), and for x86-64 targets with a
+GCC-style compiler (gcc, clang, Apple clang) also optim.cpu._loops_avx2 and
+optim.cpu._loops_avx512, with the flags in ISA_FLAGS. optim picks the best level the CPU
 supports at import (docs/cpu.md). A level whose flags the compiler rejects is skipped,
-with a message. optim._kernels and optim._roofline get their thread pool (optim/_pool.h)
-where POSIX threads and C11 atomics build; elsewhere (MSVC) they build single-threaded,
-with a message. The target is the wheel's platform (sysconfig.get_platform(), ARCHFLAGS
+with a message. optim._kernels and optim.bench._roofline get their thread pool
+(optim/cpu/_pool.h) where POSIX threads and C11 atomics build; elsewhere (MSVC) they
+build single-threaded, with a message. The target is the wheel's platform (sysconfig.get_platform(), ARCHFLAGS
 on macOS), not the build machine's, so cross-compiled macOS wheels get the right levels.
 """
 import contextlib
@@ -51,7 +51,7 @@ POOL_PROBE = ("#include <pthread.h>\n#include <stdatomic.h>\n"
               "static void *run(void *arg) { return arg; }\n"
               "int main(void) { pthread_t t; atomic_int n = 0; atomic_fetch_add(&n, 1);\n"
               "  return pthread_create(&t, 0, run, 0) || pthread_join(t, 0); }\n")
-POOL_MODULES = ("optim._kernels", "optim._roofline")
+POOL_MODULES = ("optim._kernels", "optim.bench._roofline")
 
 # Optimisation flags: every level, every module. MSVC's /fp:precise never contracts a
 # multiply and an add (VS 2022), and the x64 baseline (SSE2) has no FMA to contract to.
@@ -91,19 +91,21 @@ def simd_levels() -> list:
 
 
 def extensions() -> list:
-    # Every optim/*.pyx; of the per-level loop modules, baseline and what this machine
-    # type can build.
-    names = [p.stem for p in sorted((Path(__file__).parent / "optim").glob("*.pyx"))
+    # Every .pyx under optim/ (a module each, named by its path); of the per-level loop
+    # modules, baseline and what this machine type can build.
+    root = Path(__file__).parent
+    paths = [p.relative_to(root) for p in sorted((root / "optim").rglob("*.pyx"))
              if not p.stem.startswith("_loops_")]
-    names += ["_loops_baseline"] + [f"_loops_{level}" for level in simd_levels()]
+    paths += [Path("optim/cpu") / f"_loops_{level}.pyx"
+              for level in ["baseline"] + simd_levels()]
     return [
         Extension(
-            "optim." + name,
-            [f"optim/{name}.pyx"],
-            include_dirs=[numpy.get_include()],
+            ".".join(path.with_suffix("").parts),
+            [path.as_posix()],
+            include_dirs=[numpy.get_include(), "optim/cpu"],  # (optim/cpu/_pool.h)
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         )
-        for name in names
+        for path in paths
     ]
 
 

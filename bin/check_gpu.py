@@ -52,8 +52,8 @@ except ImportError:  # a checkout built in place but not installed; never ahead 
 
 from optim import _kernels  # noqa: E402
 from optim import _kernels_cuda as kc  # noqa: E402
-from optim.backends import cupy as cupy_backend  # noqa: E402
-from optim._cuda_workspace import Workspace  # noqa: E402
+from optim.cuda import cupy as cupy_backend  # noqa: E402
+from optim.cuda.workspace import Workspace  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import check_gpu_concurrency  # noqa: E402

@@ -44,8 +44,8 @@ ERROR_LINE = re.compile(r"\berror:", re.IGNORECASE)
 # (Found, not imported: a level's module may hold instructions this CPU lacks.)
 IMPORT_CHECK = """
 import importlib.util, json, optim, optim._kernels as k
-mods = ["_kernels", "_batch", "_flat", "_device", "_roofline"] + [
-    "_loops_" + level for level in k.isa_built()]
+mods = ["_kernels", "cpu._batch", "distributed._flat", "cuda._tables", "bench._roofline"] + [
+    "cpu._loops_" + level for level in k.isa_built()]
 print(json.dumps({"files": [importlib.util.find_spec("optim." + m).origin for m in mods],
                   "built": list(k.isa_built()), "supported": list(k.isa_supported())}))
 """

@@ -21,7 +21,7 @@ if _importlib_util.find_spec(__name__ + "._kernels") is None:  # a source tree, 
 
 from .cpu import get_num_threads, set_num_threads, show_config
 from .optimizer import ADAM_DEFAULTS, RADAM_DEFAULTS, SGD_DEFAULTS, SGD, Adam, Optimizer, RAdam
-from .per_tensor import NonFiniteError
+from .settings.per_tensor import NonFiniteError
 from .registry import Config, registry
 from .schedules import (
     Schedule,

@@ -1,7 +1,7 @@
 # The C-level interface of optim._kernels: the hyperparameters the loops read, one
-# update's task, and the functions that validate and run tasks. optim._batch
+# update's task, and the functions that validate and run tasks. optim.cpu._batch
 # (step_many's kept batch) is built on it.
-from optim._loops cimport Coefs, Kind
+from optim.cpu._loops cimport Coefs, Kind
 
 
 # What an update does with a gradient holding a NaN or an inf (Hyper.nonfinite), and

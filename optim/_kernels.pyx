@@ -20,12 +20,12 @@ from libc.math cimport fabs, sqrt, isfinite
 from libc.string cimport memset
 from cymem.cymem cimport Pool
 
-from optim._loops cimport (
+from optim.cpu._loops cimport (
     KIND_ADAM, KIND_RADAM, KIND_SGD, MAX_PIECES, MAX_THREADS, NORM_CHUNK, NORM_LANES,
     OPTIM_LOOPS_CAPSULE, PIECE_MIN, Coefs, Coupled, GradientOnly, Kind, Loops, deal,
     lane_tree, norm_term, piece_start, pieces_for, real_t, term,
 )
-from optim._pool cimport OPTIM_POOL, optim_parallel
+from optim.cpu._pool cimport OPTIM_POOL, optim_parallel
 
 cimport numpy as cnp
 
@@ -61,7 +61,7 @@ cdef extern from *:
     """
     int optim_cpu_level() noexcept nogil
 
-# SIMD levels, lowest first: each is a module optim._loops_<level> with its LOOPS table.
+# SIMD levels, lowest first: each is a module optim.cpu._loops_<level> with its LOOPS table.
 # setup.py's flags per level are what optim_cpu_level checks the CPU for.
 ISA_LEVELS = ("baseline", "avx2", "avx512")
 
@@ -72,13 +72,13 @@ cdef int N_THREADS = 1      # threads a large update may use
 cdef int n_threads() noexcept:
     return N_THREADS
 ACTIVE_LOOPS = PyCapsule_New(&LOOPS, OPTIM_LOOPS_CAPSULE, NULL)
-"""The active `Loops` table, read by optim._roofline at each run."""
+"""The active `Loops` table, read by optim.bench._roofline at each run."""
 
 
 def isa_built() -> tuple:
     """The SIMD levels this build has loops for (setup.py skips what the compiler lacks)."""
     return tuple(level for level in ISA_LEVELS
-                 if importlib.util.find_spec(f"optim._loops_{level}") is not None)
+                 if importlib.util.find_spec(f"optim.cpu._loops_{level}") is not None)
 
 
 def isa_supported() -> tuple:
@@ -96,7 +96,7 @@ def use_isa(str level) -> None:
     if level not in isa_supported():
         raise ValueError(f"SIMD level {level!r}: this CPU supports {', '.join(isa_supported())}")
     # import only what the CPU runs: a level's module may use its instructions anywhere
-    module = importlib.import_module(f"optim._loops_{level}")
+    module = importlib.import_module(f"optim.cpu._loops_{level}")
     global LOOPS
     LOOPS = (<Loops*>PyCapsule_GetPointer(module.LOOPS, OPTIM_LOOPS_CAPSULE))[0]
 
@@ -735,7 +735,7 @@ cdef class KnownKeys:
     cdef readonly Hyper hyper
     cdef readonly StateDicts states
     cdef public object key_hyper, report
-    cdef public object batch  # the last step_many's optim._batch.Batch, kept to rerun
+    cdef public object batch  # the last step_many's optim.cpu._batch.Batch, kept to rerun
 
     def __init__(self, Hyper hyper, StateDicts states, object key_hyper=None,
                  object report=None) -> None:
@@ -778,7 +778,7 @@ cdef class KnownKeys:
                 or type(gradient) is not cnp.ndarray or not (<cnp.ndarray>gradient).size):
             return False
         if weights.shape != shape:
-            from optim.hyperparams import shape_error
+            from optim.settings.defaults import shape_error
 
             raise ValueError(shape_error(key, weights.shape, shape))
         count = dict_get(states.nr_update, key, h)

@@ -18,7 +18,7 @@ into the clip factor, in device memory, which the update reads. Nothing is ever 
 back to the host, so updates queue on the stream without synchronising.
 
 Nothing here needs CuPy: the sources are plain strings, which the tests compile with
-nvcc and execute on the host (tests/cuda_harness.py). `optim.backends.cupy` compiles
+nvcc and execute on the host (tests/cuda_harness.py). `optim.cuda.cupy` compiles
 and launches them.
 """
 from dataclasses import dataclass
@@ -26,7 +26,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy
 
-from . import _device, _kernels
+from .cuda import _tables
+from . import _kernels
 
 CUPY_HINT = (
     'optim\'s GPU path needs CuPy: pip install "thinc-optim[cuda12x]" '
@@ -39,17 +40,17 @@ NVRTC_OPTIONS: Tuple[str, ...] = ("--fmad=false",)
 
 NORM_CHUNK = _kernels.NORM_ORDER["chunk"]  # docs/numerics.md, "The clip norm"
 NORM_LANES = _kernels.NORM_ORDER["lanes"]
-COEFS: Tuple[str, ...] = _device.DEVICE_COEFS  # the double scalars of one update
+COEFS: Tuple[str, ...] = _tables.DEVICE_COEFS  # the double scalars of one update
 # A step_many coefficient row: COEFS, then the per-tensor slots of
-# _device.DEVICE_SLOTS (clip factor, grad_clip, status, check, kernel, t, pick, extra,
+# _tables.DEVICE_SLOTS (clip factor, grad_clip, status, check, kernel, t, pick, extra,
 # window, counter; what each means is written there).
-SLOTS: Tuple[str, ...] = _device.DEVICE_SLOTS
-ROW = _device.DEVICE_ROW
+SLOTS: Tuple[str, ...] = _tables.DEVICE_SLOTS
+ROW = _tables.DEVICE_ROW
 SLOT: Dict[str, int] = {name: len(COEFS) + i for i, name in enumerate(SLOTS)}
 CLIP_SLOT = SLOT["clip"]
 # the status slot's values
-GO, FROZEN, NAN, INF, OUT = (_device.DEVICE_GO, _device.DEVICE_FROZEN, _device.DEVICE_NAN,
-                             _device.DEVICE_INF, _device.DEVICE_OUT)
+GO, FROZEN, NAN, INF, OUT = (_tables.DEVICE_GO, _tables.DEVICE_FROZEN, _tables.DEVICE_NAN,
+                             _tables.DEVICE_INF, _tables.DEVICE_OUT)
 # the check slot's value for a tensor that does not check its gradient (a Hyper's
 # nonfinite mode, optim._kernels.NONFINITE_*, as a double)
 CHECK_APPLY = float(_kernels.NONFINITE_APPLY)
@@ -192,16 +193,16 @@ KERNELS: Dict[str, KernelSpec] = _build_kernels()
 
 def kernel_code(name: str) -> int:
     """The row's `kernel` slot for kernel `name`: kind * 4 + variant bits
-    (_device.DEVICE_KINDS; bits = rectified | lookahead_sync << 1)."""
+    (_tables.DEVICE_KINDS; bits = rectified | lookahead_sync << 1)."""
     base = name[len("optim_"):].replace("_avg", "").replace("_la", "")
     kind = base.split("_")[0]
     bits = (1 if base == "radam_rect" else 0) | (2 if name.endswith("_la") else 0)
-    return _device.DEVICE_KINDS.index(kind) * 4 + bits
+    return _tables.DEVICE_KINDS.index(kind) * 4 + bits
 
 
 def code_kernel(code: int, averages: bool) -> str:
     """The kernel whose `kernel_code` is `code` (averages on or off)."""
-    kind = _device.DEVICE_KINDS[code // 4]
+    kind = _tables.DEVICE_KINDS[code // 4]
     return kernel_name(kind, bool(code & 1), averages, bool(code & 2))
 
 
@@ -220,7 +221,7 @@ Params = Tuple[Tuple[str, str], ...]
 
 _COEF_PARAMS: Params = tuple(("double", name) for name in COEFS)
 # `tickets`: one epoch-tagged completion counter per tensor (optim_finished_last_chunk);
-# `epoch`: the launch's tag, 1 .. 2**32 - 1, a new one per launch (optim/_cuda_workspace.py).
+# `epoch`: the launch's tag, 1 .. 2**32 - 1, a new one per launch (optim/workspace.py).
 _NORM_PARAMS: Params = (
     ("const T*", "g"), ("const T*", "w"), ("double", "l2"), ("double", "grad_clip"),
     ("long long", "n"), ("double*", "partials"), ("unsigned long long*", "tickets"),

@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy
 import srsly
 
-from .naming import param_names, param_shapes
+from .settings.naming import param_names, param_shapes
 from .serialize import StateError, decode_key, encode_key, read_file, write_atomic
 
 FORMAT_NAME = "optim.checkpoint"
@@ -45,7 +45,7 @@ class CheckpointError(ValueError):
 
 
 # ------------------------------------------------------------------ parameter names
-# (the walk is optim.naming's: param_names, param_paths, param_shapes)
+# (the walk is optim.settings.naming's: param_names, param_paths, param_shapes)
 
 def check_same_model(saved: Dict[str, List[int]], obj: Any, what: str) -> None:
     """Raise CheckpointError naming the first differences if `obj`'s parameters are not

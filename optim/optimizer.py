@@ -20,12 +20,12 @@ import numpy
 from . import _kernels
 from ._kernels import OUTCOME_INF, OUTCOME_NAN
 from .backends import NUMPY, Owner, backend_for, get_gpu_backend
-from .backends.cpu import CpuUpdates
-from .backends.device import DeviceUpdates
-from .groups import GroupsT, group_for
-from .hyperparams import (ADAM_DEFAULTS, RADAM_DEFAULTS, SGD_DEFAULTS, KeyT, any_empty,
+from .cpu.updates import CpuUpdates
+from .cuda.updates import DeviceUpdates
+from .settings.groups import GroupsT, group_for
+from .settings.defaults import (ADAM_DEFAULTS, RADAM_DEFAULTS, SGD_DEFAULTS, KeyT, any_empty,
                           check_flag, check_value, is_empty, shape_error)
-from .per_tensor import PerTensorSettings
+from .settings.per_tensor import PerTensorSettings
 from .registry import registry
 from .saving import Saving
 from .schedules import Schedule, is_step_schedule, read_step_schedule

@@ -9,7 +9,7 @@ import srsly
 
 from . import serialize
 from .backends import backend_for
-from .hyperparams import HYPERPARAMETERS
+from .settings.defaults import HYPERPARAMETERS
 
 
 class Saving:

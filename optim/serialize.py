@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 import numpy
 import srsly
 
-from .hyperparams import HYPERPARAMETERS, check_value
+from .settings.defaults import HYPERPARAMETERS, check_value
 from .schedules import Schedule, from_thinc, is_step_schedule
 from .state import ARRAYS
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from . import _kernels
 from .backends import NUMPY, backend_for
-from .hyperparams import KeyT
+from .settings.defaults import KeyT
 
 ARRAYS = ("mom1", "mom2", "average", "slow")  # a key's state arrays (the file's names)
 _DICTS = {"mom1": "mom1", "mom2": "mom2", "average": "averages", "slow": "lookahead"}

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy
 
 from optim import _kernels_cuda as kc
-from optim.backends import cupy as cupy_backend
+from optim.cuda import cupy as cupy_backend
 
 from cuda_harness import Harness, harness, source_dtype
 

@@ -66,7 +66,7 @@ def poison_gradient(path: str, steps: List[int] = [], every_step: bool = False):
     def before_update(nlp, args):
         if not (every_step or args["step"] in steps):
             return
-        from optim.naming import param_paths
+        from optim.settings.naming import param_paths
 
         matches = [key for key, p in param_paths(nlp).items() if p == path]
         assert len(matches) == 1, f"{path}: {len(matches)} parameters have this path"

@@ -11,7 +11,7 @@ import pytest
 
 from optim import bench
 from optim.bench import plot as plot_bench
-from optim._roofline import Plan
+from optim.bench._roofline import Plan
 
 ROOT = Path(__file__).resolve().parent.parent
 # Subprocesses run from here, not ROOT: in an unpacked sdist ROOT holds optim's uncompiled

@@ -20,8 +20,9 @@ from reference import clip_sum_squares
 from test_reference import hyperparams, shapes
 
 import optim
-from optim import Optimizer, _batch, _kernels, cpu
-from optim._roofline import Plan
+from optim import Optimizer, _kernels, cpu
+from optim.cpu import _batch
+from optim.bench._roofline import Plan
 
 LEVELS = cpu.available_isas()
 BLOCK = _kernels.THREAD_PIECE_MIN  # a tensor of >= 2 * BLOCK elements is split

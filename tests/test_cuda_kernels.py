@@ -36,9 +36,10 @@ import cuda_harness as ch
 import fake_cupy as fc
 import reference
 from test_cpu import needs_mprotect, run_unreadable
-from optim import _device, _kernels
+from optim import _kernels
+from optim.cuda import _tables as _device
 from optim import _kernels_cuda as kc
-from optim.backends import cupy as cupy_backend
+from optim.cuda import cupy as cupy_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = Path(_kernels.__file__).resolve().parent  # the installed optim/ (it ships .pxd)
@@ -87,7 +88,7 @@ def test_every_variant_has_a_kernel():
 
 
 def coef_fields() -> set:
-    text = (PACKAGE / "_loops.pxd").read_text()
+    text = (PACKAGE / "cpu" / "_loops.pxd").read_text()
     struct = re.search(r"cdef struct Coefs:(.*?)\n\n", text, re.S).group(1)
     return set(re.findall(r"^\s+(?:double|bint)\s+(\w+)", struct, re.M))
 
@@ -136,8 +137,8 @@ def test_formula_snippets_have_one_source():
 
 def test_import_does_not_need_cupy():
     code = ("import sys; sys.modules['cupy'] = None\n"
-            "import optim, optim.backends.cupy, optim._kernels_cuda as kc, numpy\n"
-            "b = optim.backends.cupy.CupyBackend()\n"
+            "import optim, optim.cuda.cupy, optim._kernels_cuda as kc, numpy\n"
+            "b = optim.cuda.cupy.CupyBackend()\n"
             "assert not b.is_array(numpy.zeros(3))\n"
             "src = kc.cuda_source('float32')\n"
             "try:\n    b.function('float32', 'optim_adam')\nexcept ImportError as e:\n"

@@ -1,14 +1,15 @@
 """The constants the Cython kernels, the Python code and the generated CUDA source share
 (non-finite modes, outcomes, statuses, the bits of what a step_many call asks), and the
-step_many engine's segmentation (optim/backends/cupy_many.py), without a device."""
+step_many engine's segmentation (optim/cuda/engine.py), without a device."""
 import re
 
 import numpy
 import pytest
 
-from optim import _device, _kernels
+from optim import _kernels
+from optim.cuda import _tables as _device
 from optim import _kernels_cuda as kc
-from optim.backends import cupy_many
+from optim.cuda import engine as cupy_many
 
 
 def hyper(kind="adam", **values):

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 import optim
 import optim.distributed as dist_opt
-from optim import _flat
+from optim.distributed import _flat
 
 torch = pytest.importorskip("torch")  # the thinc-optim[distributed] extra; CI installs it
 

@@ -20,7 +20,8 @@ import pytest
 import cuda_harness as ch
 import fake_cupy as fc
 import optim
-from optim import _cuda_workspace, _kernels
+from optim import _kernels
+from optim.cuda import workspace as _cuda_workspace
 from optim import backends
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bin"))

@@ -23,7 +23,7 @@ import pytest
 import fake_cupy as fc
 import optim
 from optim import _kernels_cuda as kc
-from optim.backends import cupy as cupy_backend
+from optim.cuda import cupy as cupy_backend
 from optim import backends
 
 NORM, NORM_MANY = "optim_clip_norm", "optim_clip_norm_many"
@@ -480,8 +480,8 @@ def test_deepcopy_of_a_device_optimizer(device):
 
 
 def test_device_host_loops():
-    """optim._device: the per-tensor checks of step_many's hot path."""
-    from optim import _device
+    """optim.cuda._tables: the per-tensor checks of step_many's hot path."""
+    from optim.cuda import _tables as _device
 
     a = fc.to_fake_device(numpy.ones((2, 3), numpy.float32))
     b = fc.to_fake_device(numpy.ones(4, numpy.float64))

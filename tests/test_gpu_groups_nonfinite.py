@@ -23,7 +23,7 @@ import fake_cupy as fc
 import optim
 from optim import _kernels
 from optim import _kernels_cuda as kc
-from optim.backends import device as device_updates
+from optim.cuda import updates as device_updates
 
 NORM_MANY = "optim_clip_norm_many"
 DTYPES = [numpy.float32, numpy.float64]

@@ -1,6 +1,6 @@
-"""Drift alarm for optim/spacy_loop.py, the mirror of spaCy's training loop (issue 28).
+"""Drift alarm for optim/training/loop.py, the mirror of spaCy's training loop (issue 28).
 
-`optim.spacy_loop` copies spaCy 3.8's `train`, `train_while_improving` and
+`optim.training.loop` copies spaCy 3.8's `train`, `train_while_improving` and
 `create_train_batches` line for line, with optim's steps marked `# optim:`. A copy does not
 follow spaCy by itself: these tests pin the SHA-256 of the installed spaCy's source of
 each function copied and fail, naming the function and saying what to re-check, when
@@ -21,9 +21,9 @@ pytest.importorskip("spacy")  # the only reason to skip
 
 from spacy.training import loop as spacy_loop  # noqa: E402
 
-from optim import spacy_loop as mirror  # noqa: E402
+from optim.training import loop as mirror  # noqa: E402
 
-CHECKED_VERSION = "3.8.18"  # the spaCy whose functions optim/spacy_loop.py copies
+CHECKED_VERSION = "3.8.18"  # the spaCy whose functions optim/training/loop.py copies
 PINNED = {  # sha256 of inspect.getsource(spacy.training.loop.<name>) in CHECKED_VERSION
     "train": "b45deacc105a4868ce20df934c60b91503af20dfebd5f2cb5a148049209de367",
     "train_while_improving":
@@ -44,10 +44,10 @@ def test_the_spacy_function_mirrored_is_the_one_checked(name):
     now = _digest(getattr(spacy_loop, name))
     assert now == PINNED[name], (
         f"spaCy {spacy.__version__} changed spacy.training.loop.{name} (sha256 {now}; "
-        f"optim/spacy_loop.py's {name} was checked against spaCy {CHECKED_VERSION}'s, "
-        f"sha256 {PINNED[name]}). optim.spacy_loop.{name} is a line-for-line copy of it "
+        f"optim/training/loop.py's {name} was checked against spaCy {CHECKED_VERSION}'s, "
+        f"sha256 {PINNED[name]}). optim.training.loop.{name} is a line-for-line copy of it "
         "with optim's steps marked '# optim:': re-check it against the new one. "
-        "`python -m optim.spacy_loop` prints a unified diff of each mirrored function "
+        "`python -m optim.training.loop` prints a unified diff of each mirrored function "
         "against the installed spaCy's: each difference not marked as optim's is a change "
         f"of spaCy's since {CHECKED_VERSION} to bring over (or to judge harmless). Then run "
         "tests/test_spacy_resume.py (its byte-for-byte comparisons with `python -m spacy "
@@ -64,7 +64,7 @@ def test_the_mirror_copies_the_pinned_functions_in_spacys_order():
     assert order(spacy_loop) == list(mirror.MIRRORED)
     assert order(mirror) == list(mirror.MIRRORED)
     for name in mirror.MIRRORED:  # defined here, not imported from spaCy
-        assert getattr(mirror, name).__module__ == "optim.spacy_loop", name
+        assert getattr(mirror, name).__module__ == "optim.training.loop", name
 
 
 @pytest.mark.parametrize("name", list(PINNED))
@@ -83,7 +83,7 @@ def test_the_mirror_takes_every_argument_spacys_function_takes(name):
 def test_every_difference_from_spacy_is_marked_as_optims():
     diff = mirror.diff_against_spacy()
     files = re.findall(r"^\+\+\+ (\S+)$", diff, flags=re.M)
-    assert files == [f"optim.spacy_loop.{name}" for name in mirror.MIRRORED]
+    assert files == [f"optim.training.loop.{name}" for name in mirror.MIRRORED]
     hunks = re.split(r"^@@ .*@@$", diff, flags=re.M)[1:]
     assert hunks
     for hunk in hunks:
@@ -100,7 +100,7 @@ def test_every_difference_from_spacy_is_marked_as_optims():
 
 
 def test_python_m_optim_spacy_loop_prints_the_diff():
-    proc = subprocess.run([sys.executable, "-m", "optim.spacy_loop"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "optim.training.loop"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == mirror.diff_against_spacy()

@@ -1,4 +1,4 @@
-"""step_many's kept batch (optim._batch.Batch): a call with the same keys as the last
+"""step_many's kept batch (optim.cpu._batch.Batch): a call with the same keys as the last
 one reruns that call's task table and gathered state arrays, checking only the arrays.
 
 Every test drives two optimizers with the same inputs: `many` through step_many, `single`

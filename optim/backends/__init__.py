@@ -25,7 +25,7 @@ class Owner(NamedTuple):
 
 
 class Backend(Protocol):
-    """A device backend (`optim.backends.cupy.CupyBackend` is the one there is)."""
+    """A device backend (`optim.cuda.cupy.CupyBackend` is the one there is)."""
 
     name: str
 
@@ -77,7 +77,7 @@ def get_gpu_backend() -> Any:
     """The backend `Optimizer.to_gpu()` moves state to (CuPy unless replaced)."""
     global _gpu_backend
     if _gpu_backend is None:
-        from .cupy import CupyBackend
+        from ..cuda.cupy import CupyBackend
 
         _gpu_backend = CupyBackend()
     return _gpu_backend

@@ -4,7 +4,7 @@ For every configuration (optimizer, dtype, number of parameters, layout) the ben
 
 * ``optim``: our update, ``opt(key, w, g)`` on one tensor, or
   ``opt.step_many(keys, ws, gs)`` on many small tensors;
-* the *roofline*: :class:`optim._roofline.Plan` run on arrays of the same number, sizes
+* the *roofline*: :class:`optim.bench._roofline.Plan` run on arrays of the same number, sizes
   and dtype as the update reads and writes (the same bytes, with trivial arithmetic). It is
   the limit for this machine, and ``ratio = roofline / time`` (1.0 = at the speed of memory);
   on the GPU (``--device gpu``) it is ONE kernel launch moving the same bytes over all the

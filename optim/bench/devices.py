@@ -30,7 +30,7 @@ class Device:
         return arr
 
     def roofline(self, tensors: List[List[Any]], read_index: Optional[int]) -> Callable:
-        from .._roofline import Plan
+        from ._roofline import Plan
 
         plan = Plan(tensors, read_index=read_index)
 

@@ -20,7 +20,7 @@ def notes(cfg: Config) -> List[str]:
         "gradient anyway; arithmetic on zeros costs the same on CPU, and the moments "
         "stay exactly 0, so no denormals). Thinc and NumPy skip the clip multiply when "
         "the norm is below grad_clip, which zero gradients always are.",
-        (("roofline: optim._roofline on arrays of the same number, sizes and dtype as the "
+        (("roofline: optim.bench._roofline on arrays of the same number, sizes and dtype as the "
           "update (same bytes, read and written once; + one read of g when clipping), "
           "built for the SIMD level optim runs and split over threads as optim splits an "
           f"update; on {cfg.threads} thread(s); ratio = roofline / time (1.0 = at the speed "

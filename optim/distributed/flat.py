@@ -3,7 +3,7 @@
 A `Layout` lays one dtype's tensors end to end, grouped by the rank that owns them (each
 rank's tensors form one contiguous region). Collectives run over buckets: ranges of at
 most `bucket_elems` elements of that concatenation, copied into a reusable buffer by
-`optim._flat` (C loops; a NumPy/CuPy fallback for device arrays).
+`optim.distributed._flat` (C loops; a NumPy/CuPy fallback for device arrays).
 """
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -52,7 +52,7 @@ def chunks(lo: int, hi: int, size: int) -> List[Tuple[int, int]]:
 def copy_in(arrays: List[Any], layout: Layout, lo: int, hi: int, buf: Any) -> None:
     """buf[:hi - lo] = concatenation(arrays)[lo:hi]."""
     if layout.xp is numpy:
-        from .. import _flat
+        from . import _flat
 
         _flat.copy_in(arrays, layout.starts, lo, hi, buf)
         return
@@ -64,7 +64,7 @@ def copy_out(arrays: List[Any], layout: Layout, lo: int, hi: int, buf: Any,
              divisor: int = 1) -> None:
     """concatenation(arrays)[lo:hi] = buf[:hi - lo] / divisor, in the arrays' dtype."""
     if layout.xp is numpy:
-        from .. import _flat
+        from . import _flat
 
         _flat.copy_out(arrays, layout.starts, lo, hi, buf, divisor)
         return
@@ -79,7 +79,7 @@ def copy_out(arrays: List[Any], layout: Layout, lo: int, hi: int, buf: Any,
 
 def fill_zero(arrays: List[Any], layout: Layout, lo: int, hi: int) -> None:
     if layout.xp is numpy:
-        from .. import _flat
+        from . import _flat
 
         _flat.fill_zero(arrays, layout.starts, lo, hi, layout.dtype)
         return

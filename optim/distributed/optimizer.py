@@ -23,7 +23,7 @@ import srsly
 from .. import optimizer as _optimizer
 from .. import serialize
 from ..backends import NUMPY, backend_for
-from ..hyperparams import any_empty, is_empty, shape_error
+from ..settings.defaults import any_empty, is_empty, shape_error
 from ..optimizer import Optimizer
 from . import flat
 from .group import Group, DistributedError, from_process_group, join

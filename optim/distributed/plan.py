@@ -82,7 +82,7 @@ class StepPlan:
         if keys != self.keys:
             return False
         if not self.layouts or self.layouts[0].xp is numpy:
-            from .. import _flat
+            from . import _flat
 
             return _flat.check_pairs(weights, gradients, self.shapes, self.typenums) < 0
         if not len(weights) == len(gradients) == len(keys):

@@ -16,10 +16,10 @@ skipped calls, which the optimizer takes off its counts and reports.
 from collections import deque
 from typing import Any, Dict, List, Optional, Tuple
 
-from .. import _device
+from . import _tables
 from .._kernels import NONFINITE_APPLY, NONFINITE_SKIP
 from .._kernels_cuda import GO as _GO, INF as _INF, NAN as _NAN
-from ..hyperparams import KeyT
+from ..settings.defaults import KeyT
 
 MAX_WINDOW = 8  # a skip-mode key's rows per call; a longer window waits (the one sync)
 
@@ -76,7 +76,7 @@ class DeviceUpdates:
         self.backend = backend
         self.owner = owner
         self.states = owner.states
-        self.plans: Dict[KeyT, Any] = {}   # key -> prepared launch (optim.backends.cupy.Plan)
+        self.plans: Dict[KeyT, Any] = {}   # key -> prepared launch (optim.cuda.cupy.Plan)
         self.tables: Dict[Any, Any] = {}   # step_many's device tables per segment set
         self.tracks: Dict[KeyT, Track] = {}  # skip mode: key -> what the host knows
 
@@ -182,16 +182,16 @@ class DeviceUpdates:
         if set(map(type, weights)) != array_type or set(map(type, gradients)) != array_type:
             return None
         hypers = list(map(self.owner.hyper_for, keys))
-        modes = _device.plan_modes(plans, hypers)
+        modes = _tables.plan_modes(plans, hypers)
         if modes < 0:
             return None  # a key's settings changed its kind or froze it: plan again
         expected = plans[0].backend.expected(self.tables, plans)
         states = self.states
         averages = states.averages if states.averages is not None else {}
-        if not (_device.same_state(states.mom1, keys, expected.m)
-                and _device.same_state(states.mom2, keys, expected.v)
-                and _device.same_state(averages, keys, expected.avg)
-                and _device.same_state(states.lookahead, keys, expected.slow)):
+        if not (_tables.same_state(states.mom1, keys, expected.m)
+                and _tables.same_state(states.mom2, keys, expected.v)
+                and _tables.same_state(averages, keys, expected.avg)
+                and _tables.same_state(states.lookahead, keys, expected.slow)):
             return None  # a state array was replaced: plan again
         nr_update = states.nr_update
         if modes == 0 and not self.tracks:  # apply mode, nobody frozen: the counts known

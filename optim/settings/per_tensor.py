@@ -12,12 +12,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy
 
-from . import _kernels
-from ._kernels import NONFINITE_RAISE, OUTCOME_NAN  # Hyper.nonfinite's values, outcomes
+from .. import _kernels
+from .._kernels import NONFINITE_RAISE, OUTCOME_NAN  # Hyper.nonfinite's values, outcomes
 from .groups import Group, GroupsT, build_groups, check_matches, group_for, key_path
-from .hyperparams import KeyT
+from .defaults import KeyT
 from .naming import param_paths
-from .scheduled import ScheduledHyperparameters
+from .hyperparameters import ScheduledHyperparameters
 
 
 _LIVE: "weakref.WeakSet[PerTensorSettings]" = weakref.WeakSet()  # (optim.bind.v1)

@@ -14,7 +14,7 @@ from cpython.object cimport PyObject
 from optim._kernels cimport (
     NONFINITE_APPLY, NONFINITE_RAISE, NONFINITE_SKIP, Hyper, check_call, make_coefs, syncs,
 )
-from optim._loops cimport Coefs
+from optim.cpu._loops cimport Coefs
 
 from optim._kernels import KIND_NAMES
 

@@ -11,9 +11,9 @@ import itertools
 import numbers
 from typing import Any, Dict, Iterable, Optional, Tuple
 
-from . import _kernels
-from .hyperparams import HYPERPARAMETERS, KeyT, check_flag, check_value
-from .schedules import (Schedule, depends_on_key, is_step_schedule, read_step_schedule,
+from .. import _kernels
+from .defaults import HYPERPARAMETERS, KeyT, check_flag, check_value
+from ..schedules import (Schedule, depends_on_key, is_step_schedule, read_step_schedule,
                         sequence)
 
 

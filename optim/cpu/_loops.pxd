@@ -7,7 +7,7 @@ from libc.stdint cimport uint32_t, uint64_t
 
 cdef extern from *:
     """
-    #define OPTIM_LOOPS_CAPSULE "optim._loops.Loops"
+    #define OPTIM_LOOPS_CAPSULE "optim.cpu._loops.Loops"
     """
     const char* OPTIM_LOOPS_CAPSULE
 
@@ -44,7 +44,7 @@ cdef struct Coefs:
 # NORM_CHUNK) of the clip norm, terms g + l2*w, or g alone (w not read) when w is NULL.
 # all_finite_*: whether every such term of n elements is finite (the non-finite check
 # without clipping: one read, in the arrays' own width).
-# roofline_*: optim._roofline's memory-traffic loops.
+# roofline_*: optim.bench._roofline's memory-traffic loops.
 cdef struct Loops:
     const char* isa
     void (*update_f32)(Kind kind, float* w, float* g, float* m, float* v, float* avg,

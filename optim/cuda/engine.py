@@ -5,7 +5,7 @@ name; each segment is one update launch per kernel (one, but for a skip-mode win
 whose counts run different kernels), plus one clip norm launch when a tensor of it
 clips or checks its gradient. A segment's tensor and chunk tables live in device memory
 (`DeviceTables`), cached by the caller and rebuilt only when an address, a size, the
-plans or the stream change; its coefficient rows (`_device.device_coef_table`: one per
+plans or the stream change; its coefficient rows (`_tables.device_coef_table`: one per
 tensor, with its own Hyper, then the window rows of skip-mode tensors) are uploaded at
 every call. In skip mode a tensor's rows cover the counts its key may be at, and the
 device picks the one its count says. Every array is checked against its key's plan
@@ -17,8 +17,8 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 import numpy
 
-from .. import _device
-from .._cuda_workspace import next_epoch
+from . import _tables
+from .workspace import next_epoch
 from .._kernels import NONFINITE_RAISE, OUTCOME_INF, OUTCOME_NAN
 from .._kernels_cuda import (BLOCK, CHECK_APPLY, GO, NAN, ROW, SLOT, TENSOR_FIELDS,
                              code_kernel, norm_grid)
@@ -31,12 +31,12 @@ _DEVICE_TO_HOST = 2  # cudaMemcpyDeviceToHost
 _CHECK, _GRAD_CLIP = SLOT["check"], SLOT["grad_clip"]
 _KERNEL, _STATUS = SLOT["kernel"], SLOT["status"]
 _PICK, _EXTRA, _WINDOW, _COUNTER = SLOT["pick"], SLOT["extra"], SLOT["window"], SLOT["counter"]
-_FROZEN = _device.DEVICE_FROZEN
+_FROZEN = _tables.DEVICE_FROZEN
 _CHECK_RAISE = float(NONFINITE_RAISE)  # a row's check slot in raise mode
 # rows asking for these run in segments of their own (a frozen tensor joins one)
-_SPLITS = _device.HAS_FROZEN | _device.HAS_MIXED_KERNELS
+_SPLITS = _tables.HAS_FROZEN | _tables.HAS_MIXED_KERNELS
 # rows asking for these need the clip norm launch
-_NORMS = _device.HAS_SKIP | _device.HAS_RAISE | _device.HAS_CLIP
+_NORMS = _tables.HAS_SKIP | _tables.HAS_RAISE | _tables.HAS_CLIP
 
 
 class DeviceTables:
@@ -97,7 +97,7 @@ class Rows(NamedTuple):
     skip-mode tensors (counts + 1, + 2, ...)."""
 
     table: numpy.ndarray
-    mask: int                     # what the rows ask: _device.HAS_* bits
+    mask: int                     # what the rows ask: _tables.HAS_* bits
     first_extra: Dict[int, int]   # tensor -> its first window row (windows of > 1 row)
     counted: bool                 # a tensor has a window: its count is on the device
 
@@ -166,7 +166,7 @@ def launch_many(backend: Any, tables: Dict[Any, Any], hypers: Any, keys: List[An
     # everything is checked before anything is launched
     launches = [_checked(segment, keys, plans, w_ptrs, g_ptrs, rows, windows)
                 for segment in segments(rows, want.names, windows)]
-    refusing = bool(rows.mask & _device.HAS_RAISE)
+    refusing = bool(rows.mask & _tables.HAS_RAISE)
     staged = []
     for launch, slot in zip(launches, _slots(launches)):
         ready = _stage(backend, tables, slot, launch, stream)
@@ -206,7 +206,7 @@ def coefficient_rows(hypers: Any, keys: List[Any], counts: List[int], lr_scale: 
                 row_counts += [counts[i] + j for j in range(1, win[1])]
     table = numpy.empty((len(row_keys), ROW), dtype=numpy.float64)
     variants = numpy.empty(len(row_keys), dtype=numpy.uint8)
-    mask = _device.device_coef_table(row_hypers, row_keys, row_counts, lr_scale, table,
+    mask = _tables.device_coef_table(row_hypers, row_keys, row_counts, lr_scale, table,
                                       variants)
     counted = False
     if windows is not None:
@@ -258,8 +258,8 @@ def _addresses(backend: Any, want: Expected, keys: List[Any], plans: List[Any],
                ) -> Tuple[List[int], List[int]]:
     """The weights' and gradients' addresses, once each array fits its key's plan (else
     the error of the first misfit, from `backend.check`)."""
-    w_ptrs = _device.array_pointers(weights, want.dtypes, want.shapes, device)
-    g_ptrs = _device.array_pointers(gradients, want.dtypes, want.shapes, device)
+    w_ptrs = _tables.array_pointers(weights, want.dtypes, want.shapes, device)
+    g_ptrs = _tables.array_pointers(gradients, want.dtypes, want.shapes, device)
     if w_ptrs is None or g_ptrs is None or want.device != device:
         for plan, key, w, g in zip(plans, keys, weights, gradients):
             backend.check(plan, key, w, g, device)  # raises the error of the first misfit

@@ -17,8 +17,8 @@ import atexit
 import sys
 from typing import IO, Any, Callable, Dict, List, Optional
 
-from .per_tensor import live_optimizers
-from .spacy_loop import skipped_row_line, warn_first_skip
+from ..settings.per_tensor import live_optimizers
+from .loop import skipped_row_line, warn_first_skip
 
 CallbackT = Callable[[Any, Dict[str, Any]], Any]
 

@@ -2,10 +2,10 @@
 
 `CupyBackend` compiles the generated sources into a `cupy.RawModule` per dtype and
 device, prepares a `Plan` per key (its state arrays, geometry, kernels and scratch
-memory, `optim._cuda_workspace`) and launches one tensor's update without reading
+memory, `optim.cuda.workspace`) and launches one tensor's update without reading
 anything back. `launch_many` (a whole `step_many` call: segments of tensors, their
 tables in device memory, each tensor with its own coefficient row and status) is
-`optim.backends.cupy_many`'s. `check_device_pair` validates a pair of device arrays
+`optim.cuda.engine`'s. `check_device_pair` validates a pair of device arrays
 before anything is touched. CuPy is imported when a kernel is first needed; the tests
 pass a CPU emulation of it.
 """
@@ -14,14 +14,14 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy
 
-from .. import _device
-from .._cuda_workspace import Workspace, next_epoch, refuse_capture
+from . import _tables
+from .workspace import Workspace, next_epoch, refuse_capture
 from .._kernels_cuda import (BLOCK, CUPY_HINT, ENTRY_POINTS, KERNELS, NVRTC_OPTIONS, n_chunks,
                              code_kernel, cuda_source, norm_grid, update_grid,
                              variant_kernels)
-from ..hyperparams import shape_error
-from . import cupy_many
-from .cupy_many import missing_state
+from ..settings.defaults import shape_error
+from . import engine
+from .engine import missing_state
 
 # ---------------------------------------------------------------- CuPy
 
@@ -44,7 +44,7 @@ class Plan:
     """One key's launch, prepared once: its state arrays (checked by identity at every
     call), dtype, size, geometry, device, the update kind and averages it was prepared
     for, the 4 kernels (loaded on that device) with their state arguments, and the key's
-    own scratch memory (`_cuda_workspace.Workspace`). A frozen key's plan holds whatever
+    own scratch memory (`workspace.Workspace`). A frozen key's plan holds whatever
     state the key has, uses none, and has no kernels nor scratch memory.
 
     `counter`: the key's update count on the device (skip mode; made at its first
@@ -189,7 +189,7 @@ class CupyBackend:
         plan.n = int(weights.size)
         plan.m, plan.v, plan.avg, plan.slow = mom1, mom2, average, slow
         plan.device = device
-        plan.kind, plan.kind_code = kind, _device.DEVICE_KINDS.index(kind)
+        plan.kind, plan.kind_code = kind, _tables.DEVICE_KINDS.index(kind)
         plan.averages, plan.frozen = bool(averages), bool(frozen)
         plan.counter, plan.solo = None, {}
         plan.n_chunks = n_chunks(plan.n)
@@ -235,7 +235,7 @@ class CupyBackend:
         Validates the arrays against the plan first; reads nothing back."""
         device = self.cupy.cuda.runtime.getDevice()
         self.check(plan, key, weights, gradient, device)
-        coefs = _device.device_coefs(hyper, t, lr_scale, key)
+        coefs = _tables.device_coefs(hyper, t, lr_scale, key)
         bits = coefs[0]
         state_args = plan.state_args[bits]
         if state_args is None:
@@ -255,9 +255,9 @@ class CupyBackend:
 
     # ------------------------------------------------------------ many tensors
 
-    # step_many: optim.backends.cupy_many (its tables are cached in the caller's dict)
-    launch_many = cupy_many.launch_many
-    expected = staticmethod(cupy_many.expected)
+    # step_many: optim.cuda.engine (its tables are cached in the caller's dict)
+    launch_many = engine.launch_many
+    expected = staticmethod(engine.expected)
 
 
 _BLOCK = (BLOCK,)

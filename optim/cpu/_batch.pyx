@@ -14,7 +14,7 @@ from optim._kernels cimport (
     NONFINITE_APPLY, NONFINITE_RAISE, OUTCOME_UPDATED, Hyper, Task, fill_task, make_coefs, n_threads,
     run_tasks,
 )
-from optim._loops cimport KIND_SGD, Kind
+from optim.cpu._loops cimport KIND_SGD, Kind
 
 cimport numpy as cnp
 
@@ -237,7 +237,7 @@ cdef class Batch:
                         return 0
                     j += 1
                 continue
-            for i in range(self.n):  # each key's array, as _device.same_state does
+            for i in range(self.n):  # each key's array, as _tables.same_state does
                 value = PyDict_GetItem(store, <object>PyList_GET_ITEM(keys, i))
                 expected = PyTuple_GET_ITEM(self.state, N_STATE * i + k)
                 if value != (NULL if expected == <PyObject*>None else expected):

@@ -4,7 +4,7 @@ against 3.8.18), with checkpoints at step boundaries and an exact resume.
 `train`, `train_while_improving` and `create_train_batches` are copies of spaCy's
 functions of the same names, in spaCy's order, with spaCy's text line for line; what
 optim adds is a marked step (a line or block commented `# optim:`) that calls a small
-named helper of `optim.spacy_loop_extras`, plus extra arguments: `train`'s checkpoint
+named helper of `optim.training.extras`, plus extra arguments: `train`'s checkpoint
 and resume settings, `train_while_improving`'s `extras` (a `LoopExtras`) and
 `create_train_batches`'s `epoch_states`. `train_while_improving` is a generator yielding
 spaCy's `(batch, info, is_best_checkpoint)`; `train` is the thin consumer that saves and
@@ -15,12 +15,12 @@ imported. So an uninterrupted run gives spaCy's numbers bit for bit
 
 To compare with the installed spaCy, function by function:
 
-    python -m optim.spacy_loop    # a unified diff of each function in MIRRORED
+    python -m optim.training.loop    # a unified diff of each function in MIRRORED
 
 tests/test_spacy_loop_mirror.py pins the SHA-256 of spaCy's source of each of them: when
 spaCy changes one, it fails and names the function to re-check here.
 
-What optim adds (optim.spacy_loop_extras): checkpoints of everything that decides the
+What optim adds (optim.training.extras): checkpoints of everything that decides the
 rest of the run (weights, optimizer, counters, scores, losses, every rank's generators,
 the data order); a resume that rebuilds the pipeline, loads the state and replays the
 data stream of the steps already taken; atomic `model-last`/`model-best`; the optim
@@ -59,9 +59,9 @@ from spacy.util import registry, resolve_dot_names
 from thinc.api import Optimizer, constant, fix_random_seed, set_gpu_allocator
 from wasabi import Printer
 
-from .checkpoint import python_random_state, set_python_random_state
-from .per_tensor import NonFiniteError
-from .spacy_loop_extras import (  # noqa: F401 (public here: optim.spacy_bind, spacy_train)
+from ..checkpoint import python_random_state, set_python_random_state
+from ..settings.per_tensor import NonFiniteError
+from .extras import (  # noqa: F401 (public here: optim.training.bind, spacy_train)
     STATE_FORMAT,
     Diverged,
     GroupsError,
@@ -415,7 +415,7 @@ def diff_against_spacy() -> str:
         theirs = inspect.getsource(getattr(loop, name)).splitlines(keepends=True)
         ours = inspect.getsource(globals()[name]).splitlines(keepends=True)
         out += difflib.unified_diff(theirs, ours, f"spacy.training.loop.{name}",
-                                    f"optim.spacy_loop.{name}")
+                                    f"optim.training.loop.{name}")
     return "".join(out)
 
 

@@ -8,7 +8,7 @@ process may use, at most 8. Results are bitwise the same at every level and thre
 import os
 from typing import Any, Dict, Tuple
 
-from . import _kernels
+from .. import _kernels
 
 ISA_ENV = "OPTIM_ISA"
 THREADS_ENV = "OPTIM_NUM_THREADS"

@@ -1,4 +1,4 @@
-"""What optim adds to spaCy's training loop (`optim.spacy_loop`, spaCy 3.8's own functions):
+"""What optim adds to spaCy's training loop (`optim.training.loop`, spaCy 3.8's own functions):
 each piece is called at a step marked `# optim:` there.
 
 * `LoopExtras.start`: the optimizer bound to the pipeline (`bind_optimizer`), so
@@ -17,7 +17,7 @@ each piece is called at a step marked `# optim:` there.
   back what a kill between two renames left).
 * With `nonfinite = "skip"`, one warning line at the first skipped update (naming its
   parameter) and, after each evaluation row, the number of updates skipped since the
-  previous row (`warn_first_skip`, `skipped_row_line`: `optim.spacy_bind` says the same
+  previous row (`warn_first_skip`, `skipped_row_line`: `optim.training.bind` says the same
   under plain `spacy train`); a `NonFiniteError` ends the run as `Diverged`.
 * Ranks of a torchrun group agree on a stop (`any_rank`) and gather sharded averages
   only at a step boundary (`LoopExtras.averages_at_hand`).
@@ -30,7 +30,7 @@ from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple
 import srsly
 from spacy.training.loop import DIR_MODEL_BEST, DIR_MODEL_LAST
 
-from .checkpoint import (
+from ..checkpoint import (
     FORMAT_VERSION,
     load_optimizer_state,
     named_optimizer_state,

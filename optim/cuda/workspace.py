@@ -21,7 +21,7 @@ by a device or a stream:
   no extra device operation, one more kernel argument.
 
 The non-finite skip's verdict (a status) lives in the step_many coefficient row beside
-the clip factor (`_device.DEVICE_SLOTS`), written by the norm kernel's last warp with
+the clip factor (`_tables.DEVICE_SLOTS`), written by the norm kernel's last warp with
 the clip factor; a per-call update that checks its gradient (skip or raise mode) runs
 step_many's kernels on a one-tensor table its plan keeps, so the per-call scratch here
 is apply mode's only. A skip-mode key's update count on the device is its plan's

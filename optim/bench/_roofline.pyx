@@ -27,10 +27,10 @@ from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 
-from optim._loops cimport (
+from optim.cpu._loops cimport (
     MAX_PIECES, MAX_THREADS, OPTIM_LOOPS_CAPSULE, Loops, deal, piece_start, pieces_for,
 )
-from optim._pool cimport optim_parallel
+from optim.cpu._pool cimport optim_parallel
 
 from optim import _kernels
 

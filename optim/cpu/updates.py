@@ -2,8 +2,9 @@
 object owns the CPU fast paths and their cache (the last `step_many`'s `Batch`)."""
 from typing import Any, Dict, List, Optional, Tuple
 
-from .. import _batch, _kernels
-from ..hyperparams import KeyT
+from . import _batch
+from .. import _kernels
+from ..settings.defaults import KeyT
 
 
 class CpuUpdates(_kernels.KnownKeys):

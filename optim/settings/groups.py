@@ -11,8 +11,8 @@ import fnmatch
 import numbers
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .hyperparams import HYPERPARAMETERS, KeyT
-from .scheduled import ScheduledHyperparameters
+from .defaults import HYPERPARAMETERS, KeyT
+from .hyperparameters import ScheduledHyperparameters
 
 GroupsT = Any  # a list of dicts, or a config's {name: table} (ordered as written)
 OPTIONS = ("match", "learn_rate_scale", "frozen", "name")

@@ -8,7 +8,7 @@ from cpython.pycapsule cimport PyCapsule_New
 from libc.math cimport sqrt, sqrtf
 from libc.stdint cimport uint32_t, uint64_t
 
-from optim._loops cimport (
+from optim.cpu._loops cimport (
     KIND_ADAM, KIND_SGD, NORM_LANES, OPTIM_LOOPS_CAPSULE, Coefs, Coupled, GradientOnly, Kind,
     Loops, lane_tree, norm_term, real_t, term,
 )

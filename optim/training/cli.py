@@ -15,6 +15,6 @@ from spacy.cli import app
              help="spaCy's training loop with checkpoints and an exact resume "
                   "(python -m optim.spacy_train; --help for its options).")
 def optim_train(ctx: typer.Context) -> None:
-    from .spacy_train import main
+    from .train import main
 
     raise SystemExit(main(list(ctx.args)))
