@@ -19,6 +19,7 @@ Python's site-packages and adds mock and pytest-timeout; the Thinc 9.1 one insta
 thinc==9.1.1). Results: --out/summary.json, and per run a JSON-lines file and a log.
 """
 import argparse
+import configparser
 import json
 import os
 import re
@@ -44,6 +45,7 @@ THINC_RULE = re.compile(r"finish_update|\b(Adam|SGD|RAdam|Optimizer)\b|optimizer
 IMPORT_LINE = "from thinc.api import Optimizer, registry\n"
 BAD = ("failed", "error", "hang", "crashed")
 PURE_DEPS = ["numpy", "cymem", "catalogue", "srsly", "confection", "tqdm"]
+WATCHDOG_GRACE = 60  # seconds past --timeout before a test's pytest is killed
 
 
 def select(package: str, rule: Optional["re.Pattern[str]"]) -> List[str]:
@@ -81,6 +83,21 @@ def thinc_tests_of(python: Path) -> Path:
                                text=True).stdout.strip())
 
 
+def tree_metadata(dest: Path) -> Path:
+    """A dist-info with the tree's own entry points (setup.cfg), to come first on the path:
+    the venv's installed thinc-optim may be another checkout's, with other entry points."""
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    version = re.search(r'__version__ = "([^"]+)"', (REPO / "optim" / "about.py").read_text())
+    info = dest / f"thinc_optim-{version.group(1)}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: thinc-optim\n"
+                                   f"Version: {version.group(1)}\n")
+    (info / "entry_points.txt").write_text("".join(
+        f"[{group}]\n{lines.strip()}\n\n" for group, lines in cfg["options.entry_points"].items()))
+    return dest
+
+
 def read_records(path: Path) -> Tuple[Dict[str, dict], Optional[str], List[dict]]:
     """Per-test records, the test started but not finished (if any), and other lines."""
     records: Dict[str, dict] = {}
@@ -109,7 +126,8 @@ def run_pytest(python: Path, mode: str, root: Path, paths: List[str], run_dir: P
         stale.unlink(missing_ok=True)
     ini = run_dir / "pytest.ini"  # so no ini above `root` (e.g. /work/main/setup.cfg) is read
     ini.write_text("[pytest]\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "bin")]),
+    path = [str(REPO), str(REPO / "bin"), str(tree_metadata(args.out / "tree-metadata"))]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path),
                PEER_SWAP="optim" if mode == "optim" and args.swap else "thinc",
                PEER_OUT=str(out), PEER_SKIP=str(skip), PEER_START_METHOD=args.start_method)
     cmd = [str(python), "-m", "pytest", "-q", "-p", "peer_swap", "-p", "no:cacheprovider",
@@ -125,14 +143,15 @@ def run_pytest(python: Path, mode: str, root: Path, paths: List[str], run_dir: P
                                     stderr=subprocess.STDOUT, start_new_session=True)
             watched, since = None, time.perf_counter()
             while proc.poll() is None:
-                time.sleep(1)
+                time.sleep(0.25)
                 _, started, _ = read_records(out)
                 if started != watched:
                     watched, since = started, time.perf_counter()
-                elif started and time.perf_counter() - since > args.timeout + 60:
+                elif started and time.perf_counter() - since > args.timeout + WATCHDOG_GRACE:
                     os.killpg(proc.pid, signal.SIGKILL)  # pytest-timeout did not end it
                     proc.wait()
-                    killed[started] = f"killed by the watchdog after {args.timeout + 60} s"
+                    killed[started] = (f"killed by the watchdog after "
+                                       f"{args.timeout + WATCHDOG_GRACE} s")
             _, started, other = read_records(out)
             if started and started not in killed:
                 killed[started] = f"pytest died (exit status {proc.returncode}) in this test"
@@ -267,7 +286,10 @@ def main() -> int:
             files = select(name, None if args.all else rule)
             print(f"{name}: {len(files)} files\n  " + "\n  ".join(files))
         return 0
-    if not list((REPO / "optim").glob("_kernels*.so")) and not list((REPO / "optim").glob("_kernels*.pyd")):
+    unknown = set(suites) - {"spacy", "thinc", "thinc83", "thinc91"}
+    if unknown:
+        parser.error(f"unknown suites: {sorted(unknown)}")
+    if not [p for p in (REPO / "optim").glob("_kernels.*") if p.suffix in (".so", ".pyd")]:
         raise SystemExit("build optim in place first: python setup.py build_ext --inplace")
     envs = {}
     if {"spacy", "thinc", "thinc83"} & set(suites):

@@ -126,7 +126,7 @@ _reports: Dict[str, list] = {}
 
 
 def _write(record: Dict[str, Any]) -> None:
-    if _out is not None:
+    if _out is not None and not _out.closed:
         _out.write(json.dumps(record) + "\n")
         _out.flush()
 
@@ -135,7 +135,8 @@ def pytest_configure(config: Any) -> None:
     method = os.environ.get("PEER_START_METHOD")
     if method:
         multiprocessing.set_start_method(method, force=True)
-    _write({"mode": MODE, "swapped": SWAPPED, "pid": os.getpid()})
+    _write({"mode": MODE, "swapped": SWAPPED, "optim": optim.__file__,
+            "thinc": thinc.__version__ if hasattr(thinc, "__version__") else "?"})
 
 
 def pytest_collection_modifyitems(session: Any, config: Any, items: List[Any]) -> None:
@@ -195,7 +196,8 @@ def _outcome(reports: List[Any]) -> tuple:
             return ("failed" if report.when == "call" else "error"), lines
     for report in reports:
         if report.skipped:
-            return ("xfailed" if hasattr(report, "wasxfail") else "skipped"), []
+            reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else ""
+            return ("xfailed" if hasattr(report, "wasxfail") else "skipped"), [str(reason)]
     if any(hasattr(r, "wasxfail") for r in reports):
         return "xpassed", []
     return "passed", []
@@ -203,3 +205,5 @@ def _outcome(reports: List[Any]) -> tuple:
 
 def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
     _write({"totals": dict(COUNTS), "exitstatus": int(exitstatus)})
+    if _out is not None:
+        _out.close()
