@@ -4,7 +4,8 @@ Each suite runs twice on the same tests: "thinc" (Thinc's own optimizers, the ba
 and "optim" (swapped by the pytest plugin bin/peer_swap.py, which also counts optimizer
 constructions and updates per test). Outcomes are diffed per test id; a test that passes
 (or skips) with Thinc and fails, errors, hangs or crashes with optim is a regression, and
-the exit status is 1 iff there is one (or the swap is not proven). Suites:
+the exit status is 1 iff there is one, or a PROBLEM (a run that recorded no test, a swap
+not proven by the counts). Suites:
 
   spacy    spaCy 3.8's spacy/tests, the files the SPACY_RULE below selects (--all: all)
   thinc    Thinc 8.3's thinc/tests, the files THINC_RULE selects (--all: all)
@@ -238,7 +239,9 @@ def run_suite(name: str, args: argparse.Namespace, envs: Dict[str, Path]) -> Dic
     runs = {mode: run_pytest(python, mode, roots[mode], paths, run_dir, args)
             for mode in ("thinc", "optim")}
     problems = proof(runs["thinc"], "thinc") + proof(runs["optim"], "optim") if args.swap else []
-    return {"files": paths, "runs": runs, "swap_problems": problems,
+    problems += [f"the {mode} run recorded no test: see {run_dir / mode}.log"
+                 for mode, run in runs.items() if not run["records"]]
+    return {"files": paths, "runs": runs, "problems": problems,
             **compare(runs["thinc"], runs["optim"])}
 
 
@@ -256,8 +259,8 @@ def show(name: str, suite: Dict[str, Any], lines: int) -> None:
               f"{c.get('optim_step_many', 0)} ({c.get('optim_tensors', 0)} tensors); "
               f"{run['built_an_optimizer']} tests built one; {run['seconds']} s"
               + (f", {run['restarts']} restarts" if run["restarts"] else ""))
-    for problem in suite["swap_problems"]:
-        print(f"  SWAP NOT PROVEN: {problem}")
+    for problem in suite["problems"]:
+        print(f"  PROBLEM: {problem}")
     for title, rows in (("regressions", suite["regressions"]), ("fixed by optim", suite["fixed"])):
         print(f"  {title}: {len(rows)}")
         for row in rows:
@@ -303,10 +306,10 @@ def main() -> int:
         show(name, suite, args.error_lines)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     regressions = sum(len(s["regressions"]) for s in summary.values())
-    unproven = sum(len(s["swap_problems"]) for s in summary.values())
-    print(f"\n{regressions} regressions, {unproven} swap problems; details in "
+    problems = sum(len(s["problems"]) for s in summary.values())
+    print(f"\n{regressions} regressions, {problems} problems; details in "
           f"{args.out / 'summary.json'}")
-    return 1 if regressions or unproven else 0
+    return 1 if regressions or problems else 0
 
 
 if __name__ == "__main__":

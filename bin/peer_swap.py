@@ -28,6 +28,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 import optim
@@ -141,7 +142,7 @@ def pytest_configure(config: Any) -> None:
 
 def pytest_collection_modifyitems(session: Any, config: Any, items: List[Any]) -> None:
     skip_file = os.environ.get("PEER_SKIP")
-    skip = set(open(skip_file).read().split("\n")) if skip_file else set()
+    skip = set(Path(skip_file).read_text().split("\n")) if skip_file else set()
     if skip:
         kept = [item for item in items if item.nodeid not in skip]
         config.hook.pytest_deselected(items=[i for i in items if i.nodeid in skip])
