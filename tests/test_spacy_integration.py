@@ -320,9 +320,12 @@ def _blank_textcat():
     return nlp, examples
 
 
-def test_nlp_update_with_sgd():
+@pytest.mark.parametrize("make", [lambda: optim.SGD(learn_rate=1.0),
+                                  lambda: optim.Adam(learn_rate=0.01)], ids=["SGD", "Adam"])
+def test_nlp_update_with_sgd(make):
+    """spaCy's `sgd=` argument takes any optim optimizer: SGD and Adam train."""
     nlp, examples = _blank_textcat()
-    opt = optim.Adam(learn_rate=0.01)
+    opt = make()
     assert nlp.initialize(lambda: examples, sgd=opt) is opt
     first = last = None
     for epoch in range(4):
