@@ -80,7 +80,7 @@ def bench_pipeline(repeats, epochs):
             for label, extra in (("none", []), ("every 100", ["--checkpoint-every", "100"])):
                 out = Path(tmp) / f"out-{label.replace(' ', '')}-{i}"
                 command = [sys.executable, "-m", "optim.spacy_train", str(config), "--output",
-                           str(out), "--code", str(ROOT / "tests" / "spacy_resume_code.py"),
+                           str(out), "--code", str(ROOT / "tests" / "integration_spacy" / "spacy_resume_code.py"),
                            *extra]
                 start = time.perf_counter()
                 proc = subprocess.run(command, env=env, capture_output=True, text=True)

@@ -27,9 +27,9 @@ KEEP=0
 PYTHON=""
 STEPS=1200
 SPLIT=700
-TESTS="tests/test_reference.py tests/test_cpu.py tests/test_step_many_batch.py
-tests/test_state.py tests/test_nonfinite.py tests/test_schedules.py
-tests/test_optimizer_api.py tests/test_checkpoint.py tests/test_check_bits.py"
+TESTS="tests/kernels/test_reference.py tests/kernels/test_cpu.py tests/kernels/test_step_many_batch.py
+tests/optimizer/test_state.py tests/optimizer/test_nonfinite.py tests/optimizer/test_schedules.py
+tests/optimizer/test_optimizer_api.py tests/integration_thinc/test_checkpoint.py tests/kernels/test_check_bits.py"
 PIP_PACKAGES="numpy Cython cymem catalogue srsly confection tqdm pytest hypothesis setuptools wheel"
 
 usage() { sed -n '2,21s/^# \{0,1\}//p' "$0"; exit "${1:-2}"; }

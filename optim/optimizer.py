@@ -17,7 +17,6 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import numpy
 
-from . import _kernels
 from ._kernels import OUTCOME_INF, OUTCOME_NAN
 from .backends import NUMPY, Owner, backend_for, get_gpu_backend
 from .cpu.updates import CpuUpdates
@@ -92,15 +91,6 @@ def RAdam(learn_rate: FloatOrSeq = RADAM_DEFAULTS["learn_rate"], *, ops: Any = N
                      lookahead_k=lookahead_k, lookahead_alpha=lookahead_alpha,
                      schedules=schedules, groups=groups, nonfinite=nonfinite,
                      max_consecutive_skips=max_consecutive_skips)
-
-
-class Optimizer(PerTensorSettings):
-    """SGD, Adam or RAdam with Thinc's semantics; updates weights in place.
-
-    Call it as Thinc's `Model.finish_update` does: `optimizer(key, weights, gradient)`.
-    `groups` gives parameters other settings by path (`bind`); `nonfinite` says what an
-    update does with a gradient holding a NaN or an inf: "apply" (Thinc), "skip", "raise".
-    """
 
 
 class Optimizer(Saving, PerTensorSettings):

@@ -2,7 +2,7 @@
 `from_state`), the file format's message and bytes (optim/serialize.py), and files
 written atomically. A base class of the Optimizer; no arrays are touched here but to
 copy them to the host."""
-from typing import Any, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List
 
 import numpy
 import srsly
@@ -10,6 +10,9 @@ import srsly
 from . import serialize
 from .backends import backend_for
 from .settings.defaults import HYPERPARAMETERS
+
+if TYPE_CHECKING:
+    from .optimizer import Optimizer
 
 
 class Saving:

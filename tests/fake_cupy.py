@@ -7,7 +7,7 @@ and the harness as the GPU, so the optimizer's real GPU backend runs end to end 
 the CPU. It records every launch (kernel name and stream) and counts host transfers:
 reads (device -> host) and writes (host -> device). It can also have several devices,
 per-thread default streams, deferred (interleavable) per-stream queues and graph
-capture (tests/test_gpu_concurrency.py).
+capture (tests/gpu/test_gpu_concurrency.py).
 """
 import ctypes
 import itertools

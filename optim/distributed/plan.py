@@ -3,7 +3,7 @@ state (sharded), and how one step's tensors lie in the flat buckets.
 
 Everything here is a function of keys, sizes, dtypes, the world size and the rank: no
 process group, no arrays, so every rank computes the same plan from the same step
-(tests/test_distributed_plan.py checks it without processes).
+(tests/distributed/test_distributed_plan.py checks it without processes).
 """
 import math
 from typing import (Any, Callable, Dict, Hashable, Iterable, List, Mapping, Optional,

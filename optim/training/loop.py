@@ -11,13 +11,13 @@ spaCy's `(batch, info, is_best_checkpoint)`; `train` is the thin consumer that s
 logs. The rest of `spacy.training.loop` (`subdivide_batch`, `create_evaluation_callback`,
 `update_meta`, `create_before_to_disk_callback`, `clean_output_dir`) is used as it is,
 imported. So an uninterrupted run gives spaCy's numbers bit for bit
-(tests/test_spacy_resume.py compares the files with `python -m spacy train`'s).
+(tests/integration_spacy/test_spacy_resume.py compares the files with `python -m spacy train`'s).
 
 To compare with the installed spaCy, function by function:
 
     python -m optim.training.loop    # a unified diff of each function in MIRRORED
 
-tests/test_spacy_loop_mirror.py pins the SHA-256 of spaCy's source of each of them: when
+tests/integration_spacy/test_spacy_loop_mirror.py pins the SHA-256 of spaCy's source of each of them: when
 spaCy changes one, it fails and names the function to re-check here.
 
 What optim adds (optim.training.extras): checkpoints of everything that decides the

@@ -14,8 +14,6 @@ state that carries between steps is the weights and the optimizer.
 """
 import io
 import json
-import os
-import random
 import subprocess
 import sys
 import textwrap
@@ -32,37 +30,17 @@ import optim.thinc  # noqa: E402
 from spacy.training import Example  # noqa: E402
 from thinc.api import Config  # noqa: E402
 
+from textcat_data import texts  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 
-POSITIVE = "good great fine lovely superb nice happy bright warm pleasant".split()
-NEGATIVE = "bad awful poor nasty dreadful grim sad dark cold unpleasant".split()
-FILLER = "the a film book day meal was is and it very quite rather place story".split()
 N_TRAIN = 320
 N_DEV = 96
 BATCH = 16
 
 
-def _texts(n, seed):
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        n_pos, n_neg = rng.randint(0, 3), rng.randint(0, 3)
-        if n_pos == n_neg:
-            n_pos += 1 if rng.random() < 0.5 else 0
-            n_neg += 0 if n_pos > n_neg else 1
-        words = (
-            [rng.choice(POSITIVE) for _ in range(n_pos)]
-            + [rng.choice(NEGATIVE) for _ in range(n_neg)]
-            + [rng.choice(FILLER) for _ in range(rng.randint(2, 8))]
-        )
-        rng.shuffle(words)
-        pos = n_pos > n_neg
-        out.append((" ".join(words), {"POSITIVE": float(pos), "NEGATIVE": float(not pos)}))
-    return out
-
-
-TRAIN = _texts(N_TRAIN, 1)
-DEV = _texts(N_DEV, 2)
+TRAIN = texts(N_TRAIN, 1)
+DEV = texts(N_DEV, 2)
 
 
 @spacy.registry.readers("optim_test.textcat_corpus.v1")
@@ -367,7 +345,7 @@ _PHASE = textwrap.dedent(
     import json, sys
     from pathlib import Path
     import numpy
-    sys.path.insert(0, {here!r})
+    sys.path[:0] = [{here!r}, {tests!r}]
     import test_spacy_integration as t
     t._phase({args!r})
     """
@@ -419,7 +397,7 @@ def _phase(args):
 
 def _run_phase(tmp_path, **args):
     proc = subprocess.run(
-        [sys.executable, "-c", _PHASE.format(here=str(HERE), args=args)],
+        [sys.executable, "-c", _PHASE.format(here=str(HERE), tests=str(HERE.parent), args=args)],
         cwd=str(tmp_path),
         capture_output=True,
         text=True,

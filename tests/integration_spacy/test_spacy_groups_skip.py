@@ -1,7 +1,7 @@
 """Per-parameter groups and the non-finite skip through `python -m optim.spacy_train`
 (issues 21 and 22, the spaCy parts).
 
-The pipeline is tests/spacy_resume_code.py's tok2vec + tagger + textcat. The launcher binds
+The pipeline is tests/integration_spacy/spacy_resume_code.py's tok2vec + tagger + textcat. The launcher binds
 the optimizer to the pipeline, so `[training.optimizer.groups.NAME]` tables match paths
 such as `tagger/softmax/W`. A non-finite gradient is made by
 `optim_resume_test.poison_gradient.v1` (spacy_resume_code.py), a `[training.before_update]`

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bin" / "check_bits.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "bin" / "check_bits.py"
 _spec = importlib.util.spec_from_file_location("check_bits", SCRIPT)
 check_bits = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(check_bits)

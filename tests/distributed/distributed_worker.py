@@ -1,4 +1,4 @@
-"""One rank of a tests/test_distributed.py run: `python distributed_worker.py SCENARIO OUT`.
+"""One rank of a tests/distributed/test_distributed.py run: `python distributed_worker.py SCENARIO OUT`.
 
 The test starts one process per rank with torchrun's environment (RANK, WORLD_SIZE,
 MASTER_ADDR=127.0.0.1, MASTER_PORT) and reads what each rank writes under OUT.

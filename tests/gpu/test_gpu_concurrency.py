@@ -24,7 +24,7 @@ from optim import _kernels
 from optim.cuda import workspace as _cuda_workspace
 from optim import backends
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bin"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bin"))
 
 NORM = "optim_clip_norm"
 DTYPES = [numpy.float32, numpy.float64]

@@ -35,13 +35,13 @@ from hypothesis import strategies as st
 import cuda_harness as ch
 import fake_cupy as fc
 import reference
-from test_cpu import needs_mprotect, run_unreadable
+from children import needs_mprotect, run_unreadable
 from optim import _kernels
 from optim.cuda import _tables as _device
 from optim import _kernels_cuda as kc
 from optim.cuda import cupy as cupy_backend
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = Path(_kernels.__file__).resolve().parent  # the installed optim/ (it ships .pxd)
 DTYPES = [numpy.float32, numpy.float64]
 NAMES = sorted(kc.KERNELS)

@@ -13,7 +13,7 @@ import pytest
 import optim
 from optim import about
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = Path(optim.__file__).resolve().parent  # the optim this process imported
 # `pip install optim...` (any options, quoted or not) installs the unrelated project.
 FOREIGN_INSTALL = re.compile(r"""pip3?\s+install\s+(?:-\S+\s+)*["']?optim(?![\w.-])""")

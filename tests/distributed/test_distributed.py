@@ -1,6 +1,6 @@
 """optim.distributed (issue 12): data-parallel updates over torch.distributed.
 
-Multi-process tests start 2 Gloo ranks on 127.0.0.1 (tests/distributed_worker.py) and
+Multi-process tests start 2 Gloo ranks on 127.0.0.1 (tests/distributed/distributed_worker.py) and
 compare what they write:
 
 * 2 ranks, each taking half of every batch of a Thinc MLP on the digits, end bitwise
@@ -375,9 +375,9 @@ def die_at_step_3():
 
 
 def _spacy_files(tmp_path, n_train, sharded=False, die=False):
-    """train.spacy, dev.spacy (the generated texts of test_spacy_integration) and a config."""
+    """train.spacy, dev.spacy (tests/textcat_data.py's texts) and a config."""
     from spacy.tokens import DocBin
-    from test_spacy_integration import _texts
+    from textcat_data import texts as _texts
 
     spacy = pytest.importorskip("spacy")
     nlp = spacy.blank("en")

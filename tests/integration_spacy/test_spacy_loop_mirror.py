@@ -7,7 +7,7 @@ each function copied and fail, naming the function and saying what to re-check, 
 spaCy changes one. They also check that the mirror still reads against spaCy function by
 function: the same names in the same order, spaCy's parameters, and every difference
 marked as optim's. (The numbers are compared with `python -m spacy train` in
-tests/test_spacy_resume.py.)
+tests/integration_spacy/test_spacy_resume.py.)
 """
 import hashlib
 import inspect
@@ -50,8 +50,8 @@ def test_the_spacy_function_mirrored_is_the_one_checked(name):
         "`python -m optim.training.loop` prints a unified diff of each mirrored function "
         "against the installed spaCy's: each difference not marked as optim's is a change "
         f"of spaCy's since {CHECKED_VERSION} to bring over (or to judge harmless). Then run "
-        "tests/test_spacy_resume.py (its byte-for-byte comparisons with `python -m spacy "
-        "train`) and record the new hash and version in tests/test_spacy_loop_mirror.py.")
+        "tests/integration_spacy/test_spacy_resume.py (its byte-for-byte comparisons with `python -m spacy "
+        "train`) and record the new hash and version in tests/integration_spacy/test_spacy_loop_mirror.py.")
 
 
 def test_the_mirror_copies_the_pinned_functions_in_spacys_order():

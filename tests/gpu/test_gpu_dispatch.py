@@ -434,7 +434,7 @@ def test_check_gpu_script_dry_run():
     import subprocess
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     script = root / "bin" / "check_gpu.py"
     # the optim of this checkout (an editable install may be another's)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(

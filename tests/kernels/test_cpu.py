@@ -6,10 +6,6 @@ call must be bit-for-bit the one the baseline level on one thread gives.
 """
 import contextlib
 import os
-import signal
-import subprocess
-import sys
-import textwrap
 
 import numpy
 import pytest
@@ -17,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reference import clip_sum_squares
+from children import needs_mprotect, run_python, run_unreadable
 from test_reference import hyperparams, shapes
 
 import optim
@@ -171,30 +168,6 @@ def test_clip_norm_reads_the_weights_only_when_l2_is_coupled(n, dtype):
                     assert coupled == clip_sum_squares(g, bad, 0.01) == numpy.inf
 
 
-# Python source defining unreadable(n, dtype): an array on pages that fault on any
-# access, to show a loop does not read it (run in a child: a read kills the process).
-UNREADABLE = """
-import ctypes, mmap, numpy
-def unreadable(n, dtype):
-    size = -(-n * numpy.dtype(dtype).itemsize // mmap.PAGESIZE) * mmap.PAGESIZE
-    x = numpy.frombuffer(mmap.mmap(-1, size), dtype, n)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mprotect(ctypes.c_void_p(x.ctypes.data), ctypes.c_size_t(size), 0) != 0:
-        raise OSError(ctypes.get_errno(), "mprotect")
-    return x
-"""
-
-
-needs_mprotect = pytest.mark.skipif(os.name != "posix", reason="needs mmap and mprotect")
-
-
-def run_unreadable(code: str):
-    """Run `code` after UNREADABLE in a child; check that reading such an array kills."""
-    faults = run_python(UNREADABLE + "print(unreadable(4, 'float32')[1])")
-    assert faults.returncode == -signal.SIGSEGV, faults
-    return run_python(UNREADABLE + textwrap.dedent(code))
-
-
 @needs_mprotect
 def test_clip_norm_does_not_read_the_weights_when_l2_is_0():
     """The weights live on pages that fault on any access: every level and thread count
@@ -321,14 +294,6 @@ def test_show_config(capsys):
     assert c["threads"] == optim.get_num_threads()
     assert c["isa"] in c["isa_available"]
     assert cpu.describe().startswith(f"SIMD {c['isa']}")
-
-
-def run_python(code: str, **env):
-    full_env = {**os.environ, **env}
-    full_env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(os.path.dirname(optim.__file__)), full_env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env,
-                          capture_output=True, text=True, timeout=120)
 
 
 def test_environment_variables_choose_level_and_threads():

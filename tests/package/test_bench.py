@@ -13,7 +13,7 @@ from optim import bench
 from optim.bench import plot as plot_bench
 from optim.bench._roofline import Plan
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Subprocesses run from here, not ROOT: in an unpacked sdist ROOT holds optim's uncompiled
 # sources, which `python -m` would import instead of the installed package.
 HERE = Path(__file__).resolve().parent

@@ -117,7 +117,7 @@ def test_sgd_matches_thinc(name, opts, lr_scales):
 #    the averages' decay, which Thinc computes from the unshifted t, so the direct
 #    comparison runs with use_averages=False. With averages on it is checked through
 #    the reference: the reference with radam_t_offset=1 matches Thinc (shown here), and
-#    the reference with no offset matches optim's RAdam (tests/test_reference.py).
+#    the reference with no offset matches optim's RAdam (tests/kernels/test_reference.py).
 # 3. And directly: our RAdam's weights differ from Thinc's at the first update exactly
 #    by the t vs t + 1 step size (a deliberate difference, asserted so that it can't
 #    silently revert).

@@ -8,7 +8,6 @@ the tunable and at every SIMD level this build and CPU have, must hash the same.
 libm's `pow` in Adam's bias correction, float64 Adam differed from update 482 on.
 """
 import json
-import math
 import os
 import subprocess
 import sys
