@@ -1,7 +1,7 @@
 """CPU kernels: one fused pass over memory per update, for float32 and float64.
 
 The loops themselves are in optim/_loops.pxi, built once per SIMD level; this module
-picks the level's table (optim/cpu.py chooses which at import), validates every array
+picks the level's table (optim.cpu chooses which at import), validates every array
 before any loop starts (the loops run without bounds checks), and splits large updates
 across threads in whole norm chunks. The math is docs/numerics.md.
 """
@@ -92,7 +92,7 @@ def isa() -> str:
 
 
 def use_isa(str level) -> None:
-    """Run the loops built for `level` from now on (optim/cpu.py validates the name)."""
+    """Run the loops built for `level` from now on (optim.cpu validates the name)."""
     if level not in isa_supported():
         raise ValueError(f"SIMD level {level!r}: this CPU supports {', '.join(isa_supported())}")
     # import only what the CPU runs: a level's module may use its instructions anywhere
@@ -118,7 +118,7 @@ def get_threads() -> int:
     return N_THREADS
 
 
-use_isa("baseline")  # optim/cpu.py picks the best level at import
+use_isa("baseline")  # optim.cpu picks the best level at import
 
 
 cdef class Hyper:
