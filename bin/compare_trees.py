@@ -11,10 +11,12 @@ it is the robust one on a shared machine). Rows over --threshold are marked, not
 """
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_compilers import print_table, row_times  # noqa: E402
@@ -47,7 +49,22 @@ def main() -> int:
                   flush=True)
     print(f"base: {trees['base']}\nother: {trees['other']}")
     print_table(rounds, args.threshold, base="base", other="other")
+    print_against_roofline(rounds)
     return 0
+
+
+def print_against_roofline(rounds: List[Dict[str, Dict[str, float]]]) -> None:
+    """Each optim row as a fraction of its configuration's roofline in the same run, other
+    against base (paired): what is left of the comparison once the memory both trees'
+    runs got is taken out (the roofline's code is the same in both)."""
+    print("\noptim rows against the roofline of the same run (paired other/base):")
+    for key in rounds[0]["base"]:
+        roof = key[:-len("optim")] + "roofline"
+        if not key.endswith("optim") or roof not in rounds[0]["base"]:
+            continue
+        ratio = statistics.median((r["other"][key] / r["other"][roof])
+                                  / (r["base"][key] / r["base"][roof]) for r in rounds)
+        print(f"  {key[:-len('optim')].strip()}: {ratio:.2f}")
 
 
 if __name__ == "__main__":
