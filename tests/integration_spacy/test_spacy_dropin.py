@@ -4,7 +4,6 @@ method returns; plain `python -m spacy train` binds path groups and reports skip
 updates with `[training.before_update] @callbacks = "optim.bind.v1"`."""
 import copy
 import pickle
-import re
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,7 @@ from spacy.training import Example  # noqa: E402
 
 import optim.thinc  # noqa: E402
 from test_spacy_groups_skip import (  # noqa: E402
-    GROUPS, POISONED, _config, _initial_weights, _saved_weights)
+    GROUPS, _config, _initial_weights, _saved_weights, assert_one_skip_at_step_3)
 from test_spacy_resume import CODE, _run  # noqa: E402
 
 TEXTS = [("a good film", 1.0), ("an awful day", 0.0), ("great and bright", 1.0),
@@ -150,16 +149,7 @@ def test_plain_spacy_train_reports_skipped_updates_and_calls_the_wrapped_callbac
                                 before_update="steps = [3]"), callback=True)
     code, out, err = _spacy_train(config, tmp_path / "out")
     assert code == 0, out[-2000:] + err[-3000:]
-    warnings = [line for line in out.splitlines() if "skipped an update of" in line]
-    assert warnings == [f"  warning: step 3 skipped an update of {POISONED}: its gradient "
-                        'is not finite (nonfinite = "skip"; skips are counted after each '
-                        "evaluation row)"], out
-    counts = [(int(a), int(b)) for a, b in re.findall(
-        r"updates skipped since the last row: (\d+) \((\d+) in all\)", out)]
-    assert counts == [(0, 0), (1, 1)], out  # after the rows of steps 0 and 7
+    assert_one_skip_at_step_3(out, [(0, 0), (1, 1)])  # rows of steps 0 and 7 (14 is last)
     assert out.rstrip().endswith("optim: updates skipped (non-finite gradients): 1 in all")
-    lines = out.splitlines()
-    row_of = [i for i, line in enumerate(lines) if re.match(r"\s+\d+\s+(0|7|14)\s", line)]
-    assert row_of[0] < lines.index(warnings[0]) < row_of[1]
     saved = _saved_weights(tmp_path / "out" / "model-last")
     assert all(numpy.isfinite(w).all() for w in saved.values())

@@ -130,23 +130,28 @@ def test_one_non_finite_gradient_is_skipped_reported_once_and_weights_stay_finit
     config = _config(tmp_path, optimizer='nonfinite = "skip"\n', before_update="steps = [3]")
     code, out, err = _run(_command(config, tmp_path / "out"))
     assert code == 0, out[-2000:] + err[-3000:]
-    warnings = [line for line in out.splitlines() if "skipped an update of" in line]
-    assert warnings == [f"  warning: step 3 skipped an update of {POISONED}: its gradient "
-                        'is not finite (nonfinite = "skip"; skips are counted after each '
-                        "evaluation row)"], out
-    counts = [(int(a), int(b)) for a, b in re.findall(
-        r"updates skipped since the last row: (\d+) \((\d+) in all\)", out)]
-    assert counts == [(0, 0), (1, 1), (0, 1)], out  # after the rows of steps 0, 7, 14
-    # the warning comes between the rows of steps 0 and 7
-    lines = out.splitlines()
-    row_of = [i for i, line in enumerate(lines) if re.match(r"\s+\d+\s+(0|7|14)\s", line)]
-    assert row_of[0] < lines.index(warnings[0]) < row_of[1]
+    assert_one_skip_at_step_3(out, [(0, 0), (1, 1), (0, 1)])  # rows of steps 0, 7, 14
     initial = _initial_weights(config)
     for directory in ("model-last", "model-best"):
         saved = _saved_weights(tmp_path / "out" / directory)
         assert all(numpy.isfinite(w).all() for w in saved.values()), directory
         [textcat_w] = [n for n in saved if n.startswith("textcat/") and n.endswith("/W")]
         assert not numpy.array_equal(saved[textcat_w], initial[textcat_w])  # it trained
+
+
+def assert_one_skip_at_step_3(out, counts):
+    """The run's console: one warning line naming the poisoned parameter, between the
+    evaluation rows of steps 0 and 7, and after rows the counts (since, in all)."""
+    warnings = [line for line in out.splitlines() if "skipped an update of" in line]
+    assert warnings == [f"  warning: step 3 skipped an update of {POISONED}: its gradient "
+                        'is not finite (nonfinite = "skip"; skips are counted after each '
+                        "evaluation row)"], out
+    found = [(int(a), int(b)) for a, b in re.findall(
+        r"updates skipped since the last row: (\d+) \((\d+) in all\)", out)]
+    assert found == counts, out
+    lines = out.splitlines()
+    row_of = [i for i, line in enumerate(lines) if re.match(r"\s+\d+\s+(0|7|14)\s", line)]
+    assert row_of[0] < lines.index(warnings[0]) < row_of[1]
 
 
 def test_the_consecutive_skip_limit_stops_the_run_with_status_3(tmp_path):
