@@ -87,8 +87,13 @@ class DeviceUpdates:
         check_device_pair(key, weights, gradient)
 
     def _holds(self, plan: Any, key: KeyT) -> bool:
-        state = self.states.arrays(key)
-        return plan.holds(state["mom1"], state["mom2"], state["average"], state["slow"])
+        """The plan's arrays are the ones the state holds for `key` (the per-call hot
+        path asks: the dicts are read directly, no record of them is built)."""
+        states = self.states
+        averages = states.averages
+        return plan.holds(states.mom1.get(key), states.mom2.get(key),
+                          None if averages is None else averages.get(key),
+                          states.lookahead.get(key))
 
     @staticmethod
     def _fits(plan: Any, hyper: Any) -> bool:
